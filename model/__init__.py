@@ -1,0 +1,1 @@
+"""nanochat's GPT, sized from one dial (depth)."""

@@ -1,0 +1,1 @@
+"""Data, tokenizer, optimizer, the training loop, evaluation and checkpoints."""

@@ -1,0 +1,27 @@
+"""Bad input is reported as one clear line and exit status 2, never a traceback."""
+import argparse
+import sys
+
+
+class UserError(Exception):
+    """A problem with what the user asked for or gave us (flags, files, data)."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as one line (not usage + message) with exit status 2."""
+
+    def error(self, message):
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def run_cli(main, argv=None) -> None:
+    """Run main(argv); a UserError becomes one 'error: ...' line on stderr and exit status 2."""
+    try:
+        main(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(130)
