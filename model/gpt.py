@@ -1,0 +1,270 @@
+"""The GPT: nanochat's architecture, its init, parameter groups, FLOP estimate and KV-cache sampling.
+
+token embedding -> rms_norm = x0; per layer: x = resid_lambda*x + x0_lambda*x0, x += attn(norm(x)),
+x += mlp(norm(x)); final norm; untied lm_head; logits soft-capped at 15.
+
+Build on the meta device, then `to_empty(device)` + `init_weights()`: every real number is set in
+init_weights, so planning (parameter counts, FLOPs) for a big model costs no memory.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kernels.attention import attention
+from kernels.cross_entropy import linear_cross_entropy
+from model.config import GPTConfig
+
+SOFTCAP = 15.0
+VE_GATE_CHANNELS = 12  # the value-embedding gate looks at the first 12 channels of the attention input
+ROPE_BASE = 100_000
+
+
+def norm(x: torch.Tensor) -> torch.Tensor:
+    """RMSNorm without learnable weights."""
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the two halves of each head's channels by position-dependent angles. x: (B, T, H, D)."""
+    d = x.size(-1) // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
+
+
+def rotary_tables(seq_len: int, head_dim: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin, shape (1, seq_len, 1, head_dim // 2), fp32."""
+    inv_freq = 1.0 / (ROPE_BASE ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+    t = torch.arange(seq_len, dtype=torch.float32, device=device)
+    freqs = torch.outer(t, inv_freq)
+    return freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]
+
+
+def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
+    """Attention of the last Tq positions over all Tk cached ones, causal with a window (sampling only).
+
+    q (B, Tq, Hq, D), k and v (B, Tk, Hkv, D) -> (B, Tq, Hq, D). Plain SDPA with an explicit mask: the
+    cost does not matter here, training never comes this way.
+    """
+    Tq, Tk = q.size(1), k.size(1)
+    rep = q.size(2) // k.size(2)
+    qpos = torch.arange(Tk - Tq, Tk, device=q.device)[:, None]
+    kpos = torch.arange(Tk, device=q.device)[None, :]
+    mask = kpos <= qpos
+    if window >= 0:
+        mask = mask & (qpos - kpos <= window)
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return y.transpose(1, 2)
+
+
+class KVCache:
+    """Keys and values of every layer for the positions seen so far (one sequence batch, sampling)."""
+
+    def __init__(self, n_layer: int):
+        self.k: list[torch.Tensor | None] = [None] * n_layer
+        self.v: list[torch.Tensor | None] = [None] * n_layer
+        self.pos = 0  # positions already in the cache (advanced after the last layer)
+
+    def insert(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.k[layer] is not None:
+            k = torch.cat([self.k[layer], k], dim=1)
+            v = torch.cat([self.v[layer], v], dim=1)
+        self.k[layer], self.v[layer] = k, v
+        if layer == len(self.k) - 1:
+            self.pos = k.size(1)
+        return k, v
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig, layer: int):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0 and config.n_head % config.n_kv_head == 0
+        self.layer = layer
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        d, kv_dim = config.n_embd, config.n_kv_head * config.head_dim
+        self.c_q = nn.Linear(d, config.n_head * self.head_dim, bias=False)
+        self.c_k = nn.Linear(d, kv_dim, bias=False)
+        self.c_v = nn.Linear(d, kv_dim, bias=False)
+        self.c_proj = nn.Linear(d, d, bias=False)
+        self.ve_gate = (nn.Linear(VE_GATE_CHANNELS, config.n_kv_head, bias=False)
+                        if config.has_value_embedding(layer) else None)
+
+    def forward(self, x, ve, cos, sin, window: int, kv_cache: KVCache | None = None):
+        B, T, _ = x.shape
+        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
+        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        dtype = q.dtype  # bf16 under CUDA autocast, fp32 on CPU: the attention kernel gets one dtype
+        if ve is not None:
+            # value residual: mix in this layer's value embedding through a per-head gate in (0, 3)
+            gate = 3 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))
+            v = v + gate.unsqueeze(-1).to(dtype) * ve.view(B, T, self.n_kv_head, self.head_dim).to(dtype)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k, v = norm(q).to(dtype), norm(k).to(dtype), v.to(dtype)  # QK norm
+        if kv_cache is None:
+            y = attention(q, k, v, window=window)
+        else:
+            k, v = kv_cache.insert(self.layer, k, v)
+            y = cached_attention(q, k, v, window)
+        return self.c_proj(y.reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.c_proj(F.relu(self.c_fc(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig, layer: int):
+        super().__init__()
+        self.attn = CausalSelfAttention(config, layer)
+        self.mlp = MLP(config)
+
+    def forward(self, x, ve, cos, sin, window: int, kv_cache: KVCache | None = None):
+        x = x + self.attn(norm(x), ve, cos, sin, window, kv_cache)
+        return x + self.mlp(norm(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        """Shapes only: under `torch.device("meta")` nothing here holds data; init_weights() sets it."""
+        super().__init__()
+        self.config = config
+        vocab, d, L = config.padded_vocab_size, config.n_embd, config.n_layer
+        self.window_sizes = config.window_sizes()
+        self.transformer = nn.ModuleDict({
+            "wte": nn.Embedding(vocab, d),
+            "h": nn.ModuleList([Block(config, i) for i in range(L)]),
+        })
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+        self.resid_lambdas = nn.Parameter(torch.ones(L))
+        self.x0_lambdas = nn.Parameter(torch.zeros(L))
+        kv_dim = config.n_kv_head * config.head_dim
+        self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(vocab, kv_dim)
+                                           for i in range(L) if config.has_value_embedding(i)})
+        # Rotary tables for 10x the training context (cheap), so sampling can run past it.
+        self.rotary_seq_len = 10 * config.sequence_len
+        cos, sin = rotary_tables(self.rotary_seq_len, config.head_dim)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Every parameter and buffer gets its value here (after to_empty on the meta-built model)."""
+        cfg = self.config
+        s = math.sqrt(3.0 / cfg.n_embd)  # uniform bound with the std of N(0, 1/d), without outliers
+        nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=0.8)
+        nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
+        for block in self.transformer.h:
+            for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v):
+                nn.init.uniform_(lin.weight, -s, s)
+            nn.init.zeros_(block.attn.c_proj.weight)  # every block starts as the identity
+            nn.init.zeros_(block.mlp.c_proj.weight)
+            nn.init.uniform_(block.mlp.c_fc.weight, -0.4 * s, 0.4 * s)
+            if block.attn.ve_gate is not None:
+                nn.init.uniform_(block.attn.ve_gate.weight, 0.0, 0.02)
+        for ve in self.value_embeds.values():
+            nn.init.uniform_(ve.weight, -s, s)
+        L = cfg.n_layer
+        frac = torch.arange(L, dtype=torch.float32, device=self.resid_lambdas.device) / max(L - 1, 1)
+        self.resid_lambdas.copy_(1.15 - 0.10 * frac)
+        self.x0_lambdas.copy_(0.20 - 0.15 * frac)
+        cos, sin = rotary_tables(self.rotary_seq_len, cfg.head_dim, device=self.transformer.wte.weight.device)
+        self.cos.copy_(cos)
+        self.sin.copy_(sin)
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """The parameters by optimizer treatment: Muon for the block matrices, AdamW for the rest."""
+        return {
+            "matrices": list(self.transformer.h.parameters()),
+            "lm_head": list(self.lm_head.parameters()),
+            "wte": list(self.transformer.wte.parameters()),
+            "value_embeds": list(self.value_embeds.parameters()),
+            "resid_lambdas": [self.resid_lambdas],
+            "x0_lambdas": [self.x0_lambdas],
+        }
+
+    def num_scaling_params(self) -> dict[str, int]:
+        """Parameter counts by group; scaling_params = transformer_matrices + lm_head (the scaling-law count)."""
+        def count(params):
+            return sum(p.numel() for p in params)
+        groups = self.param_groups()
+        out = {
+            "wte": count(groups["wte"]),
+            "value_embeds": count(groups["value_embeds"]),
+            "lm_head": count(groups["lm_head"]),
+            "transformer_matrices": count(groups["matrices"]),
+            "scalars": count(groups["resid_lambdas"]) + count(groups["x0_lambdas"]),
+        }
+        out["total"] = sum(out.values())
+        assert out["total"] == count(self.parameters())
+        out["scaling_params"] = out["transformer_matrices"] + out["lm_head"]
+        return out
+
+    def estimate_flops(self) -> float:
+        """Training FLOPs per token: 6 x matmul weights (lm_head in, embeddings and scalars out),
+        plus 12 x heads x head_dim x visible keys per layer for the attention scores and mixing."""
+        matmul_weights = sum(p.numel() for p in self.transformer.h.parameters()) + self.lm_head.weight.numel()
+        T = self.config.sequence_len
+        attn = sum(12 * self.config.n_head * self.config.head_dim * (T if w < 0 else min(w, T))
+                   for w in self.window_sizes)
+        return float(6 * matmul_weights + attn)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, loss_reduction: str = "mean",
+                kv_cache: KVCache | None = None) -> torch.Tensor:
+        """Loss (mean, or per-token nats (B, T) with loss_reduction="none") when targets are given,
+        else soft-capped fp32 logits (B, T, vocab_size) over the real (unpadded) vocabulary."""
+        B, T = idx.shape
+        pos = kv_cache.pos if kv_cache is not None else 0
+        assert pos + T <= self.rotary_seq_len, f"sequence of {pos + T} past the rotary table ({self.rotary_seq_len})"
+        cos, sin = self.cos[:, pos:pos + T], self.sin[:, pos:pos + T]
+        x = x0 = norm(self.transformer.wte(idx))
+        for i, block in enumerate(self.transformer.h):
+            x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
+            ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
+            x = block(x, ve, cos, sin, self.window_sizes[i], kv_cache)
+        x = norm(x)
+        V = self.config.vocab_size
+        if targets is None or type(self.lm_head) is not nn.Linear:
+            # logits path; also the loss path when lm_head was swapped for another module (FP8 training)
+            logits = self.lm_head(x)[..., :V].float()
+            logits = SOFTCAP * torch.tanh(logits / SOFTCAP)
+            if targets is None:
+                return logits
+            loss = F.cross_entropy(logits.view(-1, V), targets.reshape(-1), ignore_index=-1, reduction=loss_reduction)
+        else:
+            # fused linear + soft-cap + cross-entropy: the (B*T, V) logits never exist in memory.
+            # Only the real vocabulary rows of lm_head take part (the padding stays out of the softmax).
+            h, w = x.reshape(B * T, -1), self.lm_head.weight[:V]
+            if h.is_cuda:
+                h, w = h.to(torch.bfloat16), w.to(torch.bfloat16)  # the kernel reads bf16, accumulates fp32
+            loss = linear_cross_entropy(h, w, targets.reshape(-1), softcap=SOFTCAP, ignore_index=-1,
+                                        reduction=loss_reduction)
+        return loss.view(B, T) if loss_reduction == "none" else loss
+
+    @torch.no_grad()
+    def generate(self, tokens: list[int], max_tokens: int) -> list[int]:
+        """Greedy continuation of tokens (the prompt), max_tokens new ids, with a KV cache."""
+        if not tokens:
+            raise ValueError("generate needs at least one prompt token")
+        if len(tokens) + max_tokens > self.rotary_seq_len:
+            raise ValueError(f"prompt + new tokens ({len(tokens) + max_tokens}) exceed {self.rotary_seq_len}")
+        device = self.transformer.wte.weight.device
+        cache = KVCache(self.config.n_layer)
+        ids = torch.tensor([tokens], dtype=torch.long, device=device)
+        out: list[int] = []
+        for _ in range(max_tokens):
+            logits = self.forward(ids, kv_cache=cache)  # prompt first (prefill), then one token at a time
+            nxt = int(logits[0, -1].argmax())
+            out.append(nxt)
+            ids = torch.tensor([[nxt]], dtype=torch.long, device=device)
+        return out

@@ -1,0 +1,227 @@
+"""The GPT on tiny configs (CPU, fp32): shapes, groups, init, meta build, learning, FLOPs, KV-cache sampling."""
+import math
+
+import pytest
+import torch
+
+from model.config import GPTConfig
+from model.gpt import GPT, rotary_tables
+
+# vocab 300 pads to 320; 4 query heads share 2 kv heads (GQA); head_dim 16
+TINY = GPTConfig(sequence_len=64, vocab_size=300, n_layer=3, n_head=4, n_kv_head=2, n_embd=64, window_pattern="SL")
+
+
+def build(config=TINY, seed=0) -> GPT:
+    torch.manual_seed(seed)
+    model = GPT(config)
+    model.init_weights()
+    return model
+
+
+def test_shapes():
+    model = build()
+    idx = torch.randint(0, 300, (2, 40))
+    assert model(idx).shape == (2, 40, 300)  # real vocab only, padding cropped
+    logits = model(idx)
+    assert logits.dtype == torch.float32 and logits.abs().max() <= 15.0  # soft-capped
+    loss = model(idx, idx)
+    assert loss.shape == () and torch.isfinite(loss)
+    per_token = model(idx, idx, loss_reduction="none")
+    assert per_token.shape == (2, 40)
+    assert per_token.mean().item() == pytest.approx(loss.item(), rel=1e-5)
+
+
+def test_loss_matches_logits_and_ignores_minus_one():
+    model = build()
+    with torch.no_grad():  # make the logits non-trivial
+        model.lm_head.weight.normal_(0, 0.5)
+    idx = torch.randint(0, 300, (2, 24))
+    targets = torch.randint(0, 300, (2, 24))
+    targets[0, :5] = -1
+    logits = model(idx)
+    expected = torch.nn.functional.cross_entropy(logits.view(-1, 300), targets.view(-1), ignore_index=-1,
+                                                 reduction="none").view(2, 24)
+    got = model(idx, targets, loss_reduction="none")
+    assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4)
+    assert (got[0, :5] == 0).all()
+    assert model(idx, targets).item() == pytest.approx(expected[targets >= 0].mean().item(), rel=1e-4)
+
+
+def test_param_groups_cover_every_parameter_once():
+    model = build()
+    groups = model.param_groups()
+    assert set(groups) == {"matrices", "lm_head", "wte", "value_embeds", "resid_lambdas", "x0_lambdas"}
+    ids = [id(p) for ps in groups.values() for p in ps]
+    assert len(ids) == len(set(ids))
+    assert set(ids) == {id(p) for p in model.parameters()}
+    assert all(p.ndim == 2 for p in groups["matrices"])
+    gates = {id(b.attn.ve_gate.weight) for b in model.transformer.h if b.attn.ve_gate is not None}
+    assert gates and gates <= {id(p) for p in groups["matrices"]}
+    # 3 layers x (q 64x64, k/v 64x32 each, proj 64x64, fc 256x64, proj 64x256) + 2 gates 12 -> 2
+    counts = model.num_scaling_params()
+    matrices = 3 * (64 * 64 + 2 * 64 * 32 + 64 * 64 + 2 * 256 * 64) + 2 * 12 * 2
+    assert counts["transformer_matrices"] == matrices
+    assert counts["lm_head"] == counts["wte"] == 320 * 64
+    assert counts["value_embeds"] == 2 * 320 * 32
+    assert counts["scalars"] == 6
+    assert counts["scaling_params"] == matrices + 320 * 64
+    assert counts["total"] == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("n_layer,expected", [(1, [0]), (3, [0, 2]), (4, [1, 3]), (5, [0, 2, 4])])
+def test_value_embedding_layers(n_layer, expected):
+    cfg = GPTConfig(sequence_len=32, vocab_size=100, n_layer=n_layer, n_head=2, n_kv_head=2, n_embd=32)
+    with torch.device("meta"):
+        model = GPT(cfg)
+    assert sorted(int(k) for k in model.value_embeds) == expected
+    assert [i for i, b in enumerate(model.transformer.h) if b.attn.ve_gate is not None] == expected
+    assert model.value_embeds[str(expected[0])].weight.shape == (128, 32)  # padded vocab x kv_dim
+
+
+def test_init_statistics():
+    cfg = GPTConfig(sequence_len=64, vocab_size=1000, n_layer=4, n_head=4, n_kv_head=4, n_embd=256)
+    model = build(cfg)
+    s = math.sqrt(3 / 256)
+    assert model.transformer.wte.weight.std().item() == pytest.approx(0.8, rel=0.02)
+    assert model.lm_head.weight.std().item() == pytest.approx(0.001, rel=0.02)
+    for b in model.transformer.h:
+        for w in (b.attn.c_q.weight, b.attn.c_k.weight, b.attn.c_v.weight):
+            assert w.abs().max().item() <= s and w.std().item() == pytest.approx(s / math.sqrt(3), rel=0.03)
+        assert (b.attn.c_proj.weight == 0).all() and (b.mlp.c_proj.weight == 0).all()
+        fc = b.mlp.c_fc.weight
+        assert fc.abs().max().item() <= 0.4 * s and fc.std().item() == pytest.approx(0.4 * s / math.sqrt(3), rel=0.03)
+        if b.attn.ve_gate is not None:
+            g = b.attn.ve_gate.weight
+            assert g.min().item() >= 0 and g.max().item() <= 0.02 and g.std().item() > 0
+    for ve in model.value_embeds.values():
+        assert ve.weight.abs().max().item() <= s and ve.weight.std().item() == pytest.approx(s / math.sqrt(3), rel=0.03)
+    frac = torch.arange(4) / 3
+    assert torch.allclose(model.resid_lambdas, 1.15 - 0.10 * frac)
+    assert torch.allclose(model.x0_lambdas, 0.20 - 0.15 * frac)
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # fp32 master weights
+    one = build(GPTConfig(sequence_len=32, vocab_size=100, n_layer=1, n_head=2, n_kv_head=2, n_embd=32))
+    assert one.resid_lambdas.item() == pytest.approx(1.15) and one.x0_lambdas.item() == pytest.approx(0.20)
+
+
+def test_meta_build_matches_direct_build():
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        meta = GPT(TINY)
+    assert all(p.is_meta for p in meta.parameters())
+    meta.to_empty(device="cpu")
+    torch.manual_seed(1)
+    meta.init_weights()
+    direct = GPT(TINY)  # built on the CPU: its default init draws random numbers, init_weights overwrites all
+    torch.manual_seed(1)
+    direct.init_weights()
+    for (name, a), (_, b) in zip(meta.state_dict().items(), direct.state_dict().items()):
+        assert torch.equal(a, b), name
+    cos, sin = rotary_tables(10 * TINY.sequence_len, TINY.head_dim)
+    assert torch.equal(meta.cos, cos) and torch.equal(meta.sin, sin)
+    assert "cos" not in meta.state_dict()  # non-persistent: not in checkpoints
+
+
+def repetitive_batch(vocab=300, B=4, T=48, period=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rows = [torch.randint(0, vocab, (period,), generator=g).repeat(T // period + 1)[: T + 1] for _ in range(B)]
+    data = torch.stack(rows)
+    return data[:, :-1], data[:, 1:]
+
+
+def test_loss_starts_at_ln_vocab_and_falls():
+    model = build()
+    x, y = repetitive_batch()
+    loss0 = model(x, y).item()
+    assert loss0 == pytest.approx(math.log(300), abs=0.05)  # lm_head ~ 0: uniform prediction
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.8, 0.95), weight_decay=0.0)
+    for _ in range(30):
+        loss = model(x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    assert all(p.grad is not None for p in model.parameters())
+    assert loss.item() < 0.5 * loss0
+
+
+def test_flops_hand_count_with_windows():
+    # T = 300: S = ceil(150 / 128) x 128 = 256; "SL" over 3 layers -> 256, full, full (last)
+    cfg = GPTConfig(sequence_len=300, vocab_size=300, n_layer=3, n_head=4, n_kv_head=2, n_embd=64, window_pattern="SL")
+    with torch.device("meta"):
+        model = GPT(cfg)
+    assert model.window_sizes == [256, -1, -1]
+    per_layer = 64 * 64 + 64 * 32 + 64 * 32 + 64 * 64 + 64 * 256 + 256 * 64
+    matmuls = 3 * per_layer + 2 * (12 * 2) + 320 * 64  # blocks, 2 ve gates, lm_head (padded rows)
+    attn = 12 * 4 * 16 * (256 + 300 + 300)
+    assert model.estimate_flops() == 6 * matmuls + attn
+
+
+def perturbed(seed=0) -> GPT:
+    """A model whose every weight matters (at init the zero c_proj makes blocks the identity)."""
+    model = build(seed=seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    return model
+
+
+def test_kv_cache_generation_equals_full_forward():
+    model = perturbed()
+    model.window_sizes = [3, 6, -1]  # small windows so that they bite within a short sample
+    prompt = torch.randint(0, 300, (9,)).tolist()
+    new = model.generate(prompt, 20)
+    ids = list(prompt)
+    for _ in range(20):  # no cache: rerun the whole sequence through the training path
+        ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    assert new == ids[len(prompt):]
+    assert len(set(new)) > 1
+
+
+def test_cached_logits_equal_full_forward_logits():
+    from model.gpt import KVCache
+    model = perturbed(seed=3)
+    model.window_sizes = [2, 5, -1]
+    idx = torch.randint(0, 300, (2, 16))
+    full = model(idx)
+    cache = KVCache(TINY.n_layer)
+    parts = [model(idx[:, :7], kv_cache=cache)] + [model(idx[:, t:t + 1], kv_cache=cache) for t in range(7, 16)]
+    assert torch.allclose(torch.cat(parts, dim=1), full, atol=1e-4, rtol=1e-4)
+
+
+def test_windows_change_the_output():
+    model = perturbed()
+    idx = torch.randint(0, 300, (1, 32))
+    full = model(idx)
+    model.window_sizes = [1, 1, -1]
+    windowed = model(idx)
+    assert torch.allclose(full[:, :2], windowed[:, :2], atol=1e-5)  # the first 2 positions see everything anyway
+    assert not torch.allclose(full[:, 8:], windowed[:, 8:], atol=1e-3)
+
+
+@pytest.mark.slow
+def test_compiles_without_graph_breaks():
+    model = perturbed()
+    x, y = repetitive_batch(T=32)
+    compiled = torch.compile(model, dynamic=False, fullgraph=True, backend="aot_eager")
+    loss = compiled(x, y)
+    loss.backward()
+    assert loss.item() == pytest.approx(model(x, y).item(), rel=1e-5)
+
+
+@pytest.mark.cuda
+def test_cuda_bf16_autocast_and_compile():
+    torch.manual_seed(0)
+    cfg = GPTConfig(sequence_len=256, vocab_size=1000, n_layer=4, n_head=2, n_kv_head=2, n_embd=256)
+    with torch.device("meta"):
+        model = GPT(cfg)
+    model.to_empty(device="cuda")
+    model.init_weights()
+    x, y = repetitive_batch(vocab=1000, B=4, T=256, period=32)
+    x, y = x.cuda(), y.cuda()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = model(x, y)
+        assert loss.item() == pytest.approx(math.log(1000), abs=0.05)
+        loss.backward()
+        assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
+        compiled = torch.compile(model, dynamic=False)
+        assert compiled(x, y).item() == pytest.approx(loss.item(), rel=1e-2)
+        assert len(model.generate(x[0, :10].tolist(), 8)) == 8
