@@ -1,0 +1,275 @@
+"""End-to-end training speed: real optimizer steps of the real model on random tokens (no data needed).
+
+    python -m bench.mfu --depth 20                 # tok/s, FLOPs per token, TFLOP/s, MFU
+    python -m bench.mfu --depth 20 --compare       # and again with every kernel, then each one, forced to torch
+    python -m bench.mfu --depth 20 --fp8           # FP8 linears (torchao)
+    python -m bench.mfu --depth 2 --seq-len 64 --device-batch-size 2 --steps 3   # on a CPU
+
+A step is what train.pretrain does: grad_accum micro-steps (forward under bf16 autocast, backward), then
+MuonAdamW. The model is compiled on CUDA (--no-compile to not). MFU = FLOPs per token x tok/s / peak, against
+the H100's bf16 989 TFLOP/s and the device's own peak (unknown devices: n/a).
+"""
+import argparse
+import gc
+import json
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from bench import timing
+from kernels import dispatch
+from train.errors import Parser, UserError, run_cli
+from train.report import H100_PEAK_BF16, mfu, peak_bf16_flops
+
+# "Its torch version" per op, for --compare. Attention's plain reference is fp32 with a dense T x T mask
+# (it would need ~100 GB at d20), so attention falls back to torch's own SDPA, as nanochat does without FA3.
+TORCH_VERSIONS = {"attention": "sdpa", "cross_entropy": "torch", "newton_schulz": "torch"}
+
+
+@dataclass
+class Trainer:
+    model: torch.nn.Module  # what is called (compiled or not)
+    optimizer: object
+    plan: object
+    batches: list  # (x, y) pairs of random tokens, already on the device
+    autocast: object
+    grad_accum: int
+    device: torch.device
+    i: int = 0
+
+    @property
+    def tokens_per_step(self) -> int:
+        x, _ = self.batches[0]
+        return x.numel() * self.grad_accum
+
+    def step(self) -> torch.Tensor:
+        for _ in range(self.grad_accum):
+            x, y = self.batches[self.i % len(self.batches)]
+            self.i += 1
+            with self.autocast:
+                loss = self.model(x, y)
+            (loss / self.grad_accum).backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+
+def build_trainer(depth: int, device, device_batch_size: int, seq_len: int, grad_accum: int = 1,
+                  compile: bool = True, fp8: str | None = None, vocab_size: int = 32768,
+                  window_pattern: str = "SSSL", seed: int = 0, n_batches: int = 4) -> Trainer:
+    """The model, optimizer and random batches of one depth, as train.pretrain builds them."""
+    from model.gpt import GPT
+    from train.optim import make_optimizer
+    from train.scaling import make_plan
+
+    device = torch.device(device)
+    plan = make_plan(depth, max_seq_len=seq_len, vocab_size=vocab_size, window_pattern=window_pattern,
+                     device_batch_size=device_batch_size, total_batch_size=device_batch_size * seq_len * grad_accum,
+                     num_iterations=1000, world_size=1)
+    torch.manual_seed(seed)
+    with torch.device("meta"):
+        orig = GPT(plan.config)
+    orig.to_empty(device=device)
+    orig.init_weights()
+    if fp8:
+        from train import fp8 as fp8_module
+        fp8_module.check_fp8_available(device, emulate=False)
+        fused_ce = dispatch.requested("cross_entropy") not in ("torch", "compile")
+        fp8_module.convert_to_fp8(orig, fp8, fused_ce=fused_ce, emulate=False)
+    model = torch.compile(orig, dynamic=False) if compile else orig
+    optimizer = make_optimizer(orig.param_groups(), matrix_lr=0.02, embedding_lr=0.3, unembedding_lr=0.004,
+                               scalar_lr=0.5, adam_betas=(0.8, 0.95), weight_decay=plan.weight_decay,
+                               lr_scale=plan.lr_scale, adam_width_scale=plan.adam_width_scale, distributed=False)
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    batches = []
+    for _ in range(n_batches):
+        tokens = torch.randint(0, vocab_size, (device_batch_size, seq_len + 1), generator=g, device=device)
+        batches.append((tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()))
+    autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    return Trainer(model, optimizer, plan, batches, autocast, grad_accum, device)
+
+
+def speed(trainer: Trainer, seconds_per_step: float) -> dict:
+    """tok/s, TFLOP/s and MFU (H100 and the device's own peak) from the time of one optimizer step."""
+    tok_s = trainer.tokens_per_step / seconds_per_step
+    fpt = trainer.plan.flops_per_token
+    name = torch.cuda.get_device_name(trainer.device) if trainer.device.type == "cuda" else "cpu"
+    return {"tokens_per_s": tok_s, "step_ms": 1e3 * seconds_per_step, "flops_per_token": fpt,
+            "tflops": fpt * tok_s / 1e12, "mfu_h100": mfu(fpt, tok_s, H100_PEAK_BF16),
+            "mfu_device": mfu(fpt, tok_s, peak_bf16_flops(name))}
+
+
+def time_steps(trainer: Trainer, steps: int, warmup: int) -> dict:
+    """Warm up (compilation, autotuning), then time `steps` optimizer steps back to back."""
+    for _ in range(warmup):
+        trainer.step()
+    timing.synchronize(trainer.device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        loss = trainer.step()
+    loss = loss.item()  # waits for the device
+    dt = (time.perf_counter() - t0) / steps
+    return speed(trainer, dt) | {"loss": loss, "loss_finite": math.isfinite(loss)}
+
+
+def free(device) -> None:
+    gc.collect()
+    torch._dynamo.reset()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def variants(compare: bool, suffix: str = "") -> list[tuple[str, dict]]:
+    """(name, forced impls): the default dispatch first (the baseline); with --compare all ops in torch,
+    then each op alone."""
+    out = [("default", {})]
+    if compare:
+        out.append(("torch (all)", dict(TORCH_VERSIONS)))
+        out += [(f"torch {op}", {op: impl}) for op, impl in TORCH_VERSIONS.items()]
+    return [(name + suffix, forced) for name, forced in out]
+
+
+def run_variant(args, forced: dict) -> dict:
+    for op in dispatch.OPS:
+        dispatch.force(op, forced.get(op))
+    trainer = None
+    try:
+        trainer = build_trainer(args.depth, args.device, args.device_batch_size, args.seq_len, args.grad_accum,
+                                compile=args.compile, fp8=args.fp8_recipe if args.fp8 else None,
+                                vocab_size=args.vocab_size, window_pattern=args.window_pattern)
+        if torch.device(args.device).type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        result = time_steps(trainer, args.steps, args.warmup)
+        if torch.device(args.device).type == "cuda":
+            result["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
+        return result
+    finally:
+        for op in dispatch.OPS:
+            dispatch.force(op, None)
+        del trainer
+        free(args.device)
+
+
+def build_parser() -> Parser:
+    p = Parser(prog="bench.mfu", description="Time real training steps on random tokens: tok/s and MFU.")
+    a = p.add_argument
+    a("--depth", type=int, default=20, help="model depth (the one dial)")
+    a("--device-batch-size", type=int, default=None, help="sequences per micro-step (default: 32 on CUDA, 2 on CPU)")
+    a("--seq-len", type=int, default=None, help="context length (default: 2048 on CUDA, 128 on CPU)")
+    a("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
+    a("--steps", type=int, default=10, help="optimizer steps timed")
+    a("--warmup", type=int, default=3, help="steps run before timing (compilation, autotuning)")
+    a("--vocab-size", type=int, default=32768)
+    a("--window-pattern", default="SSSL")
+    a("--compile", action=argparse.BooleanOptionalAction, default=None,
+      help="torch.compile the model (default: on for CUDA)")
+    a("--fp8", action="store_true", help="FP8 linears through torchao (train/fp8.py)")
+    a("--fp8-recipe", default="tensorwise", choices=["tensorwise", "rowwise"])
+    a("--compare", action="store_true",
+      help="also run with every kernel forced to its torch version, then each one alone, and print the deltas")
+    a("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    a("--json", default=None, help="write the results here (rewritten after every run)")
+    return p
+
+
+def validate(args) -> None:
+    cuda = torch.cuda.is_available()
+    args.device = args.device or ("cuda" if cuda else "cpu")
+    if args.device not in ("cuda", "cpu"):
+        raise UserError(f"--device must be cuda or cpu, got {args.device!r}")
+    if args.device == "cuda" and not cuda:
+        raise UserError("--device cuda, but no CUDA device is available")
+    on_cuda = args.device == "cuda"
+    args.device_batch_size = args.device_batch_size or (32 if on_cuda else 2)
+    args.seq_len = args.seq_len or (2048 if on_cuda else 128)
+    args.compile = on_cuda if args.compile is None else args.compile
+    for name in ("depth", "device_batch_size", "seq_len", "grad_accum", "steps", "vocab_size"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.warmup < 0:
+        raise UserError(f"--warmup must not be negative, got {args.warmup}")
+    if not args.window_pattern or set(args.window_pattern.upper()) - {"S", "L"}:
+        raise UserError(f"--window-pattern may contain only S and L, got {args.window_pattern!r}")
+    args.window_pattern = args.window_pattern.upper()
+    if args.fp8:
+        try:
+            from train import fp8
+        except ImportError:
+            raise UserError("--fp8 needs train/fp8.py (FP8 training), which is not in this checkout") from None
+        fp8.check_fp8_available(torch.device(args.device), emulate=False)  # before building anything
+
+
+def precision(args) -> str:
+    if args.fp8:
+        return f"fp8 {args.fp8_recipe}"
+    return "bf16 autocast" if args.device == "cuda" else "fp32"
+
+
+def print_table(rows: list[dict]) -> None:
+    base = next((r for r in rows if not r["forced"] and r["status"] == "ok"), None)
+    pct = lambda x: "n/a" if x is None else f"{x:.1f}%"  # noqa: E731
+    print(f"{'kernels':<22} {'tok/s':>12} {'step ms':>9} {'TFLOP/s':>8} {'MFU H100':>9} {'MFU dev':>8} "
+          f"{'default is':>10}")
+    for r in rows:
+        if r["status"] != "ok":
+            print(f"{r['variant']:<22} {r['status']}: {r['reason']}")
+            continue
+        # how much faster the default kernels make the whole step than this variant
+        ratio = f"{base['tokens_per_s'] / r['tokens_per_s']:.3f}x" if base else "n/a"
+        print(f"{r['variant']:<22} {r['tokens_per_s']:>12,.0f} {r['step_ms']:>9.1f} {r['tflops']:>8.3g} "
+              f"{pct(r['mfu_h100']):>9} {pct(r['mfu_device']):>8} {ratio:>10}"
+              + ("" if r["loss_finite"] else "  (loss not finite!)"))
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    validate(args)
+    from train.scaling import make_plan
+    plan = make_plan(args.depth, max_seq_len=args.seq_len, vocab_size=args.vocab_size,
+                     window_pattern=args.window_pattern, device_batch_size=args.device_batch_size,
+                     total_batch_size=args.device_batch_size * args.seq_len * args.grad_accum, num_iterations=1000)
+    info = timing.device_info(args.device)
+    print(f"bench.mfu d{args.depth} (model_dim {plan.model_dim}, {plan.total_params:,} params) on {info['device']} | "
+          f"batch {args.device_batch_size} x {args.seq_len} x accum {args.grad_accum} | "
+          f"compile {'on' if args.compile else 'off'} | {precision(args)} | "
+          f"{args.steps} steps after {args.warmup} warm-up")
+    print(f"FLOPs per token {plan.flops_per_token:.4e}")
+    doc = {"kind": "mfu", "device": info, "args": vars(args), "depth": args.depth,
+           "flops_per_token": plan.flops_per_token, "results": []}
+    for name, forced in variants(args.compare, f" + fp8 {args.fp8_recipe}" if args.fp8 else ""):
+        row = {"variant": name, "forced": forced, "status": "ok", "reason": None}
+        try:
+            row |= run_variant(args, forced)
+        except UserError:
+            raise
+        except torch.OutOfMemoryError:
+            if not args.compare:
+                raise UserError(f"out of memory at --device-batch-size {args.device_batch_size}: lower it") from None
+            row |= {"status": "error", "reason": "out of memory"}
+        except Exception as e:  # noqa: BLE001 - with --compare one failing variant must not lose the others
+            if not args.compare:
+                raise
+            row |= {"status": "error", "reason": f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"}
+        doc["results"].append(row)
+        if row["status"] == "ok":
+            print(f"  {name}: {row['tokens_per_s']:,.0f} tok/s, {row['tflops']:.3g} TFLOP/s, "
+                  f"MFU {row['mfu_h100']:.1f}% of the H100 peak")
+        else:
+            print(f"  {name}: {row['status']}: {row['reason']}")
+        if args.json:
+            path = Path(args.json)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(doc, indent=1))
+    print()
+    print_table(doc["results"])
+    if args.json:
+        print(f"results: {args.json}")
+
+
+if __name__ == "__main__":
+    run_cli(main)

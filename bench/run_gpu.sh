@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# Everything we measure, in one call of under ten minutes on a lent GPU:
+#   the kernel A/B of every op (bench.ab), training-step MFU at d20 and d12 with --compare and at d20
+#   with FP8 (bench.mfu), then the markdown report and charts (bench.report).
+# Results land in bench/results/<UTC stamp>/ and, when $OUT is set, are copied to $OUT/results/<stamp>/
+# after every step, so a time limit never loses what was already measured (ab and mfu also rewrite their
+# JSON after every case).
+# Time: each step has its own limit in seconds (TIME_NS TIME_CE TIME_ATTN TIME_D20 TIME_D12 TIME_FP8) and
+# the whole script a deadline (TOTAL, default 570 s, the report included): a step gets what is left, or
+# is not run. A step that fails or runs out of time is logged and the next one runs.
+# STEPS: timed optimizer steps per bench.mfu run. Peers (Liger, cut-cross-entropy, torchao) are installed
+# from .whl/ when it was carried along and they are missing.
+#
+#   bash bench/run_gpu.sh
+set -u
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1
+PY=${PYTHON:-python}
+stamp=$(date -u +%Y%m%d-%H%M%S)
+dir=bench/results/$stamp
+mkdir -p "$dir"
+summary="$dir/summary.txt"
+: > "$summary"
+t_start=$(date +%s)
+deadline=$(( t_start + ${TOTAL:-570} ))
+REPORT_RESERVE=25
+
+publish() {  # copy what we have so far to $OUT
+    if [ -n "${OUT:-}" ]; then
+        mkdir -p "$OUT/results/$stamp" && cp -r "$dir"/. "$OUT/results/$stamp/"
+    fi
+}
+
+step() {  # step NAME LIMIT_S command...: run under a time limit, log, record the outcome, never abort
+    local name=$1 limit=$2
+    shift 2
+    local left=$(( deadline - $(date +%s) - REPORT_RESERVE ))
+    [ "$name" = report ] && left=$(( deadline - $(date +%s) ))
+    [ "$left" -lt "$limit" ] && limit=$left
+    if [ "$limit" -lt 10 ]; then
+        printf '%-17s %5ss  %s\n' "$name" 0 "NOT RUN (out of time)" | tee -a "$summary"
+        return
+    fi
+    local t0=$(date +%s)
+    echo "=== $name (limit ${limit}s): $*"
+    # SIGINT first, so Python stops cleanly (its JSON is already written); SIGKILL 15 s later
+    timeout --signal=INT --kill-after=15 "$limit" "$@" > "$dir/$name.log" 2>&1
+    local rc=$?
+    local secs=$(( $(date +%s) - t0 ))
+    local outcome="ok"
+    case $rc in
+        0) ;;
+        124|130|137) outcome="TIMED OUT (partial results kept)";;
+        1) outcome="finished with failures or wrong results (see $name.log)";;
+        *) outcome="FAILED rc=$rc (see $name.log)";;
+    esac
+    printf '%-17s %5ss  %s\n' "$name" "$secs" "$outcome" | tee -a "$summary"
+    tail -n 30 "$dir/$name.log"
+    publish
+}
+
+# Peers for the A/B from the local wheels, when present and not installed (the machine has no internet).
+if ls .whl/*.whl > /dev/null 2>&1; then
+    for pkg in liger_kernel cut_cross_entropy torchao; do
+        if ! $PY -c "import $pkg" > /dev/null 2>&1; then
+            whl=$(ls .whl/${pkg}-*.whl 2> /dev/null | head -n 1)
+            [ -n "$whl" ] && $PY -m pip install -q --no-deps "$whl" > /dev/null 2>&1 && echo "installed $whl"
+        fi
+    done
+fi
+
+step env 60 $PY -c "
+import json, torch
+from bench.timing import device_info
+print(json.dumps(device_info(), indent=1))
+assert torch.cuda.is_available(), 'no CUDA device'
+"
+nvidia-smi >> "$dir/env.log" 2>&1
+
+step ab_newton_schulz "${TIME_NS:-60}"    $PY -m bench.ab newton_schulz --json "$dir/ab_newton_schulz.json"
+step ab_cross_entropy "${TIME_CE:-70}"    $PY -m bench.ab cross_entropy --json "$dir/ab_cross_entropy.json"
+step ab_attention     "${TIME_ATTN:-120}" $PY -m bench.ab attention     --json "$dir/ab_attention.json"
+step mfu_d20 "${TIME_D20:-130}" $PY -m bench.mfu --depth 20 --compare --warmup 2 --steps "${STEPS:-8}" --json "$dir/mfu_d20.json"
+step mfu_d12 "${TIME_D12:-90}"  $PY -m bench.mfu --depth 12 --compare --warmup 2 --steps "${STEPS:-8}" --json "$dir/mfu_d12.json"
+step mfu_d20_fp8 "${TIME_FP8:-60}" $PY -m bench.mfu --depth 20 --fp8 --warmup 2 --steps "${STEPS:-8}" --json "$dir/mfu_d20_fp8.json"
+step report "$REPORT_RESERVE" $PY -m bench.report "$dir"
+
+echo
+echo "=== summary ($(( $(date +%s) - t_start ))s in all), results in $dir"
+cat "$summary"
+for f in "$dir"/ab_*.log "$dir"/mfu_*.log; do
+    [ -f "$f" ] || continue
+    echo "--- $(basename "$f" .log)"
+    # the tables only, without the per-run chatter
+    sed -n '/^newton_schulz$\|^cross_entropy$\|^attention$\|^kernels /,/^$/p' "$f"
+done
+publish
