@@ -132,8 +132,11 @@ def _run(cmd: list[str]) -> str | None:
 
 
 def git_commit() -> str | None:
-    """HEAD's hash, with '+dirty' when tracked files differ from it."""
+    """HEAD's hash, with '+dirty' when tracked files differ from it; $GIT_COMMIT where there is no .git
+    (a copy of the tree sent to a GPU machine)."""
     sha = _run(["git", "rev-parse", "HEAD"])
+    if not sha:
+        return os.environ.get("GIT_COMMIT") or None
     if sha and _run(["git", "status", "--porcelain", "--untracked-files=no"]):
         sha += "+dirty"
     return sha

@@ -25,3 +25,54 @@ def mfu(flops_per_token: float, tokens_per_second: float, peak_flops: float | No
     if not peak_flops:
         return None
     return 100.0 * flops_per_token * tokens_per_second / (peak_flops * world_size)
+
+
+class MetricsLog:
+    """Where metrics go: a JSONL file next to the checkpoints (always, on rank 0) and wandb (unless run == "dummy").
+
+    WANDB_MODE=offline is honoured by wandb itself; wandb is imported only when a run name is given.
+    """
+
+    def __init__(self, path, run: str = "dummy", config: dict | None = None, enabled: bool = True,
+                 project: str = "nanopretrain"):
+        import json
+        from pathlib import Path
+
+        from train.errors import UserError
+
+        self._json = json
+        self.enabled = enabled
+        self.wandb = None
+        self.file = None
+        if not enabled:
+            return
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(self.path, "a", buffering=1)
+        if run != "dummy":
+            try:
+                import wandb
+            except ImportError:
+                raise UserError("--run names a wandb run but wandb is not installed: pip install -e .[wandb], "
+                                "or pass --run dummy")
+            self.wandb = wandb.init(project=project, name=run, config=config or {})
+
+    def log(self, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        self.file.write(self._json.dumps(metrics) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(metrics)
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"

@@ -1,0 +1,600 @@
+"""Causal sliding-window attention (FlashAttention-style), in the model's (B, T, H, D) layout.
+
+Key j is visible to query i iff j <= i and i - j <= window (window -1 = full causal; 0 = itself only).
+GQA: query head h reads kv head h // (Hq // Hkv). Softmax scale 1/sqrt(D).
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from kernels.dispatch import KernelUnavailable, check_choice, interpreting, requested, triton_runs_on
+
+IMPLS = ("auto", "triton", "fa3", "fa2", "sdpa", "flex", "torch")
+CPU_BLOCK = 256  # query rows per block on the CPU path
+
+
+def _full(window: int, T: int) -> bool:
+    return window < 0 or window >= T - 1
+
+
+def flops(B: int, T: int, Hq: int, D: int, window: int, backward: bool = False) -> int:
+    """4·D per visible (query, key) pair forward (FlashAttention's convention); backward 2.5x that."""
+    if _full(window, T):
+        pairs = T * (T + 1) // 2
+    else:
+        pairs = (window + 1) * T - window * (window + 1) // 2
+    fwd = 4 * D * pairs * B * Hq
+    return int(fwd * 2.5) if backward else fwd
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels (the structure of Triton's fused-attention tutorial, with a sliding window)
+#
+# Scores are pre-scaled by log2(e)/sqrt(D) so the softmax uses exp2; the saved row logsumexp is in those
+# base-2 units. For a block of queries [m0, m0 + BLOCK_M) (BLOCK_M a multiple of BLOCK_N) the visible keys
+# fall in three ranges of key blocks, the rest are never visited:
+#   diagonal [m0, m0 + BLOCK_M)   masked (causal edge, sequence tail)
+#   middle   [full_lo, m0)        every (query, key) pair visible: no mask, no bounds checks
+#   edge     [lo, full_lo)        masked (window edge); empty for full attention
+# so the work grows with T x window. The dk/dv kernel mirrors this for a block of keys over the query
+# blocks that see it (diagonal, fully visible, then window edge and sequence tail). Padded rows and columns
+# past T load as zeros and are never stored.
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, rows, offs_n, offs_d,
+               start, stop, T, window, qk_scale,
+               MASKED: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    for start_n in range(start, stop, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        cols = start_n + offs_n
+        k_ptrs = k_base + cols[:, None] * stride_kt + offs_d[None, :]
+        v_ptrs = v_base + cols[:, None] * stride_vt + offs_d[None, :]
+        if MASKED:
+            k = tl.load(k_ptrs, mask=cols[:, None] < T, other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        if MASKED:
+            lag = rows[:, None] - cols[None, :]
+            qk = tl.where((lag >= 0) & (lag <= window), qk * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            # a row that has seen no visible key yet keeps m = -inf: shift it by 0 (p = 0, alpha = 0), not NaN
+            shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+            qk = qk - shift[:, None]
+        else:
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            shift = m_new
+            qk = qk * qk_scale - shift[:, None]
+        p = tl.math.exp2(qk)
+        alpha = tl.math.exp2(m_i - shift)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if MASKED:
+            v = tl.load(v_ptrs, mask=cols[:, None] < T, other=0.0)
+        else:
+            v = tl.load(v_ptrs)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd(Q, K, V, O, LSE,
+              stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+              stride_vb, stride_vt, stride_vh, stride_ob, stride_ot, stride_oh,
+              Hq, T, window, group, qk_scale,
+              HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    tl.static_assert(BLOCK_M % BLOCK_N == 0)
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # the longest (latest) query blocks start first
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // Hq).to(tl.int64)
+    h = pid_bh % Hq
+    hk = h // group
+    m0 = pid_m * BLOCK_M
+    rows = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+    q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qt + offs_d[None, :],
+                mask=rows[:, None] < T, other=0.0)
+
+    m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    # (no negative operands in // below: triton and the interpreter round those differently)
+    full_lo = tl.minimum((tl.maximum(m0 + BLOCK_M - 1 - window, 0) + BLOCK_N - 1) // BLOCK_N * BLOCK_N, m0)
+    lo = tl.maximum(m0 - window, 0) // BLOCK_N * BLOCK_N
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, rows, offs_n, offs_d,
+                               m0, tl.minimum(m0 + BLOCK_M, T), T, window, qk_scale, True, BLOCK_N, PRECISION)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, rows, offs_n, offs_d,
+                               full_lo, m0, T, window, qk_scale, False, BLOCK_N, PRECISION)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, rows, offs_n, offs_d,
+                               lo, full_lo, T, window, qk_scale, True, BLOCK_N, PRECISION)
+
+    l_i = tl.where(l_i == 0.0, 1.0, l_i)  # padded rows past T (never stored) would divide 0 by 0
+    acc = acc / l_i[:, None]
+    tl.store(LSE + pid_bh.to(tl.int64) * T + rows, m_i + tl.math.log2(l_i), mask=rows < T)
+    tl.store(O + b * stride_ob + h * stride_oh + rows[:, None] * stride_ot + offs_d[None, :],
+             acc.to(O.dtype.element_ty), mask=rows[:, None] < T)
+
+
+@triton.jit
+def _attn_bwd_preprocess(O, DO, DELTA, stride_ob, stride_ot, stride_oh, stride_dob, stride_dot, stride_doh,
+                         Hq, T, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    """delta = rowsum(o * do), the softmax backward's correction term, in fp32."""
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // Hq).to(tl.int64)
+    h = pid_bh % Hq
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    mask = rows[:, None] < T
+    o = tl.load(O + b * stride_ob + h * stride_oh + rows[:, None] * stride_ot + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + rows[:, None] * stride_dot + offs_d[None, :],
+                 mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    tl.store(DELTA + pid_bh.to(tl.int64) * T + rows, delta, mask=rows < T)
+
+
+@triton.jit
+def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, cols, offs_d,
+                start, stop, T, window, qk_scale,
+                MASKED: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr):
+    offs_m = tl.arange(0, BLOCK_M)
+    for start_m in range(start, stop, BLOCK_M):
+        start_m = tl.multiple_of(start_m, BLOCK_M)
+        rows = start_m + offs_m
+        q_ptrs = q_base + rows[:, None] * stride_qt + offs_d[None, :]
+        do_ptrs = do_base + rows[:, None] * stride_dot + offs_d[None, :]
+        if MASKED:
+            in_seq = rows < T  # padded query rows load as zeros and are masked out of p
+            q = tl.load(q_ptrs, mask=in_seq[:, None], other=0.0)
+            lse = tl.load(lse_base + rows, mask=in_seq, other=0.0)
+        else:
+            q = tl.load(q_ptrs)
+            lse = tl.load(lse_base + rows)
+        qkT = tl.dot(k, tl.trans(q), input_precision=PRECISION)  # (keys, queries)
+        pT = tl.math.exp2(qkT * qk_scale - lse[None, :])
+        if MASKED:
+            lag = rows[None, :] - cols[:, None]
+            pT = tl.where((lag >= 0) & (lag <= window) & in_seq[None, :], pT, 0.0)
+            do = tl.load(do_ptrs, mask=in_seq[:, None], other=0.0)
+            delta = tl.load(delta_base + rows, mask=in_seq, other=0.0)
+        else:
+            do = tl.load(do_ptrs)
+            delta = tl.load(delta_base + rows)
+        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PRECISION)
+        dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        dsT = pT * (dpT - delta[None, :])
+        dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA,
+                   stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+                   stride_vb, stride_vt, stride_vh, stride_dob, stride_dot, stride_doh,
+                   stride_dkb, stride_dkt, stride_dkh, stride_dvb, stride_dvt, stride_dvh,
+                   Hq, Hkv, T, window, group, qk_scale, sm_scale,
+                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """dk, dv of one block of keys of one kv head, summed over the query heads of its GQA group."""
+    tl.static_assert(BLOCK_N % BLOCK_M == 0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // Hkv).to(tl.int64)
+    hk = pid_bh % Hkv
+    n0 = tl.program_id(0) * BLOCK_N
+    cols = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    kv_mask = cols[:, None] < T
+    k = tl.load(K + b * stride_kb + hk * stride_kh + cols[:, None] * stride_kt + offs_d[None, :],
+                mask=kv_mask, other=0.0)
+    v = tl.load(V + b * stride_vb + hk * stride_vh + cols[:, None] * stride_vt + offs_d[None, :],
+                mask=kv_mask, other=0.0)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+
+    # query ranges that see this key block: diagonal (masked), fully visible, window edge + tail (masked)
+    q_end = tl.minimum(n0 + BLOCK_N + window, T)
+    diag_end = tl.minimum(n0 + BLOCK_N, q_end)
+    mid_end = tl.maximum(diag_end, tl.minimum((n0 + window + 1) // BLOCK_M * BLOCK_M, T // BLOCK_M * BLOCK_M))
+    for g in range(0, group):
+        h = hk * group + g
+        q_base = Q + b * stride_qb + h * stride_qh
+        do_base = DO + b * stride_dob + h * stride_doh
+        lse_base = LSE + (b * Hq + h) * T
+        delta_base = DELTA + (b * Hq + h) * T
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, cols,
+                             offs_d, n0, diag_end, T, window, qk_scale, True, BLOCK_M, PRECISION)
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, cols,
+                             offs_d, diag_end, mid_end, T, window, qk_scale, False, BLOCK_M, PRECISION)
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, cols,
+                             offs_d, mid_end, q_end, T, window, qk_scale, True, BLOCK_M, PRECISION)
+
+    tl.store(DV + b * stride_dvb + hk * stride_dvh + cols[:, None] * stride_dvt + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=kv_mask)
+    dk = dk * sm_scale
+    tl.store(DK + b * stride_dkb + hk * stride_dkh + cols[:, None] * stride_dkt + offs_d[None, :],
+             dk.to(DK.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, rows, offs_n, offs_d,
+              start, stop, T, window, qk_scale,
+              MASKED: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    for start_n in range(start, stop, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        cols = start_n + offs_n
+        k_ptrs = k_base + cols[:, None] * stride_kt + offs_d[None, :]
+        v_ptrs = v_base + cols[:, None] * stride_vt + offs_d[None, :]
+        if MASKED:
+            k = tl.load(k_ptrs, mask=cols[:, None] < T, other=0.0)
+            v = tl.load(v_ptrs, mask=cols[:, None] < T, other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        p = tl.math.exp2(qk * qk_scale - lse[:, None])
+        if MASKED:
+            lag = rows[:, None] - cols[None, :]
+            p = tl.where((lag >= 0) & (lag <= window), p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA,
+                 stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+                 stride_vb, stride_vt, stride_vh, stride_dob, stride_dot, stride_doh,
+                 stride_dqb, stride_dqt, stride_dqh,
+                 Hq, T, window, group, qk_scale, sm_scale,
+                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """dq of one block of queries of one head: the forward's loop over key blocks, recomputing p from lse."""
+    tl.static_assert(BLOCK_M % BLOCK_N == 0)
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // Hq).to(tl.int64)
+    h = pid_bh % Hq
+    hk = h // group
+    m0 = pid_m * BLOCK_M
+    rows = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    in_seq = rows < T
+    q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qt + offs_d[None, :],
+                mask=in_seq[:, None], other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + rows[:, None] * stride_dot + offs_d[None, :],
+                 mask=in_seq[:, None], other=0.0)
+    lse = tl.load(LSE + pid_bh.to(tl.int64) * T + rows, mask=in_seq, other=0.0)
+    delta = tl.load(DELTA + pid_bh.to(tl.int64) * T + rows, mask=in_seq, other=0.0)
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+    full_lo = tl.minimum((tl.maximum(m0 + BLOCK_M - 1 - window, 0) + BLOCK_N - 1) // BLOCK_N * BLOCK_N, m0)
+    lo = tl.maximum(m0 - window, 0) // BLOCK_N * BLOCK_N
+    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, rows, offs_n, offs_d,
+                   m0, tl.minimum(m0 + BLOCK_M, T), T, window, qk_scale, True, BLOCK_N, PRECISION)
+    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, rows, offs_n, offs_d,
+                   full_lo, m0, T, window, qk_scale, False, BLOCK_N, PRECISION)
+    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, rows, offs_n, offs_d,
+                   lo, full_lo, T, window, qk_scale, True, BLOCK_N, PRECISION)
+    dq = dq * sm_scale
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqt + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=in_seq[:, None])
+
+
+# Block sizes. On a GPU a small autotune set keyed on (T, window, D), for Hopper and Ampere alike (all fit in
+# an A100's shared memory; at D = 128 the 8-warp ones avoid register spills, at D = 64 the 4-warp ones win).
+# Under the interpreter one small config (tests change it to cover other block shapes).
+def _configs(*specs):
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in specs]
+
+
+_FWD_CONFIGS = _configs((128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3))
+_DKDV_CONFIGS = _configs((32, 128, 4, 3), (32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3))
+_DQ_CONFIGS = _configs((128, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 3), (64, 32, 4, 3), (64, 64, 4, 3))
+_TUNE_KEY = ["T", "window", "HEAD_DIM"]
+_fwd_tuned = triton.autotune(_FWD_CONFIGS, key=_TUNE_KEY)(_attn_fwd)
+_dkdv_tuned = triton.autotune(_DKDV_CONFIGS, key=_TUNE_KEY)(_attn_bwd_dkdv)
+_dq_tuned = triton.autotune(_DQ_CONFIGS, key=_TUNE_KEY)(_attn_bwd_dq)
+INTERPRETER_BLOCKS = {"fwd": (32, 16), "dkdv": (16, 32), "dq": (32, 16)}  # (BLOCK_M, BLOCK_N)
+FP32_BLOCKS = {"fwd": (64, 32), "dkdv": (32, 64), "dq": (64, 32)}
+
+LOG2E = 1.4426950408889634
+TRITON_HEAD_DIMS = (16, 32, 64, 128)
+
+
+# ----------------------------------------------------------------------------------------------
+# plain-PyTorch reference (explicit T x T mask, fp32) and the CPU path (blocks of queries)
+
+def _visible(rows: torch.Tensor, cols: torch.Tensor, window: int) -> torch.Tensor:
+    lag = rows[:, None] - cols[None, :]
+    return (lag >= 0) & (lag <= window) if window >= 0 else lag >= 0
+
+
+def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int = -1) -> torch.Tensor:
+    """softmax(q kᵀ/√D + mask) v in fp32 (fp64 for fp64 inputs) with an explicit T x T mask; q's dtype out."""
+    T, rep = q.size(1), q.size(2) // k.size(2)
+    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    qf, kf, vf = (t.to(dtype).transpose(1, 2) for t in (q, k, v))
+    kf, vf = kf.repeat_interleave(rep, dim=1), vf.repeat_interleave(rep, dim=1)
+    pos = torch.arange(T, device=q.device)
+    scores = (qf @ kf.transpose(-1, -2)) / math.sqrt(q.size(-1))
+    scores = scores.masked_fill(~_visible(pos, pos, window), float("-inf"))
+    return (scores.softmax(-1) @ vf).transpose(1, 2).to(q.dtype)
+
+
+def blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int = -1,
+            block: int = CPU_BLOCK) -> torch.Tensor:
+    """The CPU path: full layers through SDPA(is_causal); windowed ones a block of queries at a time, each
+    over its key range [start - window, end) with a mask of that block only (never T x T). Plain autograd."""
+    T, rep = q.size(1), q.size(2) // k.size(2)
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D) views
+    if rep > 1:
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    if _full(window, T):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
+    pos = torch.arange(T, device=q.device)
+    outs = []
+    for start in range(0, T, block):
+        end = min(T, start + block)
+        lo = max(0, start - window)
+        mask = _visible(pos[start:end], pos[lo:end], window)
+        outs.append(F.scaled_dot_product_attention(q[:, :, start:end], k[:, :, lo:end], v[:, :, lo:end],
+                                                   attn_mask=mask))
+    return torch.cat(outs, dim=2).transpose(1, 2)
+
+
+# ----------------------------------------------------------------------------------------------
+# launchers, custom ops (opaque to torch.compile: no graph break) and their autograd
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _strides(t: torch.Tensor) -> tuple[int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2)  # (B, T, H) strides of a (B, T, H, D) tensor
+
+
+def _launch(kernel, tuned, name, T, heads, args, kwargs):
+    """One program per (block of T, head): autotuned on a GPU for fp16/bf16; fixed small blocks for exact fp32
+    dots on a GPU (a correctness path: no tensor cores) and under the interpreter (INTERPRETER_BLOCKS).
+    The forward and dq kernels block the queries (BLOCK_M), the dk/dv kernel the keys (BLOCK_N)."""
+    block = "BLOCK_N" if name == "dkdv" else "BLOCK_M"
+    if interpreting() or kwargs["PRECISION"] == "ieee":
+        blocks = INTERPRETER_BLOCKS if interpreting() else FP32_BLOCKS
+        sizes = dict(zip(("BLOCK_M", "BLOCK_N"), blocks[name]))
+        kernel[(triton.cdiv(T, sizes[block]), heads)](*args, **kwargs, **sizes, num_warps=4,
+                                                      num_stages=1 if interpreting() else 2)
+    else:
+        tuned[lambda meta: (triton.cdiv(T, meta[block]), heads)](*args, **kwargs)
+
+
+def _window_arg(window: int, T: int) -> int:
+    return T if _full(window, T) else window  # full attention = a window longer than the sequence
+
+
+def _precision(q: torch.Tensor) -> str:
+    return "ieee" if q.dtype == torch.float32 else "tf32"  # fp32 inputs: exact fp32 dots (no tf32)
+
+
+def _forward_into(q, k, v, window: int, out, lse) -> None:
+    """Forward kernel into out (B, T, Hq, D) and lse (B, Hq, T) fp32: base-2 logsumexp of the scaled scores."""
+    B, T, Hq, D = q.shape
+    args = (q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
+            Hq, T, _window_arg(window, T), Hq // k.size(2), LOG2E / math.sqrt(D))
+    _launch(_attn_fwd, _fwd_tuned, "fwd", T, B * Hq, args, dict(HEAD_DIM=D, PRECISION=_precision(q)))
+
+
+def _backward_into(dout, q, k, v, out, lse, window: int, dq, dk, dv) -> None:
+    """delta = rowsum(out·dout), then dk/dv per key block (summed over a GQA group), dq per query block."""
+    B, T, Hq, D = q.shape
+    Hkv = k.size(2)
+    delta = _empty((B, Hq, T), torch.float32, q.device)
+    pre_block = 32 if interpreting() else 128
+    _attn_bwd_preprocess[(triton.cdiv(T, pre_block), B * Hq)](
+        out, dout, delta, *_strides(out), *_strides(dout), Hq, T, HEAD_DIM=D, BLOCK_M=pre_block)
+    w, group, sm_scale = _window_arg(window, T), Hq // Hkv, 1.0 / math.sqrt(D)
+    qk_scale, meta = sm_scale * LOG2E, dict(HEAD_DIM=D, PRECISION=_precision(q))
+    _launch(_attn_bwd_dkdv, _dkdv_tuned, "dkdv", T, B * Hkv,
+            (q, k, v, dout, dk, dv, lse, delta, *_strides(q), *_strides(k), *_strides(v), *_strides(dout),
+             *_strides(dk), *_strides(dv), Hq, Hkv, T, w, group, qk_scale, sm_scale), meta)
+    _launch(_attn_bwd_dq, _dq_tuned, "dq", T, B * Hq,
+            (q, k, v, dout, dq, lse, delta, *_strides(q), *_strides(k), *_strides(v), *_strides(dout),
+             *_strides(dq), Hq, T, w, group, qk_scale, sm_scale), meta)
+
+
+def _empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Every buffer the kernels write (tests swap in a NaN-filled one to catch unwritten elements)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _like(t: torch.Tensor) -> torch.Tensor:
+    return _empty(t.shape, t.dtype, t.device)
+
+
+@torch.library.custom_op("nanochat::attention_forward", mutates_args=())
+def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out (B, T, Hq, D), lse (B, Hq, T) fp32)."""
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    B, T, Hq, _ = q.shape
+    out, lse = _like(q), _empty((B, Hq, T), torch.float32, q.device)
+    if out.numel():
+        _forward_into(q, k, v, window, out, lse)
+    return out, lse
+
+
+@_forward_op.register_fake
+def _(q, k, v, window):
+    B, T, Hq, _ = q.shape
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(B, Hq, T, dtype=torch.float32)
+
+
+@torch.library.custom_op("nanochat::attention_backward", mutates_args=())
+def _backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                 lse: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv), recomputing the scores from the saved lse."""
+    dout, q, k, v, out = (_last_dim_contiguous(t) for t in (dout, q, k, v, out))
+    dq, dk, dv = _like(q), _like(k), _like(v)
+    if q.numel():
+        _backward_into(dout, q, k, v, out, lse, window, dq, dk, dv)
+    return dq, dk, dv
+
+
+@_backward_op.register_fake
+def _(dout, q, k, v, out, lse, window):
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, window = inputs
+    out, lse = output
+    ctx.window = window
+    ctx.save_for_backward(q, k, v, out, lse)
+
+
+def _backward(ctx, dout, _dlse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = _backward_op(dout, q, k, v, out, lse, ctx.window)
+    return dq, dk, dv, None
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _triton(q, k, v, window):
+    if not triton_runs_on(q):
+        raise KernelUnavailable("attention: impl 'triton' needs a CUDA tensor (or TRITON_INTERPRET=1 on CPU)")
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16) or q.size(-1) not in TRITON_HEAD_DIMS:
+        raise KernelUnavailable(f"attention: impl 'triton' takes fp32/fp16/bf16 with head dim in {TRITON_HEAD_DIMS}, "
+                                f"got {q.dtype} and D = {q.size(-1)}")
+    if interpreting() and q.dtype == torch.bfloat16 and not q.is_cuda:
+        # the interpreter's bf16 tl.dot is wrong (triton 3.9): run the same kernels on fp32 copies
+        return _forward_op(q.float(), k.float(), v.float(), window)[0].to(q.dtype)
+    return _forward_op(q, k, v, window)[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# peers for A/B
+
+def _sdpa(q, k, v, window):
+    T, rep = q.size(1), q.size(2) // k.size(2)
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    if rep > 1:
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    if _full(window, T):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
+    pos = torch.arange(T, device=q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=_visible(pos, pos, window)).transpose(1, 2)
+
+
+_flex_compiled = None
+_block_masks: dict = {}
+
+
+def _flex(q, k, v, window):
+    global _flex_compiled
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError:
+        raise KernelUnavailable("attention: impl 'flex' needs torch.nn.attention.flex_attention") from None
+    if not q.is_cuda and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        raise KernelUnavailable("attention: impl 'flex' has no backward on CPU (FlexAttention); use a CUDA tensor")
+    T = q.size(1)
+    key = (T, window if not _full(window, T) else -1, str(q.device))
+    if key not in _block_masks:
+        w = key[1]
+
+        def mask_mod(b, h, i, j):
+            return (j <= i) & ((i - j <= w) if w >= 0 else True)
+
+        _block_masks[key] = create_block_mask(mask_mod, B=None, H=None, Q_LEN=T, KV_LEN=T, device=q.device)
+    if _flex_compiled is None:
+        _flex_compiled = torch.compile(flex_attention)
+    fn = flex_attention if torch.compiler.is_compiling() else _flex_compiled
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    out = fn(q, k, v, block_mask=_block_masks[key], enable_gqa=q.size(1) != k.size(1))
+    return out.transpose(1, 2)
+
+
+try:  # FlashAttention-3 (Hopper only); any import failure means "not here"
+    import flash_attn_interface as _FA3
+except Exception:  # noqa: BLE001
+    _FA3 = None
+
+
+def _fa3(q, k, v, window):
+    fa3 = _FA3
+    if fa3 is None:
+        raise KernelUnavailable("attention: impl 'fa3' needs FlashAttention-3 (flash_attn_interface, Hopper only)")
+    if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
+        raise KernelUnavailable("attention: impl 'fa3' needs fp16/bf16 CUDA tensors")
+    out = fa3.flash_attn_func(q, k, v, causal=True, window_size=(-1 if _full(window, q.size(1)) else window, 0))
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _fa2(q, k, v, window):
+    try:
+        from flash_attn import flash_attn_func
+    except ImportError:
+        raise KernelUnavailable("attention: impl 'fa2' needs FlashAttention-2 (pip install flash-attn)") from None
+    if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
+        raise KernelUnavailable("attention: impl 'fa2' needs fp16/bf16 CUDA tensors")
+    return flash_attn_func(q, k, v, causal=True, window_size=(-1 if _full(window, q.size(1)) else window, 0))
+
+
+# ----------------------------------------------------------------------------------------------
+# public function
+
+def _check(q, k, v, window):
+    if q.dim() != 4 or k.shape != v.shape or k.dim() != 4 or q.shape[:2] != k.shape[:2] \
+            or q.size(3) != k.size(3) or k.size(2) == 0 or q.size(2) % k.size(2):
+        raise ValueError(f"attention: expected q (B, T, Hq, D), k and v (B, T, Hkv, D) with Hkv dividing Hq; "
+                         f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"attention: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
+    if not isinstance(window, int) or window < -1:
+        raise ValueError(f"attention: window must be an int >= -1 (-1 = full), got {window!r}")
+
+
+def _auto(q: torch.Tensor) -> str:
+    """FA3 on Hopper with bf16, else ours on CUDA (supported dtype and head dim), else the CPU block path."""
+    if not q.is_cuda:
+        return "blocked"
+    if _FA3 is not None and q.dtype == torch.bfloat16 and torch.cuda.get_device_properties(q.device).major == 9:
+        return "fa3"
+    if q.dtype in (torch.float32, torch.float16, torch.bfloat16) and q.size(-1) in TRITON_HEAD_DIMS:
+        return "triton"
+    return "blocked"
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int = -1,
+              impl: str = "auto") -> torch.Tensor:
+    """Causal attention with a sliding window. q (B, T, Hq, D), k and v (B, T, Hkv, D) -> (B, T, Hq, D).
+
+    window: previous tokens visible (-1 = all; 0 = only itself). impl: auto | triton | fa3 | fa2 | sdpa |
+    flex | torch. 'auto': FA3 on Hopper with bf16 when installed, else ours on CUDA, else the CPU block path.
+    """
+    _check(q, k, v, window)
+    impl = requested("attention", impl)
+    check_choice("attention", impl, IMPLS)
+    if impl == "auto":
+        impl = _auto(q)
+        if impl == "blocked":
+            return blocked(q, k, v, window)
+    if impl == "torch":
+        return reference(q, k, v, window)
+    if impl == "sdpa":
+        return _sdpa(q, k, v, window)
+    if impl == "flex":
+        return _flex(q, k, v, window)
+    if impl == "fa3":
+        return _fa3(q, k, v, window)
+    if impl == "fa2":
+        return _fa2(q, k, v, window)
+    return _triton(q, k, v, window)

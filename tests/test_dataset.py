@@ -1,0 +1,271 @@
+"""train.dataset: download against a local HTTP server (failing, truncating), local build, bad input."""
+import http.server
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from train import dataset
+from train.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+VAL = dataset.DATASETS["climbmix"].num_shards - 1  # the hub's last shard: always fetched, always validation
+
+
+def write_parquet(path, docs, row_group=2):
+    pq.write_table(pa.table({"text": docs}), path, row_group_size=row_group)
+
+
+def shard_texts(path):
+    return pq.read_table(path).column("text").to_pylist()
+
+
+@pytest.fixture
+def base(tmp_path, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "base"))
+    monkeypatch.delenv("NANOCHAT_DATA_URL", raising=False)
+    return tmp_path / "base"
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    """Serves server.root; server.fail[name] answers 500 that many times first; names in server.truncate
+    (count) get their Content-Length but only half the bytes before the connection closes."""
+
+    def do_GET(self):
+        srv, name = self.server, self.path.lstrip("/")
+        srv.requests.append(name)
+        path = srv.root / name
+        if not path.is_file():
+            self.send_error(404)
+            return
+        if srv.fail.get(name, 0) > 0:
+            srv.fail[name] -= 1
+            self.send_error(500)
+            return
+        data = path.read_bytes()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if srv.truncate.get(name, 0) > 0:
+            srv.truncate[name] -= 1
+            self.wfile.write(data[:len(data) // 2])
+            self.wfile.flush()
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return
+        self.wfile.write(data)
+
+    def log_message(self, *args):  # keep the test output clean
+        pass
+
+
+@pytest.fixture
+def server(tmp_path):
+    """An HTTP server on 127.0.0.1 with shards 0..2 and the validation shard of climbmix."""
+    root = tmp_path / "served"
+    root.mkdir()
+    for i in (0, 1, 2, VAL):
+        write_parquet(root / dataset.shard_name(i), [f"shard {i} doc {j} " * (j + 1) for j in range(40)], row_group=8)
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    srv.root, srv.requests, srv.fail, srv.truncate = root, [], {}, {}
+    srv.url = f"http://127.0.0.1:{srv.server_address[1]}"
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def download(srv, num_shards=2, **kw):
+    kw = {"base_url": srv.url, "workers": 3, "retries": 3, "backoff": 0.0, "timeout": 5.0} | kw
+    return dataset.download("climbmix", num_shards, **kw)
+
+
+def leftovers(folder):
+    """Anything in the shard folder that is not a complete shard."""
+    return sorted(p.name for p in folder.iterdir() if not (p.suffix == ".parquet" and dataset.is_complete_parquet(p)))
+
+
+def test_download_fetches_train_shards_plus_the_validation_shard_and_resumes(base, server):
+    shards = download(server)
+    assert [p.name for p in shards] == [dataset.shard_name(i) for i in (0, 1, VAL)]
+    assert dataset.val_shards("climbmix") == [shards[-1]] and dataset.train_shards("climbmix") == shards[:2]
+    for p in shards:
+        assert p.read_bytes() == (server.root / p.name).read_bytes()
+    assert shards[0].parent == base / "data" / "climbmix"
+    # Resumable: complete shards are skipped; a damaged one (not from us) is fetched again.
+    server.requests.clear()
+    shards[1].write_bytes(b"PAR1 not really")
+    folder = base / "data" / "climbmix"
+    assert download(server, num_shards=3) == [folder / dataset.shard_name(i) for i in (0, 1, 2, VAL)]
+    assert sorted(server.requests) == [dataset.shard_name(1), dataset.shard_name(2)]
+    assert leftovers(shards[0].parent) == []
+
+
+def test_download_retries_server_errors(base, server):
+    server.fail = {dataset.shard_name(0): 2, dataset.shard_name(VAL): 1}
+    download(server, retries=3)
+    assert server.requests.count(dataset.shard_name(0)) == 3 and server.requests.count(dataset.shard_name(VAL)) == 2
+    assert len(dataset.list_shards("climbmix")) == 3
+
+
+def test_a_failing_server_leaves_no_half_shard_and_one_line_error(base, server):
+    server.fail = {dataset.shard_name(1): 99}
+    with pytest.raises(UserError, match="HTTP 500") as e:
+        download(server, retries=2)
+    assert "\n" not in str(e.value) and "rerun" in str(e.value)
+    assert server.requests.count(dataset.shard_name(1)) == 2
+    folder = base / "data" / "climbmix"
+    assert not (folder / dataset.shard_name(1)).exists() and leftovers(folder) == []
+
+
+def test_a_truncated_transfer_is_retried_and_never_leaves_a_half_shard(base, server):
+    name = dataset.shard_name(0)
+    server.truncate = {name: 1}  # cut short once, then served whole
+    download(server, retries=2)
+    assert (base / "data" / "climbmix" / name).read_bytes() == (server.root / name).read_bytes()
+
+    server.truncate = {dataset.shard_name(2): 99}  # cut short every time
+    with pytest.raises(UserError, match="shard_00002"):
+        download(server, num_shards=3, retries=2)
+    folder = base / "data" / "climbmix"
+    assert not (folder / dataset.shard_name(2)).exists() and leftovers(folder) == []
+
+
+def test_a_page_that_is_not_parquet_is_rejected(base, server):
+    (server.root / dataset.shard_name(1)).write_bytes(b"<html>try again later</html>")
+    with pytest.raises(UserError, match="not a complete parquet file"):
+        download(server, retries=2)
+    folder = base / "data" / "climbmix"
+    assert not (folder / dataset.shard_name(1)).exists() and leftovers(folder) == []
+
+
+def test_missing_file_fails_at_once_and_env_var_sets_the_url(base, server, monkeypatch):
+    (server.root / dataset.shard_name(1)).unlink()
+    monkeypatch.setenv("NANOCHAT_DATA_URL", server.url)
+    with pytest.raises(UserError, match="404"):
+        dataset.download("climbmix", 2, retries=5, backoff=0.0)
+    assert server.requests.count(dataset.shard_name(1)) == 1  # a 404 is not retried
+
+
+def test_ensure_dataset_downloads_hub_shards_and_explains_local_ones(base, server, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_DATA_URL", server.url)
+    assert len(dataset.ensure_dataset("climbmix", num_shards=1)) == 2
+    assert dataset.ensure_dataset("climbmix") == dataset.list_shards("climbmix")  # already there: no download
+    with pytest.raises(UserError, match=r"python -m train\.dataset build`"):
+        dataset.ensure_dataset("pystdlib")
+    with pytest.raises(UserError, match="--from PATH --name mine"):
+        dataset.ensure_dataset("mine")
+
+
+def cli(args, base):
+    env = {k: v for k, v in os.environ.items() if k != "NANOCHAT_DATA_URL"}
+    env |= {"NANOCHAT_BASE_DIR": str(base), "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "train.dataset", *map(str, args)], env=env, capture_output=True,
+                          text=True, cwd=REPO, timeout=120)
+
+
+def test_offline_download_is_one_clear_line(tmp_path):
+    with socket.socket() as s:  # a port that nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = cli(["download", "--num-shards", "2", "--base-url", f"http://127.0.0.1:{port}", "--retries", "2",
+                "--backoff", "0"], tmp_path)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot connect" in lines[0] and "Traceback" not in proc.stderr, proc.stderr
+    assert not any((tmp_path / "data" / "climbmix").iterdir())
+
+
+def make_corpus(root):
+    """A folder with every supported kind of file, nested, plus files and folders that must be ignored."""
+    (root / "sub" / "deeper").mkdir(parents=True)
+    (root / ".git").mkdir()
+    (root / "a.txt").write_text("alpha document\nwith two lines")
+    (root / "sub" / "b.md").write_text("# beta\n\nmarkdown ü")
+    (root / "sub" / "deeper" / "c.py").write_text("def gamma():\n    return 3\n")
+    lines = [json.dumps({"text": "delta"}), "", json.dumps({"text": "epsilon é"})]
+    (root / "sub" / "docs.jsonl").write_text("\n".join(lines) + "\n")
+    write_parquet(root / "sub" / "deeper" / "rows.parquet", ["zeta", "eta", "theta"])
+    (root / "notes.csv").write_text("not,a,document")
+    (root / ".git" / "HEAD.txt").write_text("hidden")
+    (root / "empty.txt").write_text("  \n")
+    return {"alpha document\nwith two lines", "# beta\n\nmarkdown ü", "def gamma():\n    return 3\n", "delta",
+            "epsilon é", "zeta", "eta", "theta"}
+
+
+def test_build_from_a_folder_is_deterministic_with_a_held_out_validation_shard(base, tmp_path):
+    expected = make_corpus(tmp_path / "corpus")
+    shards = dataset.build([tmp_path / "corpus"], "mine", docs_per_row_group=2, docs_per_shard=3, val_fraction=0.25)
+    texts = [shard_texts(p) for p in shards]
+    assert sorted(sum(texts, [])) == sorted(expected)
+    assert [len(t) for t in texts] == [3, 3, 2]  # 6 training documents in shards of 3, then 2 held out
+    assert dataset.val_shards("mine") == [shards[-1]]
+    assert all(pq.ParquetFile(p).metadata.row_group(0).num_rows == 2 for p in shards)
+    again = dataset.build([tmp_path / "corpus"], "mine", docs_per_row_group=2, docs_per_shard=3, val_fraction=0.25)
+    assert [shard_texts(p) for p in again] == texts
+    reshuffled = dataset.build([tmp_path / "corpus"], "mine", docs_per_row_group=2, docs_per_shard=3,
+                               val_fraction=0.25, seed=7)
+    assert [shard_texts(p) for p in reshuffled] != texts
+    assert sorted(p.name for p in (base / "data").iterdir()) == ["mine"]  # no staging folders left behind
+
+
+def test_build_without_sources_is_the_standard_library(base):
+    proc = cli(["build"], base)
+    assert proc.returncode == 0, proc.stderr
+    shards = dataset.list_shards("pystdlib")
+    assert len(shards) >= 2
+    docs = shard_texts(shards[0])
+    assert len(docs) > 500 and any("def " in d for d in docs)
+    assert all(pq.ParquetFile(p).metadata.num_row_groups >= 2 for p in shards)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "no such file"),
+    ("empty", "no .txt"),
+    ("blank", "need at least 2"),
+    ("corrupt", "not a readable parquet"),
+    ("no-text-column", "no 'text' column"),
+    ("bad-jsonl", "bad.jsonl:2"),
+    ("unsupported", "unsupported file type"),
+])
+def test_bad_corpus_is_one_line_and_exit_2(tmp_path, case, message):
+    src = tmp_path / "src"
+    src.mkdir()
+    if case == "missing":
+        src = tmp_path / "nowhere"
+    elif case == "blank":
+        (src / "only.txt").write_text("a single document")
+    elif case == "corrupt":
+        (src / "broken.parquet").write_bytes(b"PAR1" + os.urandom(100))
+    elif case == "no-text-column":
+        pq.write_table(pa.table({"body": ["x", "y"]}), src / "other.parquet")
+    elif case == "bad-jsonl":
+        (src / "bad.jsonl").write_text(json.dumps({"text": "fine"}) + "\n{not json\n")
+    elif case == "unsupported":
+        src = src / "table.csv"
+        src.write_text("a,b")
+    proc = cli(["build", "--from", src, "--name", "bad"], tmp_path / "base")
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in proc.stderr, proc.stderr
+    assert not (tmp_path / "base" / "data" / "bad").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["download", "--num-shards", "0"], "--num-shards"),
+    (["download", "--name", "nope"], "invalid choice"),
+    (["build", "--from", ".", "--name", "../escape"], "bad dataset name"),
+])
+def test_bad_flags_are_one_line_and_exit_2(tmp_path, args, message):
+    proc = cli(args, tmp_path)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], proc.stderr

@@ -1,0 +1,112 @@
+"""End-to-end: the train.pretrain CLI on a tiny corpus, on the CPU.
+
+The corpus is a slice of the Python standard library (offline, on every machine); the tokenizer is
+trained on it with a small vocabulary so that everything runs in seconds.
+"""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--dataset", "tiny", "--depth", "2", "--aspect-ratio", "32", "--head-dim", "32", "--max-seq-len", "64",
+        "--device-batch-size", "4", "--total-batch-size", "256", "--eval-tokens", "1024",
+        "--sample-every", "-1", "--core-metric-every", "-1", "--device-type", "cpu"]
+
+
+def run(args, base, check=True, module="train.pretrain"):
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(base), PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run([sys.executable, "-m", module, *map(str, args)], env=env, capture_output=True,
+                          text=True, cwd=REPO, timeout=600)
+    if check:
+        assert proc.returncode == 0, f"{module} {args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A base dir with a tiny dataset (the stdlib's json and email packages) and a 512-token tokenizer."""
+    base = tmp_path_factory.mktemp("nanochat")
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    src = base / "src"
+    for pkg in ("json", "email", "logging"):
+        shutil.copytree(stdlib / pkg, src / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    run(["build", "--from", src, "--name", "tiny", "--docs-per-row-group", "8"], base, module="train.dataset")
+    run(["train", "--dataset", "tiny", "--vocab-size", "512"], base, module="train.tokenizer")
+    return base
+
+
+def metrics(base, tag):
+    lines = (Path(base) / "base_checkpoints" / tag / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def step_losses(records):
+    return {r["step"]: r["train/loss_step"] for r in records if "train/loss_step" in r}
+
+
+def test_tiny_run_loss_falls_and_ends_with_checkpoint_and_bpb(base):
+    proc = run([*TINY, "--num-iterations", "40", "--eval-every", "20", "--model-tag", "falls"], base)
+    losses = step_losses(metrics(base, "falls"))
+    first, last = sum(losses[s] for s in range(1, 6)) / 5, sum(losses[s] for s in range(36, 41)) / 5
+    assert last < first - 0.5, (first, last)
+    bpbs = [r["val/bpb"] for r in metrics(base, "falls") if "val/bpb" in r]
+    assert len(bpbs) == 3 and bpbs[-1] < bpbs[0]
+    assert (base / "base_checkpoints" / "falls" / "step_000040_model.pt").exists()
+    assert "val bpb" in proc.stdout
+
+
+def test_resume_continues_the_same_loss_curve(base):
+    run([*TINY, "--num-iterations", "12", "--save-every", "6", "--eval-every", "-1", "--model-tag", "full"], base)
+    ckpts = base / "base_checkpoints"
+    shutil.copytree(ckpts / "full", ckpts / "resumed")
+    (ckpts / "resumed" / "metrics.jsonl").unlink()
+    run([*TINY, "--num-iterations", "12", "--save-every", "6", "--eval-every", "-1", "--model-tag", "resumed",
+         "--resume-from-step", "6"], base)
+    full, resumed = step_losses(metrics(base, "full")), step_losses(metrics(base, "resumed"))
+    assert sorted(resumed) == list(range(7, 13))
+    for s in range(7, 13):
+        assert resumed[s] == pytest.approx(full[s], rel=1e-5, abs=1e-6), (s, resumed[s], full[s])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--depth", "0"], "depth"),
+    (["--window-pattern", "SXL"], "window-pattern"),
+    (["--total-batch-size", "1000"], "multiple"),
+    (["--device-type", "cuda"], "CUDA"),
+    (["--resume-from-step", "99", "--model-tag", "nothing-here"], "no checkpoint"),
+    (["--fp8"], "fp8|FP8|torchao"),
+    (["--depth", "two"], "invalid int"),
+    (["--dataset", "missing-corpus"], "missing-corpus"),
+])
+def test_bad_flags_exit_2_with_one_line(base, args, message):
+    proc = run([*TINY, "--num-iterations", "2", *args], base, check=False)  # a later flag overrides TINY's
+    assert proc.returncode == 2, (proc.stdout[-2000:], proc.stderr[-2000:])
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert re.search(message, err[0]), err[0]
+
+
+def test_tokenizer_vocab_mismatch_on_resume_is_one_line(base, tmp_path):
+    run([*TINY, "--num-iterations", "2", "--eval-every", "-1", "--model-tag", "vocab"], base)
+    other = tmp_path / "other"
+    shutil.copytree(base, other)
+    run(["train", "--dataset", "tiny", "--vocab-size", "600"], other, module="train.tokenizer")
+    proc = run([*TINY, "--num-iterations", "4", "--model-tag", "vocab", "--resume-from-step", "2"], other, check=False)
+    assert proc.returncode == 2 and "vocabulary" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_dry_run_needs_no_data_and_prints_the_plan_as_json(tmp_path):
+    proc = run(["--depth", "20", "--dry-run"], tmp_path)
+    plan = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(plan) == {"model_dim", "n_head", "scaling_params", "total_params", "target_tokens",
+                         "total_batch_size", "num_iterations", "lr_scale", "weight_decay", "flops_per_token",
+                         "grad_accum_steps"}
+    assert plan["model_dim"] == 1280 and plan["n_head"] == 10
+    assert "estimated GPU memory" in proc.stdout

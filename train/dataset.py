@@ -1,0 +1,405 @@
+"""Pretraining data: folders of parquet shards with a `text` column, one folder per dataset.
+
+    $NANOCHAT_BASE_DIR/data/NAME/shard_00000.parquet ... shard_NNNNN.parquet   (sorted; the last is validation)
+
+Two ways to get shards:
+    python -m train.dataset download --num-shards 8 [--name climbmix|fineweb-edu]   pre-shuffled shards from the hub
+    python -m train.dataset build [--from PATH ...] [--name NAME]                     the same format from local text
+
+A shard only ever appears under its final name once it is complete: downloads and builds write to a
+temporary name and rename, so an interrupted or failed transfer never leaves a half shard behind.
+"""
+import json
+import os
+import random
+import re
+import shutil
+import sysconfig
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+from typing import Iterator, NamedTuple
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from train.errors import Parser, UserError, run_cli
+
+
+class HubDataset(NamedTuple):
+    repo: str  # Hugging Face dataset repository
+    num_shards: int  # shard_00000 ... shard_{num_shards-1}; the last one is the validation shard
+    url_pattern: str  # where shard {index} lives; {base} is the repository's file root
+
+
+HUB_URL = "https://huggingface.co/datasets/{repo}/resolve/main"
+DATASETS = {
+    "climbmix": HubDataset("karpathy/climbmix-400b-shuffle", 6543, "{base}/shard_{index:05d}.parquet"),
+    "fineweb-edu": HubDataset("karpathy/fineweb-edu-100b-shuffle", 1823, "{base}/shard_{index:05d}.parquet"),
+}
+DEFAULT_DOWNLOAD_SHARDS = 8  # training shards fetched when a run finds none (~2B characters: enough for a tokenizer)
+LOCAL_EXTENSIONS = (".txt", ".md", ".py", ".jsonl", ".parquet")
+
+
+def base_dir() -> Path:
+    return Path(os.environ.get("NANOCHAT_BASE_DIR") or Path.home() / ".cache" / "nanochat")
+
+
+def data_dir(name: str) -> Path:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name or ""):
+        raise UserError(f"bad dataset name {name!r}: use letters, digits, '.', '_' or '-'")
+    return base_dir() / "data" / name
+
+
+def shard_name(index: int) -> str:
+    return f"shard_{index:05d}.parquet"
+
+
+def list_shards(name: str) -> list[Path]:
+    """The dataset's complete shards, sorted; the last one is the validation split."""
+    folder = data_dir(name)
+    return sorted(folder.glob("*.parquet")) if folder.is_dir() else []
+
+
+def train_shards(name: str) -> list[Path]:
+    return list_shards(name)[:-1]
+
+
+def val_shards(name: str) -> list[Path]:
+    return list_shards(name)[-1:]
+
+
+def split_shards(name: str, split: str) -> list[Path]:
+    """train or val shards, or a one-line error saying how to get them."""
+    if split not in ("train", "val"):
+        raise UserError(f"split must be 'train' or 'val', got {split!r}")
+    shards = list_shards(name)
+    if len(shards) < 2:
+        raise UserError(missing_message(name, len(shards)))
+    return shards[:-1] if split == "train" else shards[-1:]
+
+
+def missing_message(name: str, found: int = 0) -> str:
+    where = data_dir(name)
+    have = "no shards" if found == 0 else "only one shard (it would be the validation split)"
+    if name in DATASETS:
+        how = f"`python -m train.dataset download --name {name} --num-shards N`"
+    elif name == "pystdlib":
+        how = "`python -m train.dataset build`"
+    else:
+        how = f"`python -m train.dataset build --from PATH --name {name}`"
+    return f"dataset {name!r} has {have} in {where}: get them with {how}"
+
+
+def ensure_dataset(name: str, num_shards: int | None = None) -> list[Path]:
+    """The dataset's shards, downloading hub shards that are missing (num_shards training shards, default 8).
+
+    Local datasets cannot be fetched: a UserError says how to build them.
+    """
+    shards = list_shards(name)
+    if name in DATASETS and (len(shards) < 2 or num_shards is not None):
+        shards = download(name, num_shards or DEFAULT_DOWNLOAD_SHARDS)  # complete shards are skipped
+    if len(shards) < 2:
+        raise UserError(missing_message(name, len(shards)))
+    return shards
+
+
+def open_shard(path: Path) -> pq.ParquetFile:
+    """A shard opened for reading, or a one-line error if it is not a parquet file with a text column."""
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        raise UserError(f"{path}: not a readable parquet file ({str(e).splitlines()[0]})") from None
+    if "text" not in pf.schema_arrow.names:
+        raise UserError(f"{path}: parquet file has no 'text' column (columns: {pf.schema_arrow.names})")
+    return pf
+
+
+def read_texts(pf: pq.ParquetFile, row_group: int, path: Path) -> list[str]:
+    """The text column of one row group of the shard at path (None entries become empty strings)."""
+    try:
+        texts = pf.read_row_group(row_group, columns=["text"]).column("text").to_pylist()
+    except (pa.ArrowException, OSError) as e:
+        raise UserError(f"{path}: corrupt parquet row group {row_group} ({str(e).splitlines()[0]})") from None
+    return [t or "" for t in texts]
+
+
+# -----------------------------------------------------------------------------
+# Download from the hub
+
+
+def is_complete_parquet(path: Path) -> bool:
+    """A parquet file starts and ends with the magic bytes PAR1 and has a readable footer."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+            f.seek(-4, os.SEEK_END)
+            tail = f.read(4)
+        if head != b"PAR1" or tail != b"PAR1":
+            return False
+        pq.read_metadata(path)
+        return True
+    except (OSError, pa.ArrowException):
+        return False
+
+
+class DownloadError(Exception):
+    def __init__(self, message: str, retry: bool = True):
+        super().__init__(message)
+        self.retry = retry
+
+
+def fetch(url: str, path: Path, timeout: float = 30.0) -> None:
+    """One attempt: stream url into a temporary file next to path, check it, rename it into place."""
+    import requests
+
+    tmp = path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
+    answered, written, expected = False, 0, None
+    try:
+        try:
+            with requests.get(url, stream=True, timeout=timeout) as r:
+                if r.status_code == 404:
+                    raise DownloadError(f"{url} does not exist (HTTP 404)", retry=False)
+                if r.status_code != 200:
+                    raise DownloadError(f"HTTP {r.status_code} from {url}")
+                answered = True
+                if "Content-Encoding" not in r.headers:  # otherwise the length is that of the compressed body
+                    expected = r.headers.get("Content-Length")
+                with open(tmp, "wb") as f:
+                    for chunk in r.iter_content(chunk_size=1 << 20):
+                        f.write(chunk)
+                        written += len(chunk)
+        except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as e:
+            if not answered and isinstance(e, requests.ConnectionError):
+                raise DownloadError(f"cannot connect to {url} (offline?)") from None
+            raise DownloadError(f"the transfer of {url} broke off before the end") from None
+        except requests.Timeout:
+            raise DownloadError(f"timed out fetching {url}") from None
+        except requests.RequestException as e:
+            raise DownloadError(f"the transfer of {url} failed ({type(e).__name__})") from None
+        if expected is not None and written != int(expected):
+            raise DownloadError(f"the transfer of {url} was cut short ({written} of {expected} bytes)")
+        if not is_complete_parquet(tmp):
+            raise DownloadError(f"{url} is not a complete parquet file")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def download(name: str, num_shards: int, base_url: str | None = None, workers: int = 8, retries: int = 5,
+             backoff: float = 2.0, timeout: float = 30.0) -> list[Path]:
+    """Fetch the first num_shards training shards of a hub dataset plus its validation shard (the hub's last).
+
+    Shards already complete on disk are skipped. Each shard gets `retries` attempts, waiting
+    backoff * 2^k seconds between them. Once one shard has failed for good the remaining ones are
+    not started (the network is most likely down); rerunning the command resumes.
+    """
+    import requests  # noqa: F401  (fail early and clearly if it is missing)
+    from tqdm import tqdm
+
+    if name not in DATASETS:
+        raise UserError(f"{name!r} is not a hub dataset (known: {', '.join(DATASETS)}); "
+                        f"make local shards with `python -m train.dataset build --from PATH --name {name}`")
+    hub = DATASETS[name]
+    if num_shards == -1 or num_shards > hub.num_shards - 1:
+        num_shards = hub.num_shards - 1
+    if num_shards < 1:
+        raise UserError(f"--num-shards must be at least 1 (or -1 for all), got {num_shards}")
+    if retries < 1:
+        raise UserError(f"--retries must be at least 1, got {retries}")
+    base = (base_url or os.environ.get("NANOCHAT_DATA_URL") or HUB_URL.format(repo=hub.repo)).rstrip("/")
+    folder = data_dir(name)
+    folder.mkdir(parents=True, exist_ok=True)
+    indices = list(range(num_shards)) + [hub.num_shards - 1]
+    todo = [i for i in indices if not is_complete_parquet(folder / shard_name(i))]
+    print(f"{name}: {len(indices) - len(todo)} of {len(indices)} shards already in {folder}, "
+          f"downloading {len(todo)} from {base}")
+    stop = threading.Event()
+
+    def one(index: int) -> None:
+        path, url = folder / shard_name(index), hub.url_pattern.format(base=base, index=index)
+        for attempt in range(1, retries + 1):
+            if stop.is_set():
+                return
+            try:
+                fetch(url, path, timeout)
+                return
+            except DownloadError as e:
+                if not e.retry or attempt == retries:
+                    stop.set()
+                    raise DownloadError(f"{e} (after {attempt} attempt{'s' if attempt > 1 else ''})") from None
+                time.sleep(backoff * 2 ** (attempt - 1))
+
+    failures = []
+    with ThreadPoolExecutor(max(1, workers)) as pool, tqdm(total=len(todo), unit="shard", disable=None) as bar:
+        futures = [pool.submit(one, i) for i in todo]
+        for future in as_completed(futures):
+            try:
+                future.result()
+            except DownloadError as e:
+                failures.append(str(e))
+            bar.update(1)
+    if failures:
+        missing = sum(not (folder / shard_name(i)).exists() for i in indices)
+        raise UserError(f"download failed: {failures[0]}; {missing} of {len(indices)} shards are missing, "
+                        "rerun the command to resume")
+    return list_shards(name)
+
+
+# -----------------------------------------------------------------------------
+# Build from local text
+
+
+def stdlib_sources() -> list[Path]:
+    return [Path(sysconfig.get_paths()["stdlib"])]
+
+
+def find_files(sources: list[Path], extensions: tuple[str, ...] = LOCAL_EXTENSIONS) -> list[Path]:
+    """Every usable file under the sources, in a stable order; folders are walked recursively."""
+    files = []
+    for src in sources:
+        src = Path(src)
+        if src.is_file():
+            if src.suffix not in LOCAL_EXTENSIONS:
+                raise UserError(f"{src}: unsupported file type (use {', '.join(LOCAL_EXTENSIONS)})")
+            files.append(src)
+        elif src.is_dir():
+            for root, dirs, names in os.walk(src):
+                # hidden folders (.git, ...) and installed packages are not part of a corpus
+                dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in ("site-packages", "__pycache__"))
+                files += [Path(root) / n for n in sorted(names) if n.endswith(extensions) and not n.startswith(".")]
+        else:
+            raise UserError(f"{src}: no such file or folder")
+    return files
+
+
+def read_documents(path: Path) -> Iterator[str]:
+    """The documents in one file: the whole file (.txt/.md/.py), one per line (.jsonl), one per row (.parquet)."""
+    try:
+        if path.suffix == ".parquet":
+            pf = open_shard(path)
+            for i in range(pf.num_row_groups):
+                yield from (t for t in read_texts(pf, i, path) if t)
+        elif path.suffix == ".jsonl":
+            with open(path, encoding="utf-8", errors="replace") as f:
+                for lineno, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        text = json.loads(line)["text"]
+                    except (ValueError, KeyError, TypeError):
+                        raise UserError(f"{path}:{lineno}: expected a JSON object with a 'text' field") from None
+                    if not isinstance(text, str):
+                        raise UserError(f"{path}:{lineno}: the 'text' field is not a string")
+                    if text:
+                        yield text
+        else:
+            text = path.read_text(encoding="utf-8", errors="replace")
+            if text.strip():
+                yield text
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
+
+
+def write_shard(path: Path, docs: list[str], docs_per_row_group: int) -> None:
+    """One parquet shard, row groups of docs_per_row_group documents, written to a temporary name first."""
+    tmp = path.with_name(path.name + ".tmp")
+    schema = pa.schema([("text", pa.string())])
+    # the hub shards' settings: zstd, no dictionary (documents rarely repeat), no statistics (unused for text)
+    with pq.ParquetWriter(tmp, schema, compression="zstd", use_dictionary=False, write_statistics=False) as writer:
+        for i in range(0, len(docs), docs_per_row_group):
+            writer.write_table(pa.table({"text": docs[i:i + docs_per_row_group]}, schema=schema),
+                               row_group_size=docs_per_row_group)
+    os.replace(tmp, path)
+
+
+def build(sources: list[Path] | None = None, name: str | None = None, docs_per_row_group: int = 128,
+          docs_per_shard: int = 50_000, val_fraction: float = 0.1, seed: int = 42) -> list[Path]:
+    """Make shards from local text: shuffled deterministically, the last shard holding the validation documents.
+
+    With no sources the corpus is the Python standard library's source and the name is `pystdlib`.
+    The whole corpus is read into memory (it is shuffled as a whole); the old folder is replaced at the end.
+    """
+    from tqdm import tqdm
+
+    extensions = LOCAL_EXTENSIONS
+    if sources is None:  # the standard library's own .py files: a corpus every machine has
+        sources, name, extensions = stdlib_sources(), name or "pystdlib", (".py",)
+    if not name:
+        raise UserError("--name is required with --from")
+    if docs_per_row_group < 1 or docs_per_shard < 1:
+        raise UserError("--docs-per-row-group and --docs-per-shard must be positive")
+    if not 0 < val_fraction < 1:
+        raise UserError(f"--val-fraction must lie strictly between 0 and 1, got {val_fraction}")
+    out = data_dir(name)
+    files = find_files(sources, extensions)
+    if not files:
+        raise UserError(f"no {'/'.join(extensions)} files in {', '.join(map(str, sources))}")
+    docs = []
+    for path in tqdm(files, desc="reading", unit="file", disable=None):
+        docs.extend(read_documents(path))
+    if len(docs) < 2:
+        raise UserError(f"the corpus in {', '.join(map(str, sources))} has {len(docs)} non-empty document(s); "
+                        "need at least 2 (one is held out for validation)")
+    random.Random(seed).shuffle(docs)
+    n_val = min(max(1, round(val_fraction * len(docs))), docs_per_shard, len(docs) - 1)
+    train, val = docs[:len(docs) - n_val], docs[len(docs) - n_val:]
+    chunks = [train[i:i + docs_per_shard] for i in range(0, len(train), docs_per_shard)] + [val]
+
+    staging = out.parent / f".{name}.building-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        for index, chunk in enumerate(tqdm(chunks, desc="writing", unit="shard", disable=None)):
+            write_shard(staging / shard_name(index), chunk, docs_per_row_group)
+        old = out.parent / f".{name}.old-{os.getpid()}"
+        if out.exists():
+            os.replace(out, old)
+        os.replace(staging, out)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    chars = sum(map(len, docs))
+    print(f"{name}: {len(docs):,} documents ({chars / 1e6:.1f}M characters) from {len(files):,} files -> "
+          f"{len(chunks) - 1} training shard(s) + 1 validation shard ({n_val:,} documents) in {out}")
+    return list_shards(name)
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+
+def main(argv=None) -> None:
+    parser = Parser(prog="python -m train.dataset", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    d = sub.add_parser("download", help="fetch pre-shuffled shards from the Hugging Face hub")
+    d.add_argument("--num-shards", type=int, default=DEFAULT_DOWNLOAD_SHARDS,
+                   help="training shards to fetch (-1 = all); the validation shard always comes too")
+    d.add_argument("--name", default="climbmix", choices=sorted(DATASETS))
+    d.add_argument("--base-url", default=None,
+                   help="where the shard files live (default: $NANOCHAT_DATA_URL, else the hub)")
+    d.add_argument("--workers", type=int, default=8, help="parallel downloads")
+    d.add_argument("--retries", type=int, default=5, help="attempts per shard")
+    d.add_argument("--backoff", type=float, default=2.0, help="seconds before the first retry, doubling after")
+    d.add_argument("--timeout", type=float, default=30.0, help="seconds without data before an attempt fails")
+    b = sub.add_parser("build", help="make shards from local text files (default: the Python standard library)")
+    b.add_argument("--from", dest="sources", type=Path, nargs="+", action="extend", default=None,
+                   help="files or folders (.txt/.md/.py: one document each; .jsonl: a 'text' field per line; "
+                        ".parquet: a 'text' column)")
+    b.add_argument("--name", default=None, help="dataset name (default: pystdlib without --from)")
+    b.add_argument("--docs-per-row-group", type=int, default=128, help="row group size (the unit of rank sharding)")
+    b.add_argument("--docs-per-shard", type=int, default=50_000)
+    b.add_argument("--val-fraction", type=float, default=0.1, help="documents held out in the validation shard")
+    b.add_argument("--seed", type=int, default=42, help="seed of the shuffle")
+    args = parser.parse_args(argv)
+    if args.command == "download":
+        download(args.name, args.num_shards, base_url=args.base_url, workers=args.workers, retries=args.retries,
+                 backoff=args.backoff, timeout=args.timeout)
+    else:
+        build(args.sources, args.name, docs_per_row_group=args.docs_per_row_group,
+              docs_per_shard=args.docs_per_shard, val_fraction=args.val_fraction, seed=args.seed)
+
+
+if __name__ == "__main__":
+    run_cli(main)

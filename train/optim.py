@@ -1,0 +1,439 @@
+"""MuonAdamW: Muon for the 2-D matrices inside the transformer blocks, AdamW for everything else.
+
+Two versions with the same math and the same param groups:
+  MuonAdamW      one device.
+  DistMuonAdamW  several ranks without DDP, ZeRO-2 style: each rank reduce-scatters the gradients,
+                 updates only its share (and keeps optimizer state only for it), then all-gathers weights.
+
+Muon, per shape (all matrices of one shape are stacked and updated as one batch):
+  Nesterov momentum -> Polar Express orthogonalization (kernels.newton_schulz) -> NorMuon per-row
+  (tall) / per-column (wide) second-moment normalisation -> cautious weight decay + update, with the
+  lr multiplied by sqrt(max(1, rows / cols)).
+AdamW: decoupled weight decay (0 here, as nanochat), bias-corrected moments, eps 1e-10, fp32 math
+and fp32 state even for bf16 parameters.
+
+The math follows nanochat's optim.py (karpathy/nanochat) without its two optional extras
+(MuonEq row equilibration before, and Muon+ norm snapping after, the orthogonalization): the spec
+asks for exactly the four steps above.
+
+Schedules (lr_multiplier, muon_momentum, weight_decay_at) live here too; the train loop sets
+group["lr"] = group["initial_lr"] * lr_multiplier(...), and for Muon groups (the ones with
+"initial_weight_decay") group["momentum"] and group["weight_decay"].
+"""
+import math
+from collections import defaultdict
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from kernels.newton_schulz import orthogonalize
+from train.errors import UserError
+
+ADAMW_EPS = 1e-10
+MUON_BETA2 = 0.95
+MUON_NS_STEPS = 5
+SHARD_MIN_NUMEL = 1024  # distributed AdamW: smaller tensors are all-reduced and updated whole
+
+# -----------------------------------------------------------------------------
+# Schedules
+
+
+def lr_multiplier(step: int, num_iterations: int, warmup_ratio: float, warmdown_ratio: float,
+                  final_lr_frac: float) -> float:
+    """Linear warmup to 1, flat, then linear warmdown to final_lr_frac at step num_iterations."""
+    warmup = round(warmup_ratio * num_iterations)
+    warmdown = round(warmdown_ratio * num_iterations)
+    if step < warmup:
+        return (step + 1) / warmup
+    if step <= num_iterations - warmdown:
+        return 1.0
+    progress = (num_iterations - step) / warmdown
+    return progress + (1 - progress) * final_lr_frac
+
+
+def muon_momentum(step: int) -> float:
+    """Muon momentum ramps linearly from 0.85 to 0.95 over the first 300 steps."""
+    frac = min(step / 300, 1.0)
+    return (1 - frac) * 0.85 + frac * 0.95
+
+
+def weight_decay_at(step: int, num_iterations: int, weight_decay: float) -> float:
+    """Cosine from weight_decay at step 0 to 0 at step num_iterations."""
+    if num_iterations <= 0:
+        return weight_decay
+    progress = min(max(step / num_iterations, 0.0), 1.0)
+    return weight_decay * 0.5 * (1 + math.cos(math.pi * progress))
+
+# -----------------------------------------------------------------------------
+# The update math. Works with Python floats (eager) or 0-D CPU tensors (compiled: a new lr value
+# is then a new input, not a recompilation).
+
+
+def adamw_update_(p: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
+                  step, lr, beta1, beta2, eps, weight_decay) -> None:
+    """One AdamW step on p in place, in the dtype of the state (fp32 for bf16/fp32 params)."""
+    p32 = p.to(exp_avg.dtype)  # no copy when p is already fp32
+    g32 = grad.to(exp_avg.dtype)
+    p32.mul_(1 - lr * weight_decay)
+    exp_avg.lerp_(g32, 1 - beta1)
+    exp_avg_sq.lerp_(g32.square(), 1 - beta2)
+    bias1 = 1 - beta1 ** step
+    bias2 = 1 - beta2 ** step
+    denom = (exp_avg_sq / bias2).sqrt() + eps
+    p32.sub_(exp_avg / denom * (lr / bias1))
+    p.copy_(p32)
+
+
+def nesterov_(grads: Tensor, momentum_buffer: Tensor, momentum) -> Tensor:
+    """buf <- m buf + (1 - m) g; returns (1 - m) g + m buf, written into grads (our own stack)."""
+    momentum_buffer.lerp_(grads, 1 - momentum)
+    return grads.lerp_(momentum_buffer, momentum)
+
+
+def normuon_cautious_update_(update: Tensor, params: Tensor, second_moment: Tensor,
+                             lr, weight_decay, beta2, red_dim: int) -> None:
+    """NorMuon: scale each row (tall) / column (wide) of the orthogonalized update by the rsqrt of its
+    running mean square, keeping the update's Frobenius norm; then cautious weight decay: decay only
+    where update and weight have the same sign. Updates params (a stack) in place."""
+    n = update.size(red_dim)
+    mean_sq = update.square().mean(dim=red_dim, keepdim=True)
+    norm = (mean_sq.sum(dim=(-2, -1), keepdim=True) * n).sqrt()
+    second_moment.lerp_(mean_sq, 1 - beta2)
+    scale = second_moment.clamp_min(1e-10).rsqrt()
+    new_norm = (mean_sq * n * scale.square()).sum(dim=(-2, -1), keepdim=True).sqrt()
+    update = update * (scale * (norm / new_norm.clamp_min(1e-10)))
+    mask = (update * params) >= 0
+    params.sub_(lr * update + (lr * weight_decay) * params * mask)
+
+
+def _compiled(fn):
+    """fn compiled once per process for CUDA tensors (nanochat compiles its optimizer steps too)."""
+    cache = {}
+
+    def get():
+        if "fn" not in cache:
+            cache["fn"] = torch.compile(fn, dynamic=False, fullgraph=True)
+        return cache["fn"]
+    return get
+
+
+_COMPILED = {f.__name__: _compiled(f) for f in (adamw_update_, nesterov_, normuon_cautious_update_)}
+
+
+def _orthogonalize(x: Tensor, steps: int) -> Tensor:
+    """Polar Express on a (K, m, n) stack: bf16 on CUDA (fast, stable), the stack's dtype elsewhere."""
+    y = orthogonalize(x.bfloat16() if x.is_cuda else x, steps=steps)
+    return y.to(x.dtype)
+
+# -----------------------------------------------------------------------------
+# Single device
+
+
+class MuonAdamW(torch.optim.Optimizer):
+    """Muon + AdamW on one device. Param groups are dicts with kind 'adamw' (lr, betas, eps,
+    weight_decay) or 'muon' (lr, momentum, ns_steps, beta2, weight_decay; all params one shape).
+    Muon state (stacked momentum and factored second moment) lives in the state of the group's
+    first parameter."""
+
+    world_size = 1
+
+    def __init__(self, param_groups: list[dict], compile: bool | None = None):
+        super().__init__(param_groups, defaults={})
+        for group in self.param_groups:
+            if group["kind"] == "muon":
+                shapes = {tuple(p.shape) for p in group["params"]}
+                if len(shapes) != 1 or len(next(iter(shapes))) != 2:
+                    raise ValueError(f"a Muon group needs 2-D params of one shape, got {sorted(shapes)}")
+            elif group["kind"] != "adamw":
+                raise ValueError(f"unknown optimizer kind {group['kind']!r}")
+        self.compile = compile  # None: compile the update math for CUDA tensors
+        # 0-D CPU tensors for the compiled path (refilled every call)
+        self._scalars = {k: torch.tensor(0.0) for k in
+                         ("step", "lr", "beta1", "beta2", "eps", "wd", "momentum")}
+
+    # --- helpers shared with DistMuonAdamW
+
+    def _use_compiled(self, t: Tensor) -> bool:
+        return t.is_cuda if self.compile is None else self.compile
+
+    def _values(self, t: Tensor, **values):
+        """The scalars as floats (eager) or as refilled 0-D CPU tensors (compiled)."""
+        if not self._use_compiled(t):
+            return values
+        out = {}
+        for k, v in values.items():
+            out[k] = self._scalars[k].fill_(v)
+        return out
+
+    def _adamw_param(self, group: dict, p: Tensor, grad: Tensor, state: dict) -> None:
+        """AdamW on p (a whole param or this rank's shard), state initialised lazily."""
+        if not state:
+            state_dtype = torch.promote_types(p.dtype, torch.float32)
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(p, dtype=state_dtype)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=state_dtype)
+        state["step"] += 1
+        beta1, beta2 = group["betas"]
+        s = self._values(p, step=float(state["step"]), lr=group["lr"], beta1=beta1, beta2=beta2,
+                         eps=group["eps"], wd=group["weight_decay"])
+        fn = _COMPILED["adamw_update_"]() if self._use_compiled(p) else adamw_update_
+        fn(p, grad, state["exp_avg"], state["exp_avg_sq"], s["step"], s["lr"], s["beta1"], s["beta2"],
+           s["eps"], s["wd"])
+
+    def _muon_stack(self, group: dict, grads: Tensor, params: Tensor, state: dict) -> None:
+        """Muon on a (k, rows, cols) stack of grads and params; params updated in place.
+        state holds the stacked buffers (sized for k here, or this rank's chunk in DistMuonAdamW)."""
+        k, rows, cols = params.shape
+        tall = rows >= cols
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(params)
+            # factored second moment: one value per row (tall) or per column (wide)
+            v_shape = (k, rows, 1) if tall else (k, 1, cols)
+            state["second_moment"] = torch.zeros(v_shape, dtype=params.dtype, device=params.device)
+        mom, v = state["momentum_buffer"][:k], state["second_moment"][:k]
+        compiled = self._use_compiled(params)
+        lr = group["lr"] * max(1.0, rows / cols) ** 0.5
+        s = self._values(params, momentum=group["momentum"], lr=lr, wd=group["weight_decay"],
+                         beta2=group["beta2"])
+        nesterov = _COMPILED["nesterov_"]() if compiled else nesterov_
+        update = _COMPILED["normuon_cautious_update_"]() if compiled else normuon_cautious_update_
+        g = nesterov(grads, mom, s["momentum"])
+        g = _orthogonalize(g, group["ns_steps"])
+        update(g, params, v, s["lr"], s["wd"], s["beta2"], -1 if tall else -2)
+
+    # --- the step
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for group in self.param_groups:
+            if group["kind"] == "adamw":
+                for p in group["params"]:
+                    if p.grad is not None:
+                        self._adamw_param(group, p, p.grad, self.state[p])
+            else:
+                params = group["params"]
+                if all(p.grad is None for p in params):
+                    continue
+                grads = torch.stack([torch.zeros_like(p) if p.grad is None else p.grad for p in params])
+                stacked = torch.stack(params)
+                self._muon_stack(group, grads, stacked, self.state[params[0]])
+                torch._foreach_copy_(params, list(stacked.unbind(0)))
+
+    # --- checkpoints
+
+    def state_dict(self) -> dict:
+        sd = super().state_dict()
+        sd["world_size"] = self.world_size  # the state is sharded by rank: resume on as many ranks
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restore exactly what state_dict() saved (state keeps its dtypes: fp32 moments stay fp32,
+        unlike torch's default load, which casts them to the param dtype)."""
+        saved_world = state_dict.get("world_size", 1)
+        if saved_world != self.world_size:
+            raise UserError(f"the optimizer checkpoint was written by {saved_world} rank(s) and this run has "
+                            f"{self.world_size}: its state is sharded by rank, resume on {saved_world}")
+        saved_groups = state_dict["param_groups"]
+        layout = [(g.get("name"), len(g["params"])) for g in self.param_groups]
+        saved_layout = [(g.get("name"), len(g["params"])) for g in saved_groups]
+        if layout != saved_layout:
+            raise UserError(f"the optimizer checkpoint does not match this model's parameter groups: "
+                            f"{saved_layout} vs {layout}")
+        index_to_param = {}
+        for group, saved in zip(self.param_groups, saved_groups):
+            index_to_param.update(zip(saved["params"], group["params"]))
+            group.update({k: v for k, v in saved.items() if k != "params"})
+        self.state = defaultdict(dict)
+        for index, saved_state in state_dict["state"].items():
+            p = index_to_param[index]
+            self.state[p] = {k: v.to(p.device) if torch.is_tensor(v) else v for k, v in saved_state.items()}
+
+# -----------------------------------------------------------------------------
+# Distributed (ZeRO-2 style)
+
+
+class _Pending:
+    """An async collective and what finishes it: gloo has no AVG, so it sums and we divide here."""
+
+    def __init__(self, work, divide: Tensor | None = None, by: int = 1):
+        self.work, self.divide, self.by = work, divide, by
+
+    def wait(self) -> None:
+        self.work.wait()
+        if self.divide is not None:
+            self.divide.div_(self.by)
+
+
+# reduce_scatter_tensor / all_gather_into_tensor are renamed *_single in newer torch
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+class DistMuonAdamW(MuonAdamW):
+    """MuonAdamW over torch.distributed ranks (no DDP: this optimizer averages the gradients).
+
+    Three phases so that communication overlaps compute:
+      1. launch every gradient reduction (async);
+      2. per group in order: wait for its reduction, update this rank's share, launch its all-gather;
+      3. wait for the gathers, copy the gathered Muon stacks back into the params.
+    Muon: a shape's K matrices are stacked and zero-padded to chunk x world (chunk = ceil(K / world));
+      the reduce-scatter hands rank r matrices [r chunk, (r+1) chunk), the only ones it orthogonalizes
+      and keeps momentum for.
+    AdamW: tensors with >= SHARD_MIN_NUMEL elements and dim 0 divisible by world are reduce-scattered
+      along dim 0 (state for the shard only) and all-gathered; smaller ones are all-reduced and
+      updated whole on every rank.
+    A parameter without a gradient counts as a zero gradient (every rank must join every collective).
+    Works with NCCL (CUDA) and gloo (CPU).
+    """
+
+    def __init__(self, param_groups: list[dict], compile: bool | None = None):
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError("DistMuonAdamW needs torch.distributed to be initialised")
+        super().__init__(param_groups, compile=compile)
+        self.world_size = dist.get_world_size()
+        self.rank = dist.get_rank()
+        self._avg = dist.get_backend() == "nccl"  # NCCL averages natively; gloo sums, we divide
+
+    def _sharded(self, p: Tensor) -> bool:
+        return p.numel() >= SHARD_MIN_NUMEL and p.shape[0] % self.world_size == 0
+
+    def _reduce_scatter_avg(self, out: Tensor, inp: Tensor) -> _Pending:
+        op = dist.ReduceOp.AVG if self._avg else dist.ReduceOp.SUM
+        work = _reduce_scatter(out, inp, op=op, async_op=True)
+        return _Pending(work, None if self._avg else out, self.world_size)
+
+    def _all_reduce_avg(self, t: Tensor) -> _Pending:
+        op = dist.ReduceOp.AVG if self._avg else dist.ReduceOp.SUM
+        work = dist.all_reduce(t, op=op, async_op=True)
+        return _Pending(work, None if self._avg else t, self.world_size)
+
+    # phase 1
+
+    def _launch_adamw(self, group: dict) -> list:
+        launched = []
+        for p in group["params"]:
+            grad = torch.zeros_like(p) if p.grad is None else p.grad
+            if self._sharded(p):
+                shard = torch.empty_like(grad[: p.shape[0] // self.world_size])
+                launched.append((self._reduce_scatter_avg(shard, grad.contiguous()), shard))
+            else:
+                grad = grad.clone() if p.grad is None else grad
+                launched.append((self._all_reduce_avg(grad), grad))
+        return launched
+
+    def _launch_muon(self, group: dict) -> tuple:
+        params = group["params"]
+        chunk = -(-len(params) // self.world_size)
+        p = params[0]
+        padded = torch.zeros(chunk * self.world_size, *p.shape, dtype=p.dtype, device=p.device)
+        for i, q in enumerate(params):
+            if q.grad is not None:
+                padded[i].copy_(q.grad)
+        grad_chunk = torch.empty(chunk, *p.shape, dtype=p.dtype, device=p.device)
+        return self._reduce_scatter_avg(grad_chunk, padded), grad_chunk, padded
+
+    # phase 2
+
+    def _update_adamw(self, group: dict, launched: list, gathers: list) -> None:
+        for p, (pending, grad) in zip(group["params"], launched):
+            pending.wait()
+            if not self._sharded(p):
+                self._adamw_param(group, p, grad, self.state[p])
+                continue
+            n = p.shape[0] // self.world_size
+            shard = p[self.rank * n:(self.rank + 1) * n]
+            self._adamw_param(group, shard, grad, self.state[p])
+            # NCCL gathers in place when the input is the output's own slice; gloo gets a copy
+            src = shard if self._avg else shard.clone()
+            gathers.append((_all_gather(p, src, async_op=True), None, None))
+
+    def _update_muon(self, group: dict, launched: tuple, gathers: list) -> None:
+        pending, grad_chunk, padded = launched
+        pending.wait()
+        params = group["params"]
+        chunk = grad_chunk.shape[0]
+        start = self.rank * chunk
+        owned = params[start:start + chunk]
+        updated = torch.zeros_like(grad_chunk)
+        if owned:
+            stacked = torch.stack(owned)
+            state = self.state[params[0]]
+            if "momentum_buffer" not in state:  # sized for a full chunk: every rank's is the same shape
+                self._init_muon_state(state, grad_chunk)
+            self._muon_stack(group, grad_chunk[:len(owned)], stacked, state)
+            updated[:len(owned)].copy_(stacked)
+        # the padded gradient buffer is free again: gather the weights into it
+        gathers.append((_all_gather(padded, updated, async_op=True), padded, params))
+
+    @staticmethod
+    def _init_muon_state(state: dict, chunk: Tensor) -> None:
+        k, rows, cols = chunk.shape
+        state["momentum_buffer"] = torch.zeros_like(chunk)
+        v_shape = (k, rows, 1) if rows >= cols else (k, 1, cols)
+        state["second_moment"] = torch.zeros(v_shape, dtype=chunk.dtype, device=chunk.device)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        launched = [self._launch_adamw(g) if g["kind"] == "adamw" else self._launch_muon(g)
+                    for g in self.param_groups]
+        gathers = []
+        for group, item in zip(self.param_groups, launched):
+            if group["kind"] == "adamw":
+                self._update_adamw(group, item, gathers)
+            else:
+                self._update_muon(group, item, gathers)
+        for work, stacked, params in gathers:
+            work.wait()
+            if params is not None:
+                torch._foreach_copy_(params, list(stacked[:len(params)].unbind(0)))
+
+# -----------------------------------------------------------------------------
+
+
+def make_optimizer(groups: dict[str, list[torch.nn.Parameter]], *, matrix_lr: float = 0.02,
+                   embedding_lr: float = 0.3, unembedding_lr: float = 0.004, scalar_lr: float = 0.5,
+                   adam_betas: tuple[float, float] = (0.8, 0.95), weight_decay: float = 0.0,
+                   lr_scale: float = 1.0, adam_width_scale: float = 1.0, distributed: bool = False,
+                   compile: bool | None = None) -> MuonAdamW:
+    """The optimizer for the model's param_groups() dict.
+
+    lr_scale (sqrt(B / B_ref), the batch-size law) multiplies every learning rate.
+    adam_width_scale ((model_dim / 768)^-0.5, muP-style) multiplies the embedding and unembedding
+    AdamW lrs (lm_head, wte, value_embeds) but not the scalars', as nanochat's setup_optimizer does:
+    the per-layer scalars do not grow with width.
+    weight_decay is the Muon decay at step 0 (weight_decay_at() anneals it); AdamW groups have none.
+    compile: None compiles the update math for CUDA tensors only.
+    Each group carries "initial_lr" (and Muon groups "initial_weight_decay") for the schedules.
+    """
+    expected = {"matrices", "lm_head", "wte", "value_embeds", "resid_lambdas", "x0_lambdas"}
+    if set(groups) != expected:
+        raise ValueError(f"param groups must be exactly {sorted(expected)}, got {sorted(groups)}")
+    width = lr_scale * adam_width_scale
+    adamw = [
+        ("lm_head", unembedding_lr * width),
+        ("wte", embedding_lr * width),
+        ("value_embeds", embedding_lr * 0.5 * width),
+        ("resid_lambdas", scalar_lr * 0.01 * lr_scale),
+        ("x0_lambdas", scalar_lr * lr_scale),
+    ]
+    param_groups = []
+    for name, lr in adamw:
+        if groups[name]:
+            param_groups.append(dict(kind="adamw", name=name, params=list(groups[name]), lr=lr, initial_lr=lr,
+                                     betas=tuple(adam_betas), eps=ADAMW_EPS, weight_decay=0.0))
+    matrices = list(groups["matrices"])
+    for p in matrices:
+        if p.ndim != 2:
+            raise ValueError(f"Muon takes 2-D matrices, got a parameter of shape {tuple(p.shape)}")
+    lr = matrix_lr * lr_scale
+    for shape in sorted({tuple(p.shape) for p in matrices}):
+        params = [p for p in matrices if tuple(p.shape) == shape]
+        param_groups.append(dict(kind="muon", name=f"matrices {shape[0]}x{shape[1]}", params=params,
+                                 lr=lr, initial_lr=lr, momentum=muon_momentum(0), ns_steps=MUON_NS_STEPS,
+                                 beta2=MUON_BETA2, weight_decay=weight_decay, initial_weight_decay=weight_decay))
+    seen = [id(p) for g in param_groups for p in g["params"]]
+    if len(seen) != len(set(seen)):
+        raise ValueError("a parameter appears in more than one group")
+    cls = DistMuonAdamW if distributed else MuonAdamW
+    return cls(param_groups, compile=compile)

@@ -1,0 +1,320 @@
+"""Pretrain nanochat's GPT from one dial.
+
+    python -m train.pretrain --depth 20                      # one device
+    torchrun --nproc_per_node=8 -m train.pretrain --depth 20 --fp8
+    python -m train.pretrain --depth 20 --dry-run            # the plan, no data, no memory
+
+Flags follow ../shared/spec/pretraining.md; every hyperparameter not given follows from --depth
+through the scaling laws in train/scaling.py.
+"""
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+
+import torch
+
+from kernels import dispatch
+from train.errors import Parser, UserError, run_cli
+
+
+def build_parser() -> Parser:
+    p = Parser(prog="train.pretrain", description="Pretrain a GPT sized by --depth at compute-optimal settings.")
+    a = p.add_argument
+    a("--run", default="dummy", help="wandb run name; 'dummy' disables wandb")
+    a("--depth", type=int, default=20, help="number of transformer layers: the one dial that sizes everything")
+    a("--aspect-ratio", type=int, default=64, help="model_dim = depth x aspect_ratio, rounded up to a multiple of head_dim")
+    a("--head-dim", type=int, default=128, help="target size of one attention head")
+    a("--max-seq-len", type=int, default=2048, help="context length")
+    a("--window-pattern", default="SSSL", help="per-layer window, tiled: L = full, S = half context; last layer always L")
+    a("--num-iterations", type=int, default=-1, help="explicit number of optimizer steps (highest precedence)")
+    a("--target-flops", type=float, default=-1, help="steps = target_flops / (flops_per_token x total_batch_size)")
+    a("--target-param-data-ratio", type=float, default=10.5, help="tokens = ratio x scaling params (the default mode)")
+    a("--device-batch-size", type=int, default=32, help="sequences per device per micro-step")
+    a("--total-batch-size", type=int, default=-1, help="tokens per optimizer step over all devices; -1 = scaling law")
+    a("--matrix-lr", type=float, default=0.02, help="Muon learning rate for the matrices in the blocks")
+    a("--embedding-lr", type=float, default=0.3, help="AdamW learning rate for the token (and value) embeddings")
+    a("--unembedding-lr", type=float, default=0.004, help="AdamW learning rate for lm_head")
+    a("--scalar-lr", type=float, default=0.5, help="AdamW learning rate for the per-layer scalars")
+    a("--weight-decay", type=float, default=0.2, help="Muon weight decay at the reference size (rescaled)")
+    a("--adam-beta1", type=float, default=0.8)
+    a("--adam-beta2", type=float, default=0.95)
+    a("--warmup-ratio", type=float, default=0.0, help="fraction of steps with linear LR warmup")
+    a("--warmdown-ratio", type=float, default=0.5, help="fraction of steps, at the end, with linear LR warmdown")
+    a("--final-lr-frac", type=float, default=0.0, help="final LR as a fraction of the peak")
+    a("--eval-every", type=int, default=250, help="val bpb every N steps (and at the last); -1 disables")
+    a("--eval-tokens", type=int, default=40 * 524288, help="tokens per validation pass")
+    a("--core-metric-every", type=int, default=2000, help="CORE metric every N steps; -1 disables (not built yet)")
+    a("--core-metric-max-per-task", type=int, default=500, help="examples per CORE task")
+    a("--sample-every", type=int, default=2000, help="greedy samples every N steps (and at the last); -1 disables")
+    a("--save-every", type=int, default=-1, help="checkpoint every N steps; -1 = only at the end")
+    a("--device-type", default="", help="cuda, cpu or mps; empty = autodetect")
+    a("--fp8", action="store_true", help="FP8 training of the large linears through torchao (H100 and newer)")
+    a("--fp8-recipe", default="tensorwise", choices=["tensorwise", "rowwise"], help="torchao float8 recipe")
+    a("--fp8-emulate", action="store_true", help="allow --fp8 without FP8 hardware (torchao emulation; for tests)")
+    a("--resume-from-step", type=int, default=-1, help="resume from the checkpoint at that step")
+    a("--model-tag", default=None, help="checkpoint folder name; default d{depth}")
+    # beyond the spec's table
+    a("--dataset", default="climbmix", help="folder of parquet shards under $NANOCHAT_BASE_DIR/data/")
+    a("--compile", action=argparse_bool(), default=None, help="torch.compile the model (default: on for CUDA)")
+    a("--seed", type=int, default=42, help="seed for the initial weights")
+    a("--kernel-attention", default="auto", help="attention impl: auto, triton, fa3, fa2, sdpa, flex, torch")
+    a("--kernel-cross-entropy", default="auto", help="loss impl: auto, triton, torch, compile, liger, cce")
+    a("--kernel-newton-schulz", default="auto", help="Muon orthogonalization impl: auto, triton, torch")
+    a("--dry-run", action="store_true", help="print the plan (and one JSON line) and exit; needs no data")
+    return p
+
+
+def argparse_bool():
+    import argparse
+    return argparse.BooleanOptionalAction
+
+
+def validate(args) -> None:
+    if args.depth < 1:
+        raise UserError(f"--depth must be at least 1, got {args.depth}")
+    if not args.window_pattern or set(args.window_pattern.upper()) - {"S", "L"}:
+        raise UserError(f"--window-pattern may contain only the letters S and L, got {args.window_pattern!r}")
+    args.window_pattern = args.window_pattern.upper()
+    for name in ("aspect_ratio", "head_dim", "max_seq_len", "device_batch_size"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.total_batch_size == 0 or args.total_batch_size < -1:
+        raise UserError(f"--total-batch-size must be positive or -1 (automatic), got {args.total_batch_size}")
+    if not 0 <= args.warmup_ratio <= 1 or not 0 <= args.warmdown_ratio <= 1 or args.warmup_ratio + args.warmdown_ratio > 1:
+        raise UserError("--warmup-ratio and --warmdown-ratio must lie in [0, 1] and add up to at most 1")
+    if args.eval_tokens < 1:
+        raise UserError(f"--eval-tokens must be positive, got {args.eval_tokens}")
+
+
+def load_tokenizer_or_none():
+    from train.tokenizer import load_tokenizer, tokenizer_dir
+    if not tokenizer_dir().exists():
+        return None
+    return load_tokenizer()
+
+
+def print_plan(plan, memory_gb) -> None:
+    print(f"depth {plan.config.n_layer}: model_dim {plan.model_dim}, n_head {plan.n_head}, "
+          f"head_dim {plan.config.head_dim}, vocab {plan.config.vocab_size} (padded {plan.config.padded_vocab_size}), "
+          f"windows {plan.config.window_sizes()}")
+    for group, count in plan.params.items():
+        print(f"  params {group:>22}: {count:,}")
+    print(f"scaling params {plan.scaling_params:,} | total params {plan.total_params:,}")
+    print(f"target tokens {plan.target_tokens:,} | total batch {plan.total_batch_size:,} tokens | "
+          f"steps {plan.num_iterations:,} | grad accum {plan.grad_accum_steps}")
+    print(f"LR scale {plan.lr_scale:.4f} | AdamW width scale {plan.adam_width_scale:.4f} | "
+          f"Muon weight decay {plan.weight_decay:.5f}")
+    print(f"FLOPs per token {plan.flops_per_token:.4e} | total FLOPs "
+          f"{plan.flops_per_token * plan.total_batch_size * plan.num_iterations:.4e}")
+    if memory_gb is not None:
+        print(f"estimated GPU memory per device: {memory_gb:.1f} GB (an estimate)")
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    validate(args)
+    from model.gpt import GPT
+    from train import distributed
+    from train.scaling import estimate_memory_gb, make_plan
+
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    tokenizer = load_tokenizer_or_none()
+    vocab_size = tokenizer.vocab_size if tokenizer is not None else 32768
+    plan = make_plan(args.depth, aspect_ratio=args.aspect_ratio, head_dim=args.head_dim, max_seq_len=args.max_seq_len,
+                     vocab_size=vocab_size, window_pattern=args.window_pattern,
+                     device_batch_size=args.device_batch_size, total_batch_size=args.total_batch_size,
+                     num_iterations=args.num_iterations, target_flops=args.target_flops,
+                     target_param_data_ratio=args.target_param_data_ratio, weight_decay=args.weight_decay,
+                     world_size=world_size)
+    if args.dry_run:
+        print_plan(plan, estimate_memory_gb(plan))
+        print(json.dumps(plan.to_json()))
+        return
+
+    dist_info = distributed.setup(args.device_type)
+    try:
+        train(args, plan, tokenizer, dist_info)
+    finally:
+        distributed.cleanup()
+
+
+def train(args, plan, tokenizer, dist_info) -> None:
+    from model.gpt import GPT
+    from train import checkpoint, distributed
+    from train.dataloader import DataLoader
+    from train.dataset import ensure_dataset
+    from train.evaluate import evaluate_bpb, sample
+    from train.optim import lr_multiplier, make_optimizer, muon_momentum, weight_decay_at
+    from train.report import MetricsLog, format_duration, mfu, peak_bf16_flops
+
+    print0 = distributed.print0
+    device, rank, world = dist_info.device, dist_info.rank, dist_info.world_size
+    if dist_info.is_master:
+        print_plan(plan, None)
+    if args.fp8:
+        from train import fp8
+        fp8.check_fp8_available(device, emulate=args.fp8_emulate)
+    if tokenizer is None:
+        raise UserError("no tokenizer found: train one with "
+                        f"`python -m train.tokenizer train --dataset {args.dataset}`")
+    ensure_dataset(args.dataset)
+    if args.core_metric_every > 0:
+        print0("note: the CORE metric is not built yet; --core-metric-every is ignored (val bpb is reported)")
+    for op, impl in (("attention", args.kernel_attention), ("cross_entropy", args.kernel_cross_entropy),
+                     ("newton_schulz", args.kernel_newton_schulz)):
+        dispatch.force(op, impl)
+    use_compile = args.compile if args.compile is not None else device.type == "cuda"
+    autocast = (torch.autocast(device_type="cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext())
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    # Resume: the checkpoint must match this model and tokenizer.
+    model_tag = args.model_tag or f"d{args.depth}"
+    ckpt_dir = checkpoint.checkpoint_dir(model_tag)
+    meta = None
+    start_step = 0
+    if args.resume_from_step >= 0:
+        meta = checkpoint.load_meta(ckpt_dir, args.resume_from_step)
+        if meta["model_config"] != plan.config.to_dict():
+            if meta["model_config"].get("vocab_size") != plan.config.vocab_size:
+                raise UserError(f"the tokenizer's vocabulary ({plan.config.vocab_size}) does not match the "
+                                f"checkpoint's ({meta['model_config'].get('vocab_size')})")
+            raise UserError(f"checkpoint step {args.resume_from_step} in {ckpt_dir} is a different model: "
+                            f"{meta['model_config']} vs {plan.config.to_dict()}")
+        start_step = meta["step"]
+
+    # Model: built on the meta device (no memory), materialised on ours, then initialised or loaded.
+    torch.manual_seed(args.seed)
+    with torch.device("meta"):
+        orig_model = GPT(plan.config)
+    orig_model.to_empty(device=device)
+    orig_model.init_weights()
+    if meta is not None:
+        orig_model.load_state_dict(checkpoint.load_model_state(ckpt_dir, start_step, device))
+    fp8 = None
+    if args.fp8:
+        from train import fp8
+        fused_ce = dispatch.requested("cross_entropy") not in ("torch", "compile")
+        converted = fp8.convert_to_fp8(orig_model, args.fp8_recipe, fused_ce=fused_ce, emulate=args.fp8_emulate)
+        print0(f"fp8 ({args.fp8_recipe}): converted {len(converted)} linear layers")
+    model = torch.compile(orig_model, dynamic=False) if use_compile else orig_model
+
+    optimizer = make_optimizer(orig_model.param_groups(), matrix_lr=args.matrix_lr, embedding_lr=args.embedding_lr,
+                               unembedding_lr=args.unembedding_lr, scalar_lr=args.scalar_lr,
+                               adam_betas=(args.adam_beta1, args.adam_beta2), weight_decay=plan.weight_decay,
+                               lr_scale=plan.lr_scale, adam_width_scale=plan.adam_width_scale,
+                               distributed=dist_info.distributed)
+    if meta is not None:
+        optimizer.load_state_dict(checkpoint.load_optimizer_state(ckpt_dir, start_step, rank, device))
+
+    B, T = args.device_batch_size, args.max_seq_len
+    loader_states = (meta or {}).get("dataloader")
+    loader_state = None
+    if loader_states:
+        loader_state = loader_states[rank] if len(loader_states) == world else loader_states[0]
+    train_loader = DataLoader(tokenizer, B, T, split="train", dataset=args.dataset, rank=rank, world_size=world,
+                              device=device, state=loader_state)
+    train_iter = iter(train_loader)
+    token_bytes = tokenizer.token_bytes.to(device)
+    eval_steps = max(1, args.eval_tokens // (B * T * world))
+
+    def val_bpb() -> float:
+        val_iter = iter(DataLoader(tokenizer, B, T, split="val", dataset=args.dataset, rank=rank,
+                                   world_size=world, device=device))
+        orig_model.eval()
+        with fp8.fp8_disabled(orig_model) if fp8 else nullcontext():
+            bpb = evaluate_bpb(orig_model, val_iter, eval_steps, token_bytes, autocast)
+        orig_model.train()
+        return bpb
+
+    peak = peak_bf16_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+    log = MetricsLog(ckpt_dir / "metrics.jsonl", run=args.run, config=vars(args) | plan.to_json(),
+                     enabled=dist_info.is_master)
+    loop = (meta or {}).get("loop_state", {"smooth_loss": 0.0, "training_time": 0.0, "val_bpb": None,
+                                           "min_val_bpb": None})
+    N, grad_accum = plan.num_iterations, plan.grad_accum_steps
+    loader_state_now = train_loader.state_dict()
+    x, y = next(train_iter)
+    print0(f"training {N} steps from step {start_step} on {world} x {device.type}, "
+           f"compile={'on' if use_compile else 'off'}, checkpoints in {ckpt_dir}")
+
+    step = start_step
+    while True:
+        last = step == N
+        if args.eval_every > 0 and (last or step % args.eval_every == 0) and (step > start_step or meta is None):
+            bpb = val_bpb()
+            loop["val_bpb"] = bpb
+            loop["min_val_bpb"] = bpb if loop["min_val_bpb"] is None else min(loop["min_val_bpb"], bpb)
+            print0(f"step {step:05d} | val bpb {bpb:.4f}")
+            log.log({"step": step, "val/bpb": bpb})
+        if args.sample_every > 0 and dist_info.is_master and (last or (step > 0 and step % args.sample_every == 0)):
+            orig_model.eval()
+            with fp8.fp8_disabled(orig_model) if fp8 else nullcontext():
+                for text in sample(orig_model, tokenizer, autocast=autocast):
+                    print0(f"  sample: {text!r}")
+            orig_model.train()
+        if last or (args.save_every > 0 and step > start_step and step % args.save_every == 0):
+            state = {"step": step, "model_config": plan.config.to_dict(), "user_config": vars(args),
+                     "plan": plan.to_json(), "val_bpb": loop["val_bpb"], "world_size": world,
+                     "dataloader": distributed.all_gather_objects(loader_state_now), "loop_state": loop}
+            model_state = fp8.plain_state_dict(orig_model) if fp8 else orig_model.state_dict()
+            checkpoint.save_checkpoint(ckpt_dir, step, model_state, optimizer.state_dict(), state, rank=rank,
+                                       barrier=distributed.barrier)
+            print0(f"step {step:05d} | saved checkpoint to {ckpt_dir}")
+        if last:
+            break
+
+        # One optimizer step: grad_accum micro-steps, the next batch fetched while the GPU works.
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.time()
+        for _ in range(grad_accum):
+            with autocast:
+                loss = model(x, y)
+            train_loss = loss.detach()
+            (loss / grad_accum).backward()
+            loader_state_now = train_loader.state_dict()
+            x, y = next(train_iter)
+        lrm = lr_multiplier(step, N, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * lrm
+            if "initial_weight_decay" in group:
+                group["momentum"] = muon_momentum(step)
+                group["weight_decay"] = weight_decay_at(step, N, group["initial_weight_decay"])
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss_value = train_loss.item()  # syncs the device
+        dt = time.time() - t0
+        if not math.isfinite(loss_value):
+            raise UserError(f"loss became {loss_value} at step {step}; the last good checkpoint is in {ckpt_dir}")
+
+        step += 1
+        loop["smooth_loss"] = 0.9 * loop["smooth_loss"] + 0.1 * loss_value
+        debiased = loop["smooth_loss"] / (1 - 0.9 ** step)
+        if step - start_step > 10:  # the first steps include compilation
+            loop["training_time"] += dt
+        tok_per_sec = plan.total_batch_size / dt
+        util = mfu(plan.flops_per_token, tok_per_sec, peak, world)
+        done = step - start_step
+        eta = (loop["training_time"] / max(1, done - 10)) * (N - step) if done > 10 else float("nan")
+        print0(f"step {step:05d}/{N} ({100 * step / N:.1f}%) | loss {debiased:.4f} | lrm {lrm:.3f} | "
+               f"dt {dt * 1000:.0f}ms | tok/s {tok_per_sec:,.0f} | "
+               f"mfu {'n/a' if util is None else f'{util:.1f}%'} | "
+               f"time {format_duration(loop['training_time'])} | "
+               f"eta {'?' if math.isnan(eta) else format_duration(eta)}")
+        log.log({"step": step, "train/loss": debiased, "train/loss_step": loss_value, "train/lrm": lrm, "train/dt": dt,
+                 "train/tok_per_sec": tok_per_sec, "train/mfu": util,
+                 "total_flops": plan.flops_per_token * plan.total_batch_size * step})
+
+    if device.type == "cuda":
+        print0(f"peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB")
+    print0(f"done: val bpb {loop['val_bpb']}, min val bpb {loop['min_val_bpb']}, "
+           f"training time {format_duration(loop['training_time'])}")
+    log.close()
+
+
+if __name__ == "__main__":
+    run_cli(main)
