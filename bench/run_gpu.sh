@@ -80,9 +80,9 @@ nvidia-smi >> "$dir/env.log" 2>&1
 step ab_newton_schulz "${TIME_NS:-60}"    $PY -m bench.ab newton_schulz --json "$dir/ab_newton_schulz.json"
 step ab_cross_entropy "${TIME_CE:-70}"    $PY -m bench.ab cross_entropy --json "$dir/ab_cross_entropy.json"
 step ab_attention     "${TIME_ATTN:-120}" $PY -m bench.ab attention     --json "$dir/ab_attention.json"
-step mfu_d20 "${TIME_D20:-130}" $PY -m bench.mfu --depth 20 --compare --warmup 2 --steps "${STEPS:-8}" --json "$dir/mfu_d20.json"
+step mfu_d20 "${TIME_D20:-130}" $PY -m bench.mfu --depth 20 --device-batch-size 16 --compare --warmup 2 --steps "${STEPS:-8}" --json "$dir/mfu_d20.json"
 step mfu_d12 "${TIME_D12:-90}"  $PY -m bench.mfu --depth 12 --compare --warmup 2 --steps "${STEPS:-8}" --json "$dir/mfu_d12.json"
-step mfu_d20_fp8 "${TIME_FP8:-60}" $PY -m bench.mfu --depth 20 --fp8 --warmup 2 --steps "${STEPS:-8}" --json "$dir/mfu_d20_fp8.json"
+step mfu_d20_fp8 "${TIME_FP8:-60}" $PY -m bench.mfu --depth 20 --device-batch-size 16 --fp8 --warmup 2 --steps "${STEPS:-8}" --json "$dir/mfu_d20_fp8.json"
 step report "$REPORT_RESERVE" $PY -m bench.report "$dir"
 
 echo

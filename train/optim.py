@@ -107,18 +107,14 @@ def normuon_cautious_update_(update: Tensor, params: Tensor, second_moment: Tens
     params.sub_(lr * update + (lr * weight_decay) * params * mask)
 
 
+_compiled_fns = {}
+
+
 def _compiled(fn):
-    """fn compiled once per process for CUDA tensors (nanochat compiles its optimizer steps too)."""
-    cache = {}
-
-    def get():
-        if "fn" not in cache:
-            cache["fn"] = torch.compile(fn, dynamic=False, fullgraph=True)
-        return cache["fn"]
-    return get
-
-
-_COMPILED = {f.__name__: _compiled(f) for f in (adamw_update_, nesterov_, normuon_cautious_update_)}
+    """fn compiled once per process (a recompilation per tensor shape), as nanochat does."""
+    if fn not in _compiled_fns:
+        _compiled_fns[fn] = torch.compile(fn, dynamic=False, fullgraph=True)
+    return _compiled_fns[fn]
 
 
 def _orthogonalize(x: Tensor, steps: int) -> Tensor:
@@ -157,14 +153,15 @@ class MuonAdamW(torch.optim.Optimizer):
     def _use_compiled(self, t: Tensor) -> bool:
         return t.is_cuda if self.compile is None else self.compile
 
-    def _values(self, t: Tensor, **values):
+    def _fn(self, fn, t: Tensor):
+        """fn, compiled when the tensors it will see call for it."""
+        return _compiled(fn) if self._use_compiled(t) else fn
+
+    def _values(self, t: Tensor, **values) -> dict:
         """The scalars as floats (eager) or as refilled 0-D CPU tensors (compiled)."""
         if not self._use_compiled(t):
             return values
-        out = {}
-        for k, v in values.items():
-            out[k] = self._scalars[k].fill_(v)
-        return out
+        return {k: self._scalars[k].fill_(v) for k, v in values.items()}
 
     def _adamw_param(self, group: dict, p: Tensor, grad: Tensor, state: dict) -> None:
         """AdamW on p (a whole param or this rank's shard), state initialised lazily."""
@@ -177,30 +174,26 @@ class MuonAdamW(torch.optim.Optimizer):
         beta1, beta2 = group["betas"]
         s = self._values(p, step=float(state["step"]), lr=group["lr"], beta1=beta1, beta2=beta2,
                          eps=group["eps"], wd=group["weight_decay"])
-        fn = _COMPILED["adamw_update_"]() if self._use_compiled(p) else adamw_update_
-        fn(p, grad, state["exp_avg"], state["exp_avg_sq"], s["step"], s["lr"], s["beta1"], s["beta2"],
-           s["eps"], s["wd"])
+        self._fn(adamw_update_, p)(p, grad, state["exp_avg"], state["exp_avg_sq"], s["step"], s["lr"],
+                                   s["beta1"], s["beta2"], s["eps"], s["wd"])
 
-    def _muon_stack(self, group: dict, grads: Tensor, params: Tensor, state: dict) -> None:
-        """Muon on a (k, rows, cols) stack of grads and params; params updated in place.
-        state holds the stacked buffers (sized for k here, or this rank's chunk in DistMuonAdamW)."""
+    def _muon_stack(self, group: dict, grads: Tensor, params: Tensor, state: dict, slots: int) -> None:
+        """Muon on a (k, rows, cols) stack of grads and params; params updated in place. state holds
+        the stacked buffers, made for `slots` matrices (k here; a whole chunk in DistMuonAdamW, of
+        which this rank may own fewer)."""
         k, rows, cols = params.shape
         tall = rows >= cols
         if "momentum_buffer" not in state:
-            state["momentum_buffer"] = torch.zeros_like(params)
+            state["momentum_buffer"] = params.new_zeros(slots, rows, cols)
             # factored second moment: one value per row (tall) or per column (wide)
-            v_shape = (k, rows, 1) if tall else (k, 1, cols)
-            state["second_moment"] = torch.zeros(v_shape, dtype=params.dtype, device=params.device)
-        mom, v = state["momentum_buffer"][:k], state["second_moment"][:k]
-        compiled = self._use_compiled(params)
+            state["second_moment"] = params.new_zeros((slots, rows, 1) if tall else (slots, 1, cols))
         lr = group["lr"] * max(1.0, rows / cols) ** 0.5
         s = self._values(params, momentum=group["momentum"], lr=lr, wd=group["weight_decay"],
                          beta2=group["beta2"])
-        nesterov = _COMPILED["nesterov_"]() if compiled else nesterov_
-        update = _COMPILED["normuon_cautious_update_"]() if compiled else normuon_cautious_update_
-        g = nesterov(grads, mom, s["momentum"])
+        g = self._fn(nesterov_, params)(grads, state["momentum_buffer"][:k], s["momentum"])
         g = _orthogonalize(g, group["ns_steps"])
-        update(g, params, v, s["lr"], s["wd"], s["beta2"], -1 if tall else -2)
+        self._fn(normuon_cautious_update_, params)(g, params, state["second_moment"][:k], s["lr"], s["wd"],
+                                                   s["beta2"], -1 if tall else -2)
 
     # --- the step
 
@@ -217,7 +210,7 @@ class MuonAdamW(torch.optim.Optimizer):
                     continue
                 grads = torch.stack([torch.zeros_like(p) if p.grad is None else p.grad for p in params])
                 stacked = torch.stack(params)
-                self._muon_stack(group, grads, stacked, self.state[params[0]])
+                self._muon_stack(group, grads, stacked, self.state[params[0]], len(params))
                 torch._foreach_copy_(params, list(stacked.unbind(0)))
 
     # --- checkpoints
@@ -294,19 +287,32 @@ class DistMuonAdamW(MuonAdamW):
         self.world_size = dist.get_world_size()
         self.rank = dist.get_rank()
         self._avg = dist.get_backend() == "nccl"  # NCCL averages natively; gloo sums, we divide
+        # gloo's worker thread drops its reference to a finished collective a moment after wait()
+        # returns; if that is the last one, it needs the GIL to free the tensors, and a process that
+        # exits right then aborts ("terminate called without an active exception"). So with gloo
+        # (CPU runs, memory is no concern) we hold the last step's collectives until the next step.
+        self._hold: list = []
 
     def _sharded(self, p: Tensor) -> bool:
         return p.numel() >= SHARD_MIN_NUMEL and p.shape[0] % self.world_size == 0
 
+    def _launched(self, work):
+        if not self._avg:
+            self._hold.append(work)
+        return work
+
     def _reduce_scatter_avg(self, out: Tensor, inp: Tensor) -> _Pending:
         op = dist.ReduceOp.AVG if self._avg else dist.ReduceOp.SUM
-        work = _reduce_scatter(out, inp, op=op, async_op=True)
+        work = self._launched(_reduce_scatter(out, inp, op=op, async_op=True))
         return _Pending(work, None if self._avg else out, self.world_size)
 
     def _all_reduce_avg(self, t: Tensor) -> _Pending:
         op = dist.ReduceOp.AVG if self._avg else dist.ReduceOp.SUM
-        work = dist.all_reduce(t, op=op, async_op=True)
+        work = self._launched(dist.all_reduce(t, op=op, async_op=True))
         return _Pending(work, None if self._avg else t, self.world_size)
+
+    def _all_gather(self, out: Tensor, inp: Tensor):
+        return self._launched(_all_gather(out, inp, async_op=True))
 
     # phase 1
 
@@ -317,8 +323,7 @@ class DistMuonAdamW(MuonAdamW):
             if self._sharded(p):
                 shard = torch.empty_like(grad[: p.shape[0] // self.world_size])
                 launched.append((self._reduce_scatter_avg(shard, grad.contiguous()), shard))
-            else:
-                grad = grad.clone() if p.grad is None else grad
+            else:  # averaged in place
                 launched.append((self._all_reduce_avg(grad), grad))
         return launched
 
@@ -346,7 +351,7 @@ class DistMuonAdamW(MuonAdamW):
             self._adamw_param(group, shard, grad, self.state[p])
             # NCCL gathers in place when the input is the output's own slice; gloo gets a copy
             src = shard if self._avg else shard.clone()
-            gathers.append((_all_gather(p, src, async_op=True), None, None))
+            gathers.append((self._all_gather(p, src), None, None))
 
     def _update_muon(self, group: dict, launched: tuple, gathers: list) -> None:
         pending, grad_chunk, padded = launched
@@ -358,23 +363,14 @@ class DistMuonAdamW(MuonAdamW):
         updated = torch.zeros_like(grad_chunk)
         if owned:
             stacked = torch.stack(owned)
-            state = self.state[params[0]]
-            if "momentum_buffer" not in state:  # sized for a full chunk: every rank's is the same shape
-                self._init_muon_state(state, grad_chunk)
-            self._muon_stack(group, grad_chunk[:len(owned)], stacked, state)
+            self._muon_stack(group, grad_chunk[:len(owned)], stacked, self.state[params[0]], chunk)
             updated[:len(owned)].copy_(stacked)
         # the padded gradient buffer is free again: gather the weights into it
-        gathers.append((_all_gather(padded, updated, async_op=True), padded, params))
-
-    @staticmethod
-    def _init_muon_state(state: dict, chunk: Tensor) -> None:
-        k, rows, cols = chunk.shape
-        state["momentum_buffer"] = torch.zeros_like(chunk)
-        v_shape = (k, rows, 1) if rows >= cols else (k, 1, cols)
-        state["second_moment"] = torch.zeros(v_shape, dtype=chunk.dtype, device=chunk.device)
+        gathers.append((self._all_gather(padded, updated), padded, params))
 
     @torch.no_grad()
     def step(self) -> None:
+        self._hold = []  # the previous step's collectives are long finished
         launched = [self._launch_adamw(g) if g["kind"] == "adamw" else self._launch_muon(g)
                     for g in self.param_groups]
         gathers = []
