@@ -102,6 +102,17 @@ def test_tokenizer_vocab_mismatch_on_resume_is_one_line(base, tmp_path):
     assert proc.returncode == 2 and "vocabulary" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 
 
+def test_fp8_emulated_run_resumes_without_fp8(base):
+    """An FP8 run (torchao's CPU emulation) checkpoints plain weights that a bf16 run resumes from."""
+    pytest.importorskip("torchao", reason="torchao is not installed (pip install -e .[fp8])")
+    wide = [*TINY, "--aspect-ratio", "64", "--head-dim", "64", "--eval-every", "-1", "--model-tag", "fp8"]
+    proc = run([*wide, "--num-iterations", "4", "--fp8", "--fp8-emulate"], base)
+    assert "converted 12 linear layers" in proc.stdout  # 2 layers x (c_q, c_k, c_v, c_proj, c_fc, mlp c_proj), proc.stdout[-2000:]
+    run([*wide, "--num-iterations", "6", "--resume-from-step", "4"], base)
+    losses = step_losses(metrics(base, "fp8"))
+    assert sorted(losses) == list(range(1, 7)) and all(v == v and v < 20 for v in losses.values())
+
+
 def test_dry_run_needs_no_data_and_prints_the_plan_as_json(tmp_path):
     proc = run(["--depth", "20", "--dry-run"], tmp_path)
     plan = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -72,16 +72,8 @@ def argparse_bool():
 
 
 def validate(args) -> None:
-    if args.depth < 1:
-        raise UserError(f"--depth must be at least 1, got {args.depth}")
-    if not args.window_pattern or set(args.window_pattern.upper()) - {"S", "L"}:
-        raise UserError(f"--window-pattern may contain only the letters S and L, got {args.window_pattern!r}")
+    """Checks of flags that the plan does not see (train.scaling.make_plan checks the rest)."""
     args.window_pattern = args.window_pattern.upper()
-    for name in ("aspect_ratio", "head_dim", "max_seq_len", "device_batch_size"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if args.total_batch_size == 0 or args.total_batch_size < -1:
-        raise UserError(f"--total-batch-size must be positive or -1 (automatic), got {args.total_batch_size}")
     if not 0 <= args.warmup_ratio <= 1 or not 0 <= args.warmdown_ratio <= 1 or args.warmup_ratio + args.warmdown_ratio > 1:
         raise UserError("--warmup-ratio and --warmdown-ratio must lie in [0, 1] and add up to at most 1")
     if args.eval_tokens < 1:
@@ -153,6 +145,7 @@ def train(args, plan, tokenizer, dist_info) -> None:
     device, rank, world = dist_info.device, dist_info.rank, dist_info.world_size
     if dist_info.is_master:
         print_plan(plan, None)
+    fp8 = None  # the train.fp8 module when --fp8 is on: torchao is imported only then
     if args.fp8:
         from train import fp8
         fp8.check_fp8_available(device, emulate=args.fp8_emulate)
@@ -194,12 +187,13 @@ def train(args, plan, tokenizer, dist_info) -> None:
     orig_model.init_weights()
     if meta is not None:
         orig_model.load_state_dict(checkpoint.load_model_state(ckpt_dir, start_step, device))
-    fp8 = None
-    if args.fp8:
-        from train import fp8
+    if fp8:
         fused_ce = dispatch.requested("cross_entropy") not in ("torch", "compile")
         converted = fp8.convert_to_fp8(orig_model, args.fp8_recipe, fused_ce=fused_ce, emulate=args.fp8_emulate)
         print0(f"fp8 ({args.fp8_recipe}): converted {len(converted)} linear layers")
+
+    def in_bf16():  # eval, sampling and saving see plain linears (bf16 weights), FP8 or not
+        return fp8.fp8_disabled(orig_model) if fp8 else nullcontext()
     model = torch.compile(orig_model, dynamic=False) if use_compile else orig_model
 
     optimizer = make_optimizer(orig_model.param_groups(), matrix_lr=args.matrix_lr, embedding_lr=args.embedding_lr,
@@ -225,7 +219,7 @@ def train(args, plan, tokenizer, dist_info) -> None:
         val_iter = iter(DataLoader(tokenizer, B, T, split="val", dataset=args.dataset, rank=rank,
                                    world_size=world, device=device))
         orig_model.eval()
-        with fp8.fp8_disabled(orig_model) if fp8 else nullcontext():
+        with in_bf16():
             bpb = evaluate_bpb(orig_model, val_iter, eval_steps, token_bytes, autocast)
         orig_model.train()
         return bpb
@@ -252,7 +246,7 @@ def train(args, plan, tokenizer, dist_info) -> None:
             log.log({"step": step, "val/bpb": bpb})
         if args.sample_every > 0 and dist_info.is_master and (last or (step > 0 and step % args.sample_every == 0)):
             orig_model.eval()
-            with fp8.fp8_disabled(orig_model) if fp8 else nullcontext():
+            with in_bf16():
                 for text in sample(orig_model, tokenizer, autocast=autocast):
                     print0(f"  sample: {text!r}")
             orig_model.train()
