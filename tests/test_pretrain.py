@@ -84,6 +84,8 @@ def test_resume_continues_the_same_loss_curve(base):
     (["--fp8"], "fp8|FP8|torchao"),
     (["--depth", "two"], "invalid int"),
     (["--dataset", "missing-corpus"], "missing-corpus"),
+    (["--kernel-attention", "fa3"], "fa3"),
+    (["--kernel-attention", "nonsense"], "invalid choice"),
 ])
 def test_bad_flags_exit_2_with_one_line(base, args, message):
     proc = run([*TINY, "--num-iterations", "2", *args], base, check=False)  # a later flag overrides TINY's

@@ -59,9 +59,12 @@ def build_parser() -> Parser:
     a("--dataset", default="climbmix", help="folder of parquet shards under $NANOCHAT_BASE_DIR/data/")
     a("--compile", action=argparse_bool(), default=None, help="torch.compile the model (default: on for CUDA)")
     a("--seed", type=int, default=42, help="seed for the initial weights")
-    a("--kernel-attention", default="auto", help="attention impl: auto, triton, fa3, fa2, sdpa, flex, torch")
-    a("--kernel-cross-entropy", default="auto", help="loss impl: auto, triton, torch, compile, liger, cce")
-    a("--kernel-newton-schulz", default="auto", help="Muon orthogonalization impl: auto, triton, torch")
+    a("--kernel-attention", default="auto", choices=["auto", "triton", "fa3", "fa2", "sdpa", "flex", "torch"],
+      help="force the attention implementation (A/B)")
+    a("--kernel-cross-entropy", default="auto", choices=["auto", "triton", "torch", "compile", "liger", "cce"],
+      help="force the loss implementation (A/B)")
+    a("--kernel-newton-schulz", default="auto", choices=["auto", "triton", "triton_full", "torch"],
+      help="force the Muon orthogonalization implementation (A/B)")
     a("--dry-run", action="store_true", help="print the plan (and one JSON line) and exit; needs no data")
     return p
 
@@ -107,7 +110,6 @@ def print_plan(plan, memory_gb) -> None:
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     validate(args)
-    from model.gpt import GPT
     from train import distributed
     from train.scaling import estimate_memory_gb, make_plan
 
@@ -128,6 +130,8 @@ def main(argv=None) -> None:
     dist_info = distributed.setup(args.device_type)
     try:
         train(args, plan, tokenizer, dist_info)
+    except dispatch.KernelUnavailable as e:  # a forced kernel that cannot run here: one line, exit 2
+        raise UserError(str(e))
     finally:
         distributed.cleanup()
 
