@@ -80,11 +80,15 @@ def plot_op(op: str, rows: list[dict], info: dict, path) -> bool:
         ax.set_title(f"{op} {mode}, {mine[0].get('dtype', '')} on {info.get('device', '?')}")
         ax.legend(fontsize=8)
         ax.grid(axis="y", alpha=0.3)
+    _save(plt, fig, path)
+    return True
+
+
+def _save(plt, fig, path) -> None:
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return True
 
 
 def plot_mfu(docs: list[dict], path) -> bool:
@@ -106,10 +110,7 @@ def plot_mfu(docs: list[dict], path) -> bool:
     ax.set_title(f"training step MFU on {docs[0]['device'].get('device', '?')}")
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
     return True
 
 

@@ -234,6 +234,12 @@ def train(args, plan, tokenizer, dist_info) -> None:
     loop = (meta or {}).get("loop_state", {"smooth_loss": 0.0, "training_time": 0.0, "val_bpb": None,
                                            "min_val_bpb": None})
     N, grad_accum = plan.num_iterations, plan.grad_accum_steps
+
+    def saves_at(s: int) -> bool:
+        return s == N or (args.save_every > 0 and s > start_step and s % args.save_every == 0)
+
+    # The loader state saved with a checkpoint is the one from before the batch we hold, so a resumed
+    # run trains on that batch first. Taken only ahead of a saving step (it walks the document buffer).
     loader_state_now = train_loader.state_dict()
     x, y = next(train_iter)
     print0(f"training {N} steps from step {start_step} on {world} x {device.type}, "
@@ -254,7 +260,7 @@ def train(args, plan, tokenizer, dist_info) -> None:
                 for text in sample(orig_model, tokenizer, autocast=autocast):
                     print0(f"  sample: {text!r}")
             orig_model.train()
-        if last or (args.save_every > 0 and step > start_step and step % args.save_every == 0):
+        if saves_at(step):
             state = {"step": step, "model_config": plan.config.to_dict(), "user_config": vars(args),
                      "plan": plan.to_json(), "val_bpb": loop["val_bpb"], "world_size": world,
                      "dataloader": distributed.all_gather_objects(loader_state_now), "loop_state": loop}
@@ -269,12 +275,13 @@ def train(args, plan, tokenizer, dist_info) -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.time()
-        for _ in range(grad_accum):
+        for micro in range(grad_accum):
             with autocast:
                 loss = model(x, y)
             train_loss = loss.detach()
             (loss / grad_accum).backward()
-            loader_state_now = train_loader.state_dict()
+            if micro == grad_accum - 1 and saves_at(step + 1):
+                loader_state_now = train_loader.state_dict()
             x, y = next(train_iter)
         lrm = lr_multiplier(step, N, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
         for group in optimizer.param_groups:
