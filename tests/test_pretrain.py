@@ -123,3 +123,45 @@ def test_dry_run_needs_no_data_and_prints_the_plan_as_json(tmp_path):
                          "grad_accum_steps"}
     assert plan["model_dim"] == 1280 and plan["n_head"] == 10
     assert "estimated GPU memory" in proc.stdout
+
+
+def torchrun(args, base, nproc=2, check=True):
+    """train.pretrain under torchrun on the CPU: nproc gloo processes on this machine."""
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(base), PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES="",
+               OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "train.pretrain", *map(str, args)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO, timeout=600)
+    if check:
+        assert proc.returncode == 0, f"torchrun {args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def test_torchrun_two_ranks_train_save_and_resume_exactly(base):
+    """Two gloo ranks through torchrun: per-rank optimizer shards, val bpb over both ranks, and a resumed
+    2-rank run continues the same loss curve; resuming that checkpoint on 1 process is one line, exit 2."""
+    ddp = [*TINY, "--device-batch-size", "2", "--num-iterations", "8", "--save-every", "4", "--eval-every", "4"]
+    proc = torchrun([*ddp, "--model-tag", "ddp"], base)
+    assert "on 2 x cpu" in proc.stdout, proc.stdout[-2000:]
+    ckpt = base / "base_checkpoints" / "ddp"
+    for step in (4, 8):
+        assert (ckpt / f"step_{step:06d}_optimizer_rank0.pt").exists()
+        assert (ckpt / f"step_{step:06d}_optimizer_rank1.pt").exists()
+        meta = json.loads((ckpt / f"step_{step:06d}_meta.json").read_text())
+        assert meta["world_size"] == 2 and len(meta["dataloader"]) == 2
+        assert meta["dataloader"][0] != meta["dataloader"][1]  # each rank reads its own row groups
+    records = metrics(base, "ddp")
+    bpbs = [r["val/bpb"] for r in records if "val/bpb" in r]
+    assert len(bpbs) == 3 and all(0 < b < 20 for b in bpbs), bpbs
+
+    shutil.copytree(ckpt, base / "base_checkpoints" / "ddp-resumed")
+    (base / "base_checkpoints" / "ddp-resumed" / "metrics.jsonl").unlink()
+    torchrun([*ddp, "--model-tag", "ddp-resumed", "--resume-from-step", "4"], base)
+    full, resumed = step_losses(records), step_losses(metrics(base, "ddp-resumed"))
+    assert sorted(resumed) == [5, 6, 7, 8]
+    for s in resumed:
+        assert resumed[s] == pytest.approx(full[s], rel=1e-5, abs=1e-6), (s, resumed[s], full[s])
+
+    proc = run([*ddp, "--model-tag", "ddp", "--resume-from-step", "4"], base, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "2 rank" in proc.stderr.strip().splitlines()[-1], proc.stderr
