@@ -39,6 +39,7 @@ class Trainer:
     autocast: object
     grad_accum: int
     device: torch.device
+    recompute_mlp: bool = False
     i: int = 0
 
     @property
@@ -60,10 +61,12 @@ class Trainer:
 
 def build_trainer(depth: int, device, device_batch_size: int, seq_len: int, grad_accum: int = 1,
                   compile: bool = True, fp8: str | None = None, vocab_size: int = 32768,
-                  window_pattern: str = "SSSL", seed: int = 0, n_batches: int = 4) -> Trainer:
+                  window_pattern: str = "SSSL", seed: int = 0, n_batches: int = 4,
+                  recompute_mlp: bool | None = None) -> Trainer:
     """The model, optimizer and random batches of one depth, as train.pretrain builds them."""
     from model.gpt import GPT
     from train.optim import make_optimizer
+    from train.pretrain import recompute_mlp as choose_recompute
     from train.scaling import make_plan
 
     device = torch.device(device)
@@ -75,6 +78,7 @@ def build_trainer(depth: int, device, device_batch_size: int, seq_len: int, grad
         orig = GPT(plan.config)
     orig.to_empty(device=device)
     orig.init_weights()
+    orig.recompute_mlp = choose_recompute(recompute_mlp, plan, device)  # as train.pretrain decides it
     if fp8:
         from train import fp8 as fp8_module
         fp8_module.check_fp8_available(device, emulate=False)
@@ -91,7 +95,7 @@ def build_trainer(depth: int, device, device_batch_size: int, seq_len: int, grad
         tokens = torch.randint(0, vocab_size, (device_batch_size, seq_len + 1), generator=g, device=device)
         batches.append((tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()))
     autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    return Trainer(model, optimizer, plan, batches, autocast, grad_accum, device)
+    return Trainer(model, optimizer, plan, batches, autocast, grad_accum, device, orig.recompute_mlp)
 
 
 def speed(trainer: Trainer, seconds_per_step: float) -> dict:
@@ -141,13 +145,14 @@ def run_variant(args, forced: dict) -> dict:
     try:
         trainer = build_trainer(args.depth, args.device, args.device_batch_size, args.seq_len, args.grad_accum,
                                 compile=args.compile, fp8=args.fp8_recipe if args.fp8 else None,
-                                vocab_size=args.vocab_size, window_pattern=args.window_pattern)
+                                vocab_size=args.vocab_size, window_pattern=args.window_pattern,
+                                recompute_mlp=args.recompute_mlp)
         if torch.device(args.device).type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         result = time_steps(trainer, args.steps, args.warmup)
         if torch.device(args.device).type == "cuda":
             result["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
-        return result
+        return result | {"recompute_mlp": trainer.recompute_mlp}
     finally:
         for op in dispatch.OPS:
             dispatch.force(op, None)
@@ -168,6 +173,8 @@ def build_parser() -> Parser:
     a("--window-pattern", default="SSSL")
     a("--compile", action=argparse.BooleanOptionalAction, default=None,
       help="torch.compile the model (default: on for CUDA)")
+    a("--recompute-mlp", action=argparse.BooleanOptionalAction, default=None,
+      help="recompute relu² in the backward (default: as train.pretrain decides, by the memory estimate)")
     a("--fp8", action="store_true", help="FP8 linears through torchao (train/fp8.py)")
     a("--fp8-recipe", default="tensorwise", choices=["tensorwise", "rowwise"])
     a("--compare", action="store_true",

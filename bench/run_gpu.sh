@@ -5,7 +5,7 @@
 # Results land in bench/results/<UTC stamp>/ and, when $OUT is set, are copied to $OUT/results/<stamp>/
 # after every step, so a time limit never loses what was already measured (ab and mfu also rewrite their
 # JSON after every case).
-# Time: each step has its own limit in seconds (TIME_NS TIME_CE TIME_ATTN TIME_D20 TIME_D12 TIME_FP8) and
+# Time: each step has its own limit in seconds (TIME_NS TIME_CE TIME_ATTN TIME_D20 TIME_D20_B32 TIME_D12 TIME_FP8) and
 # the whole script a deadline (TOTAL, default 570 s, the report included): a step gets what is left, or
 # is not run. A step that fails or runs out of time is logged and the next one runs.
 # STEPS: timed optimizer steps per bench.mfu run. Peers (Liger, cut-cross-entropy, torchao) are installed
@@ -81,6 +81,8 @@ step ab_newton_schulz "${TIME_NS:-60}"    $PY -m bench.ab newton_schulz --json "
 step ab_cross_entropy "${TIME_CE:-70}"    $PY -m bench.ab cross_entropy --json "$dir/ab_cross_entropy.json"
 step ab_attention     "${TIME_ATTN:-120}" $PY -m bench.ab attention     --json "$dir/ab_attention.json"
 step mfu_d20 "${TIME_D20:-130}" $PY -m bench.mfu --depth 20 --device-batch-size 16 --compare --warmup 2 --steps "${STEPS:-8}" --json "$dir/mfu_d20.json"
+# d20 at the default device batch 32: fits only with relu² recomputed (chosen automatically from the estimate)
+step mfu_d20_b32 "${TIME_D20_B32:-80}" $PY -m bench.mfu --depth 20 --warmup 2 --steps "${STEPS:-8}" --json "$dir/mfu_d20_b32.json"
 step mfu_d12 "${TIME_D12:-90}"  $PY -m bench.mfu --depth 12 --compare --warmup 2 --steps "${STEPS:-8}" --json "$dir/mfu_d12.json"
 step mfu_d20_fp8 "${TIME_FP8:-60}" $PY -m bench.mfu --depth 20 --device-batch-size 16 --fp8 --warmup 2 --steps "${STEPS:-8}" --json "$dir/mfu_d20_fp8.json"
 step report "$REPORT_RESERVE" $PY -m bench.report "$dir"

@@ -207,6 +207,22 @@ def test_compiles_without_graph_breaks():
     assert loss.item() == pytest.approx(model(x, y).item(), rel=1e-5)
 
 
+def test_recompute_mlp_gives_the_same_loss_and_grads():
+    """The memory it saves is in the compiled graph (tests/test_activations.py); here: same numbers."""
+    x, y = repetitive_batch(T=32)
+    results = []
+    for recompute in (False, True):
+        model = perturbed()
+        model.recompute_mlp = recompute
+        assert model.recompute_mlp is recompute
+        loss = model(x, y)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    (loss0, grads0), (loss1, grads1) = results
+    assert torch.equal(loss0, loss1)
+    assert all(torch.equal(g0, g1) for g0, g1 in zip(grads0, grads1))
+
+
 @pytest.mark.cuda
 def test_cuda_bf16_autocast_and_compile():
     torch.manual_seed(0)
@@ -225,3 +241,27 @@ def test_cuda_bf16_autocast_and_compile():
         compiled = torch.compile(model, dynamic=False)
         assert compiled(x, y).item() == pytest.approx(loss.item(), rel=1e-2)
         assert len(model.generate(x[0, :10].tolist(), 8)) == 8
+
+
+@pytest.mark.cuda
+def test_cuda_compiled_recompute_mlp_matches_eager():
+    torch.manual_seed(0)
+    cfg = GPTConfig(sequence_len=256, vocab_size=1000, n_layer=2, n_head=2, n_kv_head=2, n_embd=256)
+    with torch.device("meta"):
+        model = GPT(cfg)
+    model.to_empty(device="cuda")
+    model.init_weights()
+    with torch.no_grad():
+        for block in model.transformer.h:  # non-zero projections, so the MLP's backward matters
+            block.mlp.c_proj.weight.normal_(0, 0.02)
+    x, y = (t.cuda() for t in repetitive_batch(vocab=1000, B=4, T=256, period=32))
+    grads = []
+    for recompute, compiled in ((False, False), (True, True)):
+        model.zero_grad(set_to_none=True)
+        model.recompute_mlp = recompute
+        run = torch.compile(model, dynamic=False, fullgraph=True) if compiled else model
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            run(x, y).backward()
+        grads.append(model.transformer.h[0].mlp.c_fc.weight.grad.clone())
+    assert grads[0].norm() > 0
+    assert ((grads[1] - grads[0]).norm() / grads[0].norm()).item() < 2e-2  # bf16: eager vs inductor

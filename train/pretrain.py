@@ -17,6 +17,7 @@ import torch
 
 from kernels import dispatch
 from train.errors import Parser, UserError, run_cli
+from train.scaling import estimate_memory_gib, make_plan
 
 
 def build_parser() -> Parser:
@@ -45,7 +46,7 @@ def build_parser() -> Parser:
     a("--final-lr-frac", type=float, default=0.0, help="final LR as a fraction of the peak")
     a("--eval-every", type=int, default=250, help="val bpb every N steps (and at the last); -1 disables")
     a("--eval-tokens", type=int, default=40 * 524288, help="tokens per validation pass")
-    a("--core-metric-every", type=int, default=2000, help="CORE metric every N steps; -1 disables (not built yet)")
+    a("--core-metric-every", type=int, default=2000, help="CORE metric every N steps (and at the last); -1 disables")
     a("--core-metric-max-per-task", type=int, default=500, help="examples per CORE task")
     a("--sample-every", type=int, default=2000, help="greedy samples every N steps (and at the last); -1 disables")
     a("--save-every", type=int, default=-1, help="checkpoint every N steps; -1 = only at the end")
@@ -59,6 +60,9 @@ def build_parser() -> Parser:
     a("--dataset", default="climbmix", help="folder of parquet shards under $NANOCHAT_BASE_DIR/data/")
     a("--compile", action=argparse_bool(), default=None, help="torch.compile the model (default: on for CUDA)")
     a("--seed", type=int, default=42, help="seed for the initial weights")
+    a("--recompute-mlp", action=argparse_bool(), default=None,
+      help="recompute each MLP's relu² in the backward instead of keeping it: 18%% less activation memory for "
+           "a little compute (default: on when the plan would not fit in 90%% of the GPU's memory otherwise)")
     a("--kernel-attention", default="auto", choices=["auto", "triton", "fa3", "fa2", "sdpa", "flex", "torch"],
       help="force the attention implementation (A/B)")
     a("--kernel-cross-entropy", default="auto", choices=["auto", "triton", "torch", "compile", "liger", "cce"],
@@ -83,6 +87,16 @@ def validate(args) -> None:
         raise UserError(f"--eval-tokens must be positive, got {args.eval_tokens}")
 
 
+def recompute_mlp(flag: bool | None, plan, device: torch.device) -> bool:
+    """The flag when given; else on for a GPU whose memory the plan would not fit (with 10% to spare) otherwise."""
+    if flag is not None:
+        return flag
+    if device.type != "cuda":
+        return False
+    total_gib = torch.cuda.get_device_properties(device).total_memory / 2**30
+    return estimate_memory_gib(plan, recompute_mlp=False) > 0.9 * total_gib
+
+
 def load_tokenizer_or_none():
     from train.tokenizer import load_tokenizer, tokenizer_dir
     if not tokenizer_dir().exists():
@@ -90,7 +104,7 @@ def load_tokenizer_or_none():
     return load_tokenizer()
 
 
-def print_plan(plan, memory_gb) -> None:
+def print_plan(plan, memory_gib) -> None:
     print(f"depth {plan.config.n_layer}: model_dim {plan.model_dim}, n_head {plan.n_head}, "
           f"head_dim {plan.config.head_dim}, vocab {plan.config.vocab_size} (padded {plan.config.padded_vocab_size}), "
           f"windows {plan.config.window_sizes()}")
@@ -103,15 +117,15 @@ def print_plan(plan, memory_gb) -> None:
           f"Muon weight decay {plan.weight_decay:.5f}")
     print(f"FLOPs per token {plan.flops_per_token:.4e} | total FLOPs "
           f"{plan.flops_per_token * plan.total_batch_size * plan.num_iterations:.4e}")
-    if memory_gb is not None:
-        print(f"estimated GPU memory per device: {memory_gb:.1f} GB (an estimate)")
+    if memory_gib is not None:
+        print(f"estimated GPU memory per device: {memory_gib:.1f} GiB (an estimate), "
+              f"{estimate_memory_gib(plan, recompute_mlp=False):.1f} GiB with --no-recompute-mlp")
 
 
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     validate(args)
     from train import distributed
-    from train.scaling import estimate_memory_gb, make_plan
 
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     tokenizer = load_tokenizer_or_none()
@@ -123,7 +137,7 @@ def main(argv=None) -> None:
                      target_param_data_ratio=args.target_param_data_ratio, weight_decay=args.weight_decay,
                      world_size=world_size)
     if args.dry_run:
-        print_plan(plan, estimate_memory_gb(plan))
+        print_plan(plan, estimate_memory_gib(plan))
         print(json.dumps(plan.to_json()))
         return
 
@@ -157,8 +171,12 @@ def train(args, plan, tokenizer, dist_info) -> None:
         raise UserError("no tokenizer found: train one with "
                         f"`python -m train.tokenizer train --dataset {args.dataset}`")
     ensure_dataset(args.dataset)
-    if args.core_metric_every > 0:
-        print0("note: the CORE metric is not built yet; --core-metric-every is ignored (val bpb is reported)")
+    if args.core_metric_every > 0:  # the eval bundle now, so that a missing one fails before training, not after
+        from train.core_eval import ensure_eval_bundle
+        try:
+            ensure_eval_bundle()
+        except UserError as e:
+            raise UserError(f"{e} (or turn CORE off with --core-metric-every -1)")
     for op, impl in (("attention", args.kernel_attention), ("cross_entropy", args.kernel_cross_entropy),
                      ("newton_schulz", args.kernel_newton_schulz)):
         dispatch.force(op, impl)
@@ -198,6 +216,8 @@ def train(args, plan, tokenizer, dist_info) -> None:
 
     def in_bf16():  # eval, sampling and saving see plain linears (bf16 weights), FP8 or not
         return fp8.fp8_disabled(orig_model) if fp8 else nullcontext()
+    orig_model.recompute_mlp = recompute_mlp(args.recompute_mlp, plan, device)
+    print0(f"MLP relu² {'recomputed in the backward' if orig_model.recompute_mlp else 'kept for the backward'}")
     model = torch.compile(orig_model, dynamic=False) if use_compile else orig_model
 
     optimizer = make_optimizer(orig_model.param_groups(), matrix_lr=args.matrix_lr, embedding_lr=args.embedding_lr,
@@ -232,7 +252,7 @@ def train(args, plan, tokenizer, dist_info) -> None:
     log = MetricsLog(ckpt_dir / "metrics.jsonl", run=args.run, config=vars(args) | plan.to_json(),
                      enabled=dist_info.is_master)
     loop = (meta or {}).get("loop_state", {"smooth_loss": 0.0, "training_time": 0.0, "val_bpb": None,
-                                           "min_val_bpb": None})
+                                           "min_val_bpb": None, "core_metric": None})
     N, grad_accum = plan.num_iterations, plan.grad_accum_steps
 
     def saves_at(s: int) -> bool:
@@ -254,6 +274,15 @@ def train(args, plan, tokenizer, dist_info) -> None:
             loop["min_val_bpb"] = bpb if loop["min_val_bpb"] is None else min(loop["min_val_bpb"], bpb)
             print0(f"step {step:05d} | val bpb {bpb:.4f}")
             log.log({"step": step, "val/bpb": bpb})
+        if args.core_metric_every > 0 and step > start_step and (last or step % args.core_metric_every == 0):
+            from train.core_eval import evaluate_core
+            orig_model.eval()
+            with in_bf16():
+                core = evaluate_core(orig_model, tokenizer, device, args.core_metric_max_per_task, autocast)
+            orig_model.train()
+            loop["core_metric"] = core["core_metric"]
+            print0(f"step {step:05d} | CORE {core['core_metric']:.4f}")
+            log.log({"step": step, "core_metric": core["core_metric"]})
         if args.sample_every > 0 and dist_info.is_master and (last or (step > 0 and step % args.sample_every == 0)):
             orig_model.eval()
             with in_bf16():

@@ -117,21 +117,24 @@ def make_plan(depth: int, aspect_ratio: int = 64, head_dim: int = 128, max_seq_l
     )
 
 
-# Rough bytes of activations kept for the backward pass, per token, per layer, per model_dim channel
-# (bf16 autocast: the fp32 residual and its norms, q/k/v/attention output, the 4d MLP hidden twice).
-ACTIVATION_BYTES_PER_CHANNEL = 36
+# Bytes the compiled training step keeps for the backward, per token, per layer, per model_dim channel, with
+# relu² recomputed or kept (`python -m bench.activations --depth 20 [--no-recompute-mlp]` reads them from
+# AOTAutograd's partitioner on the real graph). With relu² kept, d20 at device batch 16 comes to 48.1 GiB here (d12 at 32: 29.7 against 29.3 measured)
+# against the 48.9 GiB peak measured on an H100 (bench/results/20261124-113712/pretrain_d20_b16.log).
+ACTIVATION_BYTES_PER_CHANNEL = {True: 37.1, False: 45.1}
+ACTIVATION_BYTES_PER_CHANNEL_ONCE = 4.0  # embedding output and the loss's input, once per model
 
 
-def estimate_memory_gb(plan: Plan) -> float:
-    """An ESTIMATE of peak GPU memory per device in GB: fp32 weights and grads, optimizer state
-    (AdamW: 2 fp32 moments; Muon: fp32 momentum; sharded over ranks) and one micro-batch of activations."""
+def estimate_memory_gib(plan: Plan, recompute_mlp: bool = True) -> float:
+    """An ESTIMATE of peak GPU memory per device in GiB: fp32 weights and grads, their bf16 copies under
+    autocast, optimizer state (AdamW: 2 fp32 moments; Muon: fp32 momentum; sharded over ranks) and one
+    micro-batch of activations."""
     p = plan.params
     adam_params = p["wte"] + p["value_embeds"] + p["lm_head"] + p["scalars"]
     muon_params = p["transformer_matrices"]
-    weights_and_grads = 2 * 4 * p["total"]
+    weights_and_grads = 2 * 4 * p["total"] + 2 * (muon_params + p["lm_head"])
     optimizer = (2 * 4 * adam_params + 4 * muon_params) / plan.world_size
     cfg = plan.config
     tokens = plan.device_batch_size * plan.max_seq_len
-    activations = tokens * cfg.n_layer * cfg.n_embd * ACTIVATION_BYTES_PER_CHANNEL
-    activations += tokens * cfg.n_embd * 4 * 3  # embeddings, x0 and the final hidden state
-    return (weights_and_grads + optimizer + activations) / 1e9
+    per_token = cfg.n_embd * (cfg.n_layer * ACTIVATION_BYTES_PER_CHANNEL[recompute_mlp] + ACTIVATION_BYTES_PER_CHANNEL_ONCE)
+    return (weights_and_grads + optimizer + tokens * per_token) / 2**30

@@ -1,0 +1,72 @@
+"""bench.activations: what the compiled training step keeps for the backward, read from the partitioner.
+
+These tie train.scaling's memory estimate (and the --recompute-mlp claim) to the real compiled graph: a model
+change that keeps more per token fails here rather than as an out-of-memory on a GPU.
+"""
+import json
+
+import pytest
+
+from bench import activations
+from train.scaling import ACTIVATION_BYTES_PER_CHANNEL, ACTIVATION_BYTES_PER_CHANNEL_ONCE, estimate_memory_gib, make_plan
+
+
+@pytest.fixture(scope="module")
+def traced():
+    return {recompute: activations.per_layer(depth=2, seq_len=64, recompute_mlp=recompute)
+            for recompute in (True, False)}
+
+
+def test_recompute_keeps_one_hidden_tensor_less_per_layer(traced):
+    kept, recomputed = traced[False], traced[True]
+    # relu(h) and relu(h)² (bf16, 4 x n_embd each) were both kept; with the recompute only h is
+    assert kept["bytes_per_channel_per_layer"] - recomputed["bytes_per_channel_per_layer"] == pytest.approx(8.0)
+    hidden = [r for r in recomputed["rows_4_layers"] if r[1][-1] == 4 * recomputed["n_embd"]]
+    assert len(hidden) == 4, hidden  # one per layer
+
+
+def test_estimate_constants_match_the_partitioner(traced):
+    for recompute, r in traced.items():
+        # d2 (width 128, one head) has the same per-channel tensors as d20 up to the gate's per-head scalars
+        assert r["bytes_per_channel_per_layer"] == pytest.approx(ACTIVATION_BYTES_PER_CHANNEL[recompute], abs=0.3)
+        assert r["bytes_per_token_once"] / r["n_embd"] == pytest.approx(ACTIVATION_BYTES_PER_CHANNEL_ONCE, abs=0.3)
+
+
+def test_cli_json_line(capsys):
+    activations.main(["--depth", "2", "--seq-len", "64", "--device-batch-size", "4", "--max-seq-len", "64", "--json"])
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["recompute_mlp"] is True and out["predicted_activation_gib"] > 0
+
+
+# Peaks measured on one H100 80GB in session 1 (bench/results/20261124-113712/), relu² kept: the estimate must
+# stay within 5% of them, and must say that d20 at device batch 32 does not fit without the recompute.
+H100_TOTAL_GIB = 85.0e9 / 2**30  # the device info recorded with those results: memory_gb 85.0
+
+
+@pytest.mark.parametrize("depth, batch, measured_gib", [(12, 32, 29.3), (20, 16, 48.9)])
+def test_estimate_matches_measured_h100_peaks(depth, batch, measured_gib):
+    estimate = estimate_memory_gib(make_plan(depth, device_batch_size=batch), recompute_mlp=False)
+    assert estimate == pytest.approx(measured_gib, rel=0.05)
+
+
+def test_d20_at_32_needs_the_recompute_on_80gb():
+    plan = make_plan(20, device_batch_size=32)
+    assert estimate_memory_gib(plan, recompute_mlp=False) > H100_TOTAL_GIB  # it ran out of memory there
+    assert estimate_memory_gib(plan, recompute_mlp=True) < 0.92 * H100_TOTAL_GIB
+
+
+def test_pretrain_turns_the_recompute_on_only_where_it_is_needed(monkeypatch):
+    import types
+
+    import torch
+
+    from train.pretrain import recompute_mlp
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device: types.SimpleNamespace(total_memory=85.0e9))
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert recompute_mlp(None, make_plan(20, device_batch_size=32), cuda) is True
+    assert recompute_mlp(None, make_plan(20, device_batch_size=16), cuda) is False
+    assert recompute_mlp(None, make_plan(12, device_batch_size=32), cuda) is False
+    assert recompute_mlp(None, make_plan(20, device_batch_size=32), cpu) is False
+    assert recompute_mlp(False, make_plan(20, device_batch_size=32), cuda) is False
+    assert recompute_mlp(True, make_plan(12, device_batch_size=32), cpu) is True
