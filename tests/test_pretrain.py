@@ -165,3 +165,50 @@ def test_torchrun_two_ranks_train_save_and_resume_exactly(base):
     proc = run([*ddp, "--model-tag", "ddp", "--resume-from-step", "4"], base, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert "2 rank" in proc.stderr.strip().splitlines()[-1], proc.stderr
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_meet_through_torchruns_rendezvous(base):
+    """Multi-node as users launch it: one torchrun per node, c10d rendezvous at an endpoint (here 2 'nodes' of
+    one gloo process each on this machine); ranks are assigned by the rendezvous and train as one job."""
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(base), PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES="",
+               OMP_NUM_THREADS="1")
+    endpoint = f"127.0.0.1:{free_port()}"
+    args = [*TINY, "--device-batch-size", "2", "--num-iterations", "3", "--eval-every", "-1", "--model-tag", "nodes"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
+           "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", "--rdzv-id=nodes-test",
+           "-m", "train.pretrain", *map(str, args)]
+    nodes = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+             for _ in range(2)]
+    outs = [node.communicate(timeout=300) for node in nodes]
+    for node, (out, err) in zip(nodes, outs):
+        assert node.returncode == 0, f"{out[-2000:]}\n{err[-3000:]}"
+    assert any("on 2 x cpu" in out for out, _ in outs), [out[-1000:] for out, _ in outs]
+    ckpt = base / "base_checkpoints" / "nodes"
+    assert (ckpt / "step_000003_optimizer_rank0.pt").exists() and (ckpt / "step_000003_optimizer_rank1.pt").exists()
+    assert sorted(step_losses(metrics(base, "nodes"))) == [1, 2, 3]
+
+
+def test_wandb_offline_run_logs_the_metrics(base, tmp_path):
+    """--run NAME with WANDB_MODE=offline: no network, a local wandb run with the same metrics as metrics.jsonl."""
+    pytest.importorskip("wandb", reason="wandb is not installed (pip install -e .[wandb])")
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(base), PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES="",
+               WANDB_MODE="offline", WANDB_DIR=str(tmp_path), WANDB_SILENT="true")
+    proc = subprocess.run([sys.executable, "-m", "train.pretrain", *TINY, "--num-iterations", "3", "--eval-every", "3",
+                           "--run", "offline-test", "--model-tag", "wandb"],
+                          env=env, capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, list(tmp_path.rglob("*"))[:20]
+    # the run's record log (protobuf): every metric we log is in it by name, the val bpb value as its JSON text
+    log = b"".join(p.read_bytes() for p in runs[0].glob("*.wandb"))
+    for key in ("train/loss", "val/bpb", "train/mfu", "train/tok_per_sec", "total_flops"):
+        assert key.encode() in log, key
+    bpb = [r["val/bpb"] for r in metrics(base, "wandb") if "val/bpb" in r][-1]
+    assert json.dumps(bpb).encode() in log

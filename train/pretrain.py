@@ -62,7 +62,8 @@ def build_parser() -> Parser:
     a("--seed", type=int, default=42, help="seed for the initial weights")
     a("--recompute-mlp", action=argparse_bool(), default=None,
       help="recompute each MLP's relu² in the backward instead of keeping it: 18%% less activation memory for "
-           "a little compute (default: on when the plan would not fit in 90%% of the GPU's memory otherwise)")
+           "one more elementwise pass per layer (default: on when the plan would not fit in 90%% of the GPU's "
+           "memory otherwise)")
     a("--kernel-attention", default="auto", choices=["auto", "triton", "fa3", "fa2", "sdpa", "flex", "torch"],
       help="force the attention implementation (A/B)")
     a("--kernel-cross-entropy", default="auto", choices=["auto", "triton", "torch", "compile", "liger", "cce"],
