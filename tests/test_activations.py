@@ -70,3 +70,33 @@ def test_pretrain_turns_the_recompute_on_only_where_it_is_needed(monkeypatch):
     assert recompute_mlp(None, make_plan(20, device_batch_size=32), cpu) is False
     assert recompute_mlp(False, make_plan(20, device_batch_size=32), cuda) is False
     assert recompute_mlp(True, make_plan(12, device_batch_size=32), cpu) is True
+
+
+def test_largest_fitting_batch_halves_until_it_fits_and_divides():
+    from train.scaling import largest_fitting_batch
+    plan = make_plan(26, device_batch_size=32, world_size=8)  # ~114 GiB with the recompute: too much for 80 GB
+    assert largest_fitting_batch(plan, H100_TOTAL_GIB) == 16
+    assert largest_fitting_batch(make_plan(20, device_batch_size=32), H100_TOTAL_GIB) == 32
+    assert largest_fitting_batch(plan, 8.0) is None  # the weights and optimizer state alone do not fit
+
+
+def test_out_of_memory_is_one_line_with_a_batch_that_fits(monkeypatch, tmp_path):
+    import types
+
+    import torch
+
+    from train import pretrain
+    from train.errors import UserError
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))  # no tokenizer: the plan's vocabulary is 32768
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(total_memory=85.0e9))
+    from train import distributed
+    monkeypatch.setattr(distributed, "setup", lambda device_type: types.SimpleNamespace(device=torch.device("cuda", 0)))
+    monkeypatch.setattr(distributed, "cleanup", lambda: None)
+
+    def out_of_memory(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(pretrain, "train", out_of_memory)
+    with pytest.raises(UserError) as e:
+        pretrain.main(["--depth", "20", "--device-batch-size", "32"])
+    message = str(e.value)
+    assert "\n" not in message and "--device-batch-size 16 should fit" in message, message

@@ -7,6 +7,7 @@
 Flags follow ../shared/spec/pretraining.md; every hyperparameter not given follows from --depth
 through the scaling laws in train/scaling.py.
 """
+import dataclasses
 import json
 import math
 import os
@@ -17,7 +18,7 @@ import torch
 
 from kernels import dispatch
 from train.errors import Parser, UserError, run_cli
-from train.scaling import estimate_memory_gib, make_plan
+from train.scaling import estimate_memory_gib, largest_fitting_batch, make_plan
 
 
 def build_parser() -> Parser:
@@ -88,14 +89,28 @@ def validate(args) -> None:
         raise UserError(f"--eval-tokens must be positive, got {args.eval_tokens}")
 
 
+def gpu_memory_gib(device: torch.device) -> float:
+    return torch.cuda.get_device_properties(device).total_memory / 2**30
+
+
 def recompute_mlp(flag: bool | None, plan, device: torch.device) -> bool:
     """The flag when given; else on for a GPU whose memory the plan would not fit (with 10% to spare) otherwise."""
     if flag is not None:
         return flag
     if device.type != "cuda":
         return False
-    total_gib = torch.cuda.get_device_properties(device).total_memory / 2**30
-    return estimate_memory_gib(plan, recompute_mlp=False) > 0.9 * total_gib
+    return estimate_memory_gib(plan, recompute_mlp=False) > 0.9 * gpu_memory_gib(device)
+
+
+def memory_advice(plan, device: torch.device, recompute: bool, ran_out: bool = False) -> str:
+    """How the plan's estimate compares with the GPU, and the device batch that should fit (a smaller one than
+    the plan's when it already ran out of memory: the estimate was too low then)."""
+    total, need = gpu_memory_gib(device), estimate_memory_gib(plan, recompute)
+    start = dataclasses.replace(plan, device_batch_size=plan.device_batch_size // 2) if ran_out else plan
+    fit = largest_fitting_batch(start, total, recompute_mlp=True) if start.device_batch_size >= 1 else None
+    advice = (f"--device-batch-size {fit} should fit (the same total batch, with more accumulation)" if fit
+              else "no device batch size fits: use more GPUs or a smaller --depth")
+    return f"the plan needs about {need:.0f} GiB per GPU (an estimate) and the GPU has {total:.0f} GiB; {advice}"
 
 
 def load_tokenizer_or_none():
@@ -147,6 +162,10 @@ def main(argv=None) -> None:
         train(args, plan, tokenizer, dist_info)
     except dispatch.KernelUnavailable as e:  # a forced kernel that cannot run here: one line, exit 2
         raise UserError(str(e))
+    except torch.OutOfMemoryError:  # a batch too large for this GPU is bad input: say what would fit
+        recompute = recompute_mlp(args.recompute_mlp, plan, dist_info.device)
+        advice = memory_advice(plan, dist_info.device, recompute, ran_out=True)
+        raise UserError(f"out of GPU memory at --device-batch-size {args.device_batch_size}: {advice}") from None
     finally:
         distributed.cleanup()
 
@@ -219,6 +238,8 @@ def train(args, plan, tokenizer, dist_info) -> None:
         return fp8.fp8_disabled(orig_model) if fp8 else nullcontext()
     orig_model.recompute_mlp = recompute_mlp(args.recompute_mlp, plan, device)
     print0(f"MLP relu² {'recomputed in the backward' if orig_model.recompute_mlp else 'kept for the backward'}")
+    if device.type == "cuda" and estimate_memory_gib(plan, orig_model.recompute_mlp) > gpu_memory_gib(device):
+        print0(f"warning: {memory_advice(plan, device, orig_model.recompute_mlp)}")
     model = torch.compile(orig_model, dynamic=False) if use_compile else orig_model
 
     optimizer = make_optimizer(orig_model.param_groups(), matrix_lr=args.matrix_lr, embedding_lr=args.embedding_lr,

@@ -9,7 +9,7 @@ Everything is anchored at depth 12, where the hyperparameters were tuned:
 Parameter counts and FLOPs come from the real model built on the meta device (no memory).
 """
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -138,3 +138,15 @@ def estimate_memory_gib(plan: Plan, recompute_mlp: bool = True) -> float:
     tokens = plan.device_batch_size * plan.max_seq_len
     per_token = cfg.n_embd * (cfg.n_layer * ACTIVATION_BYTES_PER_CHANNEL[recompute_mlp] + ACTIVATION_BYTES_PER_CHANNEL_ONCE)
     return (weights_and_grads + optimizer + tokens * per_token) / 2**30
+
+
+def largest_fitting_batch(plan: Plan, total_gib: float, recompute_mlp: bool = True, headroom: float = 0.9) -> int | None:
+    """The largest device batch, halving from the plan's, whose estimate fits in headroom x total_gib and that
+    still divides the total batch (the same optimization, more accumulation); None if not even 1 fits."""
+    batch = plan.device_batch_size
+    while batch >= 1:
+        divides = plan.total_batch_size % (batch * plan.max_seq_len * plan.world_size) == 0
+        if divides and estimate_memory_gib(replace(plan, device_batch_size=batch), recompute_mlp) <= headroom * total_gib:
+            return batch
+        batch //= 2
+    return None
