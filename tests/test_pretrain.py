@@ -212,3 +212,23 @@ def test_wandb_offline_run_logs_the_metrics(base, tmp_path):
         assert key.encode() in log, key
     bpb = [r["val/bpb"] for r in metrics(base, "wandb") if "val/bpb" in r][-1]
     assert json.dumps(bpb).encode() in log
+
+
+def test_pretrain_ab_compares_runs_side_by_side(base, tmp_path):
+    """bench.pretrain_ab: real runs per variant, tok/s after the warm-up, the last val bpb, a table and JSON."""
+    pytest.importorskip("torchao", reason="torchao is not installed (pip install -e .[fp8])")
+    out = tmp_path / "ab.json"
+    args = ["--depth", "2", "--steps", "14", "--json", out, "--variant", "bf16:",
+            "--variant", "fp8:--fp8 --fp8-emulate", "--", *TINY, "--aspect-ratio", "64", "--head-dim", "64"]
+    proc = run(args, base, module="bench.pretrain_ab")
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["bf16", "fp8"] and all(r["status"] == "ok" for r in rows), rows
+    for r in rows:
+        assert r["steps_timed"] == 4 and r["tok_per_sec"] > 0 and r["val_bpb_step"] == 14 and 0 < r["val_bpb"] < 20
+    assert rows[0]["val_bpb"] != rows[1]["val_bpb"]  # the FP8 run really ran differently
+    assert "| fp8 |" in proc.stdout and "1.000x" in proc.stdout
+
+
+def test_pretrain_ab_bad_variant_is_one_line(base):
+    proc = run(["--variant", "no colon here"], base, check=False, module="bench.pretrain_ab")
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
