@@ -27,6 +27,38 @@ def norm(x: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(x, (x.size(-1),))
 
 
+class _NormKeepingOutput(torch.autograd.Function):
+    """RMSNorm whose backward reads its output y and 1/rms instead of its input, dx = (dy - y·mean(dy·y)) / rms.
+
+    y is what the next matmul keeps anyway (in autocast's dtype), so the fp32 residual stream that goes into
+    the norm is no longer kept for the backward: 8 bytes per channel per layer per token less at d20 (two
+    norms per block), the trick of Apex's memory-efficient norms."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        x32 = x.to(torch.promote_types(x.dtype, torch.float32))  # fp32 math for bf16 inputs
+        rstd = torch.rsqrt(x32.square().mean(-1, keepdim=True) + torch.finfo(x.dtype).eps)  # F.rms_norm's eps
+        y = (x32 * rstd).to(dtype)
+        ctx.save_for_backward(y, rstd)
+        ctx.x_dtype = x.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        y, rstd = ctx.saved_tensors
+        y, dy = y.to(rstd.dtype), dy.to(rstd.dtype)
+        return (rstd * (dy - y * (dy * y).mean(-1, keepdim=True))).to(ctx.x_dtype), None
+
+
+def pre_norm(x: torch.Tensor) -> torch.Tensor:
+    """The norm in front of a block's matmuls, in the dtype they compute in (autocast's, else x's)."""
+    device = x.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return norm(x).to(dtype)
+    return _NormKeepingOutput.apply(x, dtype)
+
+
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate the two halves of each head's channels by position-dependent angles. x: (B, T, H, D)."""
     d = x.size(-1) // 2
@@ -143,8 +175,8 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x, ve, cos, sin, window: int, kv_cache: KVCache | None = None):
-        x = x + self.attn(norm(x), ve, cos, sin, window, kv_cache)
-        return x + self.mlp(norm(x))
+        x = x + self.attn(pre_norm(x), ve, cos, sin, window, kv_cache)
+        return x + self.mlp(pre_norm(x))
 
 
 class GPT(nn.Module):

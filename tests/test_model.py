@@ -265,3 +265,27 @@ def test_cuda_compiled_recompute_mlp_matches_eager():
         grads.append(model.transformer.h[0].mlp.c_fc.weight.grad.clone())
     assert grads[0].norm() > 0
     assert ((grads[1] - grads[0]).norm() / grads[0].norm()).item() < 2e-2  # bf16: eager vs inductor
+
+
+def test_pre_norm_matches_rms_norm_and_its_gradient():
+    """The output-saving norm: the same values and gradients as F.rms_norm (gradcheck in fp64), in autocast's
+    dtype under autocast, plain rms_norm without grad."""
+    from model.gpt import _NormKeepingOutput, norm, pre_norm
+    x64 = (torch.randn(3, 5, 64, dtype=torch.float64) * 3).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x: _NormKeepingOutput.apply(x, torch.float64), (x64,))
+    x = (torch.randn(4, 7, 96) * 2 + 0.5).requires_grad_(True)
+    dy = torch.randn(4, 7, 96)
+    ours = pre_norm(x)
+    (dx_ours,) = torch.autograd.grad(ours, x, dy)
+    ref = norm(x)
+    (dx_ref,) = torch.autograd.grad(ref, x, dy)
+    torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(dx_ours, dx_ref, rtol=1e-5, atol=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = pre_norm(x)
+    assert low.dtype == torch.bfloat16
+    (dx_low,) = torch.autograd.grad(low, x, dy.bfloat16())
+    assert dx_low.dtype == torch.float32
+    assert ((dx_low - dx_ref).norm() / dx_ref.norm()).item() < 2e-2
+    with torch.no_grad():
+        assert torch.equal(pre_norm(x), norm(x))

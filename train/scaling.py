@@ -119,16 +119,17 @@ def make_plan(depth: int, aspect_ratio: int = 64, head_dim: int = 128, max_seq_l
 
 # Bytes the compiled training step keeps for the backward, per token, per layer, per model_dim channel, with
 # relu² recomputed or kept (`python -m bench.activations --depth 20 [--no-recompute-mlp]` reads them from
-# AOTAutograd's partitioner on the real graph). With relu² kept, d20 at device batch 16 comes to 48.1 GiB here (d12 at 32: 29.7 against 29.3 measured)
-# against the 48.9 GiB peak measured on an H100 (bench/results/20261124-113712/pretrain_d20_b16.log).
-ACTIVATION_BYTES_PER_CHANNEL = {True: 37.1, False: 45.1}
-ACTIVATION_BYTES_PER_CHANNEL_ONCE = 4.0  # embedding output and the loss's input, once per model
+# AOTAutograd's partitioner on the real graph). The method was checked against an H100: for the model of
+# session 1 (45.1 bytes with relu² kept, before the output-saving norms) it gives 48.3 GiB for d20 at device
+# batch 16 and 29.9 for d12 at 32, where 48.9 and 29.3 were measured (bench/results/20261124-113712/).
+ACTIVATION_BYTES_PER_CHANNEL = {True: 29.1, False: 37.1}
+ACTIVATION_BYTES_PER_CHANNEL_ONCE = 8.0  # embedding output, the first layer's input and the loss's input
 
 
-def estimate_memory_gib(plan: Plan, recompute_mlp: bool = True) -> float:
+def estimate_memory_gib(plan: Plan, recompute_mlp: bool = True, bytes_per_channel: float | None = None) -> float:
     """An ESTIMATE of peak GPU memory per device in GiB: fp32 weights and grads, their bf16 copies under
     autocast, optimizer state (AdamW: 2 fp32 moments; Muon: fp32 momentum; sharded over ranks) and one
-    micro-batch of activations."""
+    micro-batch of activations (bytes_per_channel: per layer, instead of the table above)."""
     p = plan.params
     adam_params = p["wte"] + p["value_embeds"] + p["lm_head"] + p["scalars"]
     muon_params = p["transformer_matrices"]
@@ -136,7 +137,8 @@ def estimate_memory_gib(plan: Plan, recompute_mlp: bool = True) -> float:
     optimizer = (2 * 4 * adam_params + 4 * muon_params) / plan.world_size
     cfg = plan.config
     tokens = plan.device_batch_size * plan.max_seq_len
-    per_token = cfg.n_embd * (cfg.n_layer * ACTIVATION_BYTES_PER_CHANNEL[recompute_mlp] + ACTIVATION_BYTES_PER_CHANNEL_ONCE)
+    per_layer = ACTIVATION_BYTES_PER_CHANNEL[recompute_mlp] if bytes_per_channel is None else bytes_per_channel
+    per_token = cfg.n_embd * (cfg.n_layer * per_layer + ACTIVATION_BYTES_PER_CHANNEL_ONCE)
     return (weights_and_grads + optimizer + tokens * per_token) / 2**30
 
 
