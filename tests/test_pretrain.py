@@ -232,3 +232,53 @@ def test_pretrain_ab_compares_runs_side_by_side(base, tmp_path):
 def test_pretrain_ab_bad_variant_is_one_line(base):
     proc = run(["--variant", "no colon here"], base, check=False, module="bench.pretrain_ab")
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_sigterm_saves_a_checkpoint_that_resumes_the_same_curve(base):
+    """A scheduler's SIGTERM: the run finishes a step, checkpoints, exits 143; resuming from there continues the
+    loss curve of an uninterrupted run."""
+    import signal
+    import time
+    steps = ["--num-iterations", "60", "--eval-every", "-1"]
+    run([*TINY, *steps, "--model-tag", "sig-full"], base)
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(base), PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.Popen([sys.executable, "-m", "train.pretrain", *TINY, *steps, "--model-tag", "sig"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    log = base / "base_checkpoints" / "sig" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= 5):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, (out[-2000:], err[-2000:])
+    stopped = int(re.search(r"stopped by SIGTERM at step (\d+)", out).group(1))
+    assert 5 <= stopped < 60 and "Traceback" not in err
+    assert (base / "base_checkpoints" / "sig" / f"step_{stopped:06d}_meta.json").exists()
+    run([*TINY, *steps, "--model-tag", "sig", "--resume-from-step", stopped], base)
+    full, resumed = step_losses(metrics(base, "sig-full")), step_losses(metrics(base, "sig"))
+    assert sorted(resumed) == list(range(1, 61))  # the first run's steps, then the resumed run's
+    for s in range(stopped + 1, 61):
+        assert resumed[s] == pytest.approx(full[s], rel=1e-5, abs=1e-6), (s, resumed[s], full[s])
+
+
+def test_sigterm_to_torchrun_saves_every_ranks_shard(base):
+    """torchrun forwards SIGTERM to its workers: both ranks agree on the step, both optimizer shards are saved."""
+    import signal
+    import time
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(base), PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES="",
+               OMP_NUM_THREADS="1")
+    args = [*TINY, "--device-batch-size", "2", "--num-iterations", "500", "--eval-every", "-1", "--model-tag", "sig2"]
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                             "-m", "train.pretrain", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=REPO)
+    ckpt = base / "base_checkpoints" / "sig2"
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((ckpt / "metrics.jsonl").exists()
+                                          and len((ckpt / "metrics.jsonl").read_text().splitlines()) >= 3):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    stopped = int(re.search(r"stopped by SIGTERM at step (\d+)", out).group(1))
+    meta = json.loads((ckpt / f"step_{stopped:06d}_meta.json").read_text())
+    assert meta["world_size"] == 2 and len(meta["dataloader"]) == 2
+    assert all((ckpt / f"step_{stopped:06d}_optimizer_rank{r}.pt").exists() for r in (0, 1))

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import time
 from contextlib import nullcontext
 
@@ -87,6 +88,18 @@ def validate(args) -> None:
         raise UserError("--warmup-ratio and --warmdown-ratio must lie in [0, 1] and add up to at most 1")
     if args.eval_tokens < 1:
         raise UserError(f"--eval-tokens must be positive, got {args.eval_tokens}")
+
+
+class StopSignal:
+    """Remembers a SIGTERM or SIGUSR1 (what schedulers send before they stop a job) instead of dying at once."""
+
+    def __init__(self):
+        self.name, self.number = None, 0
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._received)
+
+    def _received(self, number, frame) -> None:
+        self.name, self.number = signal.Signals(number).name, number
 
 
 def gpu_memory_gib(device: torch.device) -> float:
@@ -277,8 +290,11 @@ def train(args, plan, tokenizer, dist_info) -> None:
                                            "min_val_bpb": None, "core_metric": None})
     N, grad_accum = plan.num_iterations, plan.grad_accum_steps
 
+    stop = StopSignal()  # SIGTERM or SIGUSR1 (preemption, scancel): save at the next step and exit
+    stop_at = None  # the step a stop signal ends the run at, once every rank knows of it
+
     def saves_at(s: int) -> bool:
-        return s == N or (args.save_every > 0 and s > start_step and s % args.save_every == 0)
+        return s in (N, stop_at) or (args.save_every > 0 and s > start_step and s % args.save_every == 0)
 
     # The loader state saved with a checkpoint is the one from before the batch we hold, so a resumed
     # run trains on that batch first. Taken only ahead of a saving step (it walks the document buffer).
@@ -290,13 +306,15 @@ def train(args, plan, tokenizer, dist_info) -> None:
     step = start_step
     while True:
         last = step == N
-        if args.eval_every > 0 and (last or step % args.eval_every == 0) and (step > start_step or meta is None):
+        stopping = step == stop_at  # only the checkpoint: an evaluation could outlast the signal's grace period
+        evals = not stopping and (step > start_step or meta is None)
+        if evals and args.eval_every > 0 and (last or step % args.eval_every == 0):
             bpb = val_bpb()
             loop["val_bpb"] = bpb
             loop["min_val_bpb"] = bpb if loop["min_val_bpb"] is None else min(loop["min_val_bpb"], bpb)
             print0(f"step {step:05d} | val bpb {bpb:.4f}")
             log.log({"step": step, "val/bpb": bpb})
-        if args.core_metric_every > 0 and step > start_step and (last or step % args.core_metric_every == 0):
+        if evals and args.core_metric_every > 0 and step > start_step and (last or step % args.core_metric_every == 0):
             from train.core_eval import evaluate_core
             orig_model.eval()
             with in_bf16():
@@ -305,7 +323,8 @@ def train(args, plan, tokenizer, dist_info) -> None:
             loop["core_metric"] = core["core_metric"]
             print0(f"step {step:05d} | CORE {core['core_metric']:.4f}")
             log.log({"step": step, "core_metric": core["core_metric"]})
-        if args.sample_every > 0 and dist_info.is_master and (last or (step > 0 and step % args.sample_every == 0)):
+        samples = args.sample_every > 0 and (last or (step > 0 and step % args.sample_every == 0))
+        if evals and samples and dist_info.is_master:
             orig_model.eval()
             with in_bf16():
                 for text in sample(orig_model, tokenizer, autocast=autocast):
@@ -319,6 +338,10 @@ def train(args, plan, tokenizer, dist_info) -> None:
             checkpoint.save_checkpoint(ckpt_dir, step, model_state, optimizer.state_dict(), state, rank=rank,
                                        barrier=distributed.barrier)
             print0(f"step {step:05d} | saved checkpoint to {ckpt_dir}")
+        if stopping:
+            print0(f"stopped by {stop.name} at step {step}: resume with --resume-from-step {step}")
+            log.close()
+            raise SystemExit(128 + stop.number)
         if last:
             break
 
@@ -343,6 +366,8 @@ def train(args, plan, tokenizer, dist_info) -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         loss_value = train_loss.item()  # syncs the device
+        if stop_at is None and distributed.any_rank(stop.name is not None, device):
+            stop_at = step + 2  # one more step, so that its last micro-step captures the loader state first
         dt = time.time() - t0
         if not math.isfinite(loss_value):
             raise UserError(f"loss became {loss_value} at step {step}; the last good checkpoint is in {ckpt_dir}")
