@@ -30,14 +30,16 @@ def norm(x: torch.Tensor) -> torch.Tensor:
 class _NormKeepingOutput(torch.autograd.Function):
     """RMSNorm whose backward reads its output y and 1/rms instead of its input, dx = (dy - y·mean(dy·y)) / rms.
 
-    y is what the next matmul keeps anyway (in autocast's dtype), so the fp32 residual stream that goes into
-    the norm is no longer kept for the backward: 8 bytes per channel per layer per token less at d20 (two
-    norms per block), the trick of Apex's memory-efficient norms."""
+    y is what the next op keeps anyway (in autocast's dtype), so the norm's input is no longer kept for the
+    backward: in front of the blocks' matmuls that is the fp32 residual stream, as the QK norm q and k before
+    it; 12 bytes per channel per layer per token at d20 (bench.activations), the trick of Apex's
+    memory-efficient norms."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         x32 = x.to(torch.promote_types(x.dtype, torch.float32))  # fp32 math for bf16 inputs
-        rstd = torch.rsqrt(x32.square().mean(-1, keepdim=True) + torch.finfo(x.dtype).eps)  # F.rms_norm's eps
+        # the eps of F.rms_norm on fp32 (as CUDA autocast runs it), also for bf16 inputs such as q and k
+        rstd = torch.rsqrt(x32.square().mean(-1, keepdim=True) + torch.finfo(x32.dtype).eps)
         y = (x32 * rstd).to(dtype)
         ctx.save_for_backward(y, rstd)
         ctx.x_dtype = x.dtype
@@ -51,7 +53,7 @@ class _NormKeepingOutput(torch.autograd.Function):
 
 
 def pre_norm(x: torch.Tensor) -> torch.Tensor:
-    """The norm in front of a block's matmuls, in the dtype they compute in (autocast's, else x's)."""
+    """The norm in front of matmuls (and attention), in the dtype they compute in (autocast's, else x's)."""
     device = x.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
     if not (torch.is_grad_enabled() and x.requires_grad):
@@ -137,7 +139,7 @@ class CausalSelfAttention(nn.Module):
             gate = 3 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))
             v = v + gate.unsqueeze(-1).to(dtype) * ve.view(B, T, self.n_kv_head, self.head_dim).to(dtype)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        q, k, v = norm(q).to(dtype), norm(k).to(dtype), v.to(dtype)  # QK norm
+        q, k, v = pre_norm(q).to(dtype), pre_norm(k).to(dtype), v.to(dtype)  # QK norm
         if kv_cache is None:
             y = attention(q, k, v, window=window)
         else:

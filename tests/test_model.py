@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from model.config import GPTConfig
 from model.gpt import GPT, rotary_tables
@@ -289,3 +290,12 @@ def test_pre_norm_matches_rms_norm_and_its_gradient():
     assert ((dx_low - dx_ref).norm() / dx_ref.norm()).item() < 2e-2
     with torch.no_grad():
         assert torch.equal(pre_norm(x), norm(x))
+
+
+def test_pre_norm_of_bf16_uses_fp32_math_and_eps():
+    """q and k reach the QK norm in bf16: normalised in fp32 with fp32's eps, as CUDA autocast runs rms_norm
+    (bf16's eps, 0.0078, would visibly shrink small inputs like these)."""
+    from model.gpt import pre_norm
+    x = (torch.randn(6, 64) * 0.05).bfloat16().requires_grad_(True)
+    expected = F.rms_norm(x.detach().float(), (64,)).bfloat16()
+    torch.testing.assert_close(pre_norm(x), expected, rtol=1e-2, atol=1e-2)

@@ -122,7 +122,7 @@ def make_plan(depth: int, aspect_ratio: int = 64, head_dim: int = 128, max_seq_l
 # AOTAutograd's partitioner on the real graph). The method was checked against an H100: for the model of
 # session 1 (45.1 bytes with relu² kept, before the output-saving norms) it gives 48.3 GiB for d20 at device
 # batch 16 and 29.9 for d12 at 32, where 48.9 and 29.3 were measured (bench/results/20261124-113712/).
-ACTIVATION_BYTES_PER_CHANNEL = {True: 29.1, False: 37.1}
+ACTIVATION_BYTES_PER_CHANNEL = {True: 25.1, False: 33.1}
 ACTIVATION_BYTES_PER_CHANNEL_ONCE = 8.0  # embedding output, the first layer's input and the loss's input
 
 
