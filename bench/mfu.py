@@ -256,7 +256,10 @@ def main(argv=None) -> None:
             raise
         except torch.OutOfMemoryError:
             if not args.compare:
-                raise UserError(f"out of memory at --device-batch-size {args.device_batch_size}: lower it") from None
+                from train.pretrain import memory_advice, recompute_mlp
+                device = torch.device(args.device)
+                advice = memory_advice(plan, device, recompute_mlp(args.recompute_mlp, plan, device), ran_out=True)
+                raise UserError(f"out of memory at --device-batch-size {args.device_batch_size}: {advice}") from None
             row |= {"status": "error", "reason": "out of memory"}
         except Exception as e:  # noqa: BLE001 - with --compare one failing variant must not lose the others
             if not args.compare:
