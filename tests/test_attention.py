@@ -229,10 +229,12 @@ def test_flops_count_visible_pairs(T, window):
 # ----------------------------------------------------------------------------------------------
 # on a GPU: bf16 natively, realistic sizes, the peers
 
+# bf16 only: fp16 runs natively too, through the CASES above (each new dtype, head dim and window makes
+# the autotuner compile and time every config of the three kernels again: minutes per combination)
 @pytest.mark.cuda
 @pytest.mark.parametrize("window", [0, 1, 128, 700, -1])
 @pytest.mark.parametrize("D,Hq,Hkv", [(64, 4, 4), (128, 4, 2)])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16])
 def test_triton_cuda(poison, window, D, Hq, Hkv, dtype):
     q, k, v, dout = make(2, 1000, Hq, Hkv, D, dtype)
     check(run(triton_attention, q, k, v, dout, window), ref_run(q, k, v, dout, window), 1e-2, window)
