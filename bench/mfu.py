@@ -66,8 +66,7 @@ def build_trainer(depth: int, device, device_batch_size: int, seq_len: int, grad
     """The model, optimizer and random batches of one depth, as train.pretrain builds them."""
     from model.gpt import GPT
     from train.optim import make_optimizer
-    from train.pretrain import recompute_mlp as choose_recompute
-    from train.scaling import make_plan
+    from train.scaling import choose_recompute_mlp, make_plan
 
     device = torch.device(device)
     plan = make_plan(depth, max_seq_len=seq_len, vocab_size=vocab_size, window_pattern=window_pattern,
@@ -78,7 +77,7 @@ def build_trainer(depth: int, device, device_batch_size: int, seq_len: int, grad
         orig = GPT(plan.config)
     orig.to_empty(device=device)
     orig.init_weights()
-    orig.recompute_mlp = choose_recompute(recompute_mlp, plan, device)  # as train.pretrain decides it
+    orig.recompute_mlp = choose_recompute_mlp(recompute_mlp, plan, device)  # as train.pretrain decides it
     if fp8:
         from train import fp8 as fp8_module
         fp8_module.check_fp8_available(device, emulate=False)
@@ -256,9 +255,10 @@ def main(argv=None) -> None:
             raise
         except torch.OutOfMemoryError:
             if not args.compare:
-                from train.pretrain import memory_advice, recompute_mlp
+                from train.scaling import choose_recompute_mlp, memory_advice
                 device = torch.device(args.device)
-                advice = memory_advice(plan, device, recompute_mlp(args.recompute_mlp, plan, device), ran_out=True)
+                recompute = choose_recompute_mlp(args.recompute_mlp, plan, device)
+                advice = memory_advice(plan, device, recompute, ran_out=True)
                 raise UserError(f"out of memory at --device-batch-size {args.device_batch_size}: {advice}") from None
             row |= {"status": "error", "reason": "out of memory"}
         except Exception as e:  # noqa: BLE001 - with --compare one failing variant must not lose the others

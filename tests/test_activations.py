@@ -62,7 +62,7 @@ def test_pretrain_turns_the_recompute_on_only_where_it_is_needed(monkeypatch):
 
     import torch
 
-    from train.pretrain import recompute_mlp
+    from train.scaling import choose_recompute_mlp as recompute_mlp
     memory = {"total": 40.0e9}  # an A100 40GB
     monkeypatch.setattr(torch.cuda, "get_device_properties",
                         lambda device: types.SimpleNamespace(total_memory=memory["total"]))

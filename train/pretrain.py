@@ -7,7 +7,6 @@
 Flags follow ../shared/spec/pretraining.md; every hyperparameter not given follows from --depth
 through the scaling laws in train/scaling.py.
 """
-import dataclasses
 import json
 import math
 import os
@@ -19,7 +18,7 @@ import torch
 
 from kernels import dispatch
 from train.errors import Parser, UserError, run_cli
-from train.scaling import estimate_memory_gib, largest_fitting_batch, make_plan
+from train.scaling import choose_recompute_mlp, estimate_memory_gib, gpu_memory_gib, make_plan, memory_advice
 
 
 def build_parser() -> Parser:
@@ -102,30 +101,6 @@ class StopSignal:
         self.name, self.number = signal.Signals(number).name, number
 
 
-def gpu_memory_gib(device: torch.device) -> float:
-    return torch.cuda.get_device_properties(device).total_memory / 2**30
-
-
-def recompute_mlp(flag: bool | None, plan, device: torch.device) -> bool:
-    """The flag when given; else on for a GPU whose memory the plan would not fit (with 10% to spare) otherwise."""
-    if flag is not None:
-        return flag
-    if device.type != "cuda":
-        return False
-    return estimate_memory_gib(plan, recompute_mlp=False) > 0.9 * gpu_memory_gib(device)
-
-
-def memory_advice(plan, device: torch.device, recompute: bool, ran_out: bool = False) -> str:
-    """How the plan's estimate compares with the GPU, and the device batch that should fit (a smaller one than
-    the plan's when it already ran out of memory: the estimate was too low then)."""
-    total, need = gpu_memory_gib(device), estimate_memory_gib(plan, recompute)
-    start = dataclasses.replace(plan, device_batch_size=plan.device_batch_size // 2) if ran_out else plan
-    fit = largest_fitting_batch(start, total, recompute_mlp=True) if start.device_batch_size >= 1 else None
-    advice = (f"--device-batch-size {fit} should fit (the same total batch, with more accumulation)" if fit
-              else "no device batch size fits: use more GPUs or a smaller --depth")
-    return f"the plan needs about {need:.0f} GiB per GPU (an estimate) and the GPU has {total:.0f} GiB; {advice}"
-
-
 def load_tokenizer_or_none():
     from train.tokenizer import load_tokenizer, tokenizer_dir
     if not tokenizer_dir().exists():
@@ -147,8 +122,9 @@ def print_plan(plan, memory_gib) -> None:
     print(f"FLOPs per token {plan.flops_per_token:.4e} | total FLOPs "
           f"{plan.flops_per_token * plan.total_batch_size * plan.num_iterations:.4e}")
     if memory_gib is not None:
-        print(f"estimated GPU memory per device: {memory_gib:.1f} GiB (an estimate), "
-              f"{estimate_memory_gib(plan, recompute_mlp=False):.1f} GiB with --no-recompute-mlp")
+        print(f"estimated GPU memory per device: {memory_gib:.1f} GiB, or "
+              f"{estimate_memory_gib(plan, recompute_mlp=True):.1f} GiB with relu² recomputed "
+              f"(--recompute-mlp: automatic where the first would not fit) (estimates)")
 
 
 def main(argv=None) -> None:
@@ -166,7 +142,7 @@ def main(argv=None) -> None:
                      target_param_data_ratio=args.target_param_data_ratio, weight_decay=args.weight_decay,
                      world_size=world_size)
     if args.dry_run:
-        print_plan(plan, estimate_memory_gib(plan))
+        print_plan(plan, estimate_memory_gib(plan, recompute_mlp=False))
         print(json.dumps(plan.to_json()))
         return
 
@@ -176,7 +152,7 @@ def main(argv=None) -> None:
     except dispatch.KernelUnavailable as e:  # a forced kernel that cannot run here: one line, exit 2
         raise UserError(str(e))
     except torch.OutOfMemoryError:  # a batch too large for this GPU is bad input: say what would fit
-        recompute = recompute_mlp(args.recompute_mlp, plan, dist_info.device)
+        recompute = choose_recompute_mlp(args.recompute_mlp, plan, dist_info.device)
         advice = memory_advice(plan, dist_info.device, recompute, ran_out=True)
         raise UserError(f"out of GPU memory at --device-batch-size {args.device_batch_size}: {advice}") from None
     finally:
@@ -249,7 +225,7 @@ def train(args, plan, tokenizer, dist_info) -> None:
 
     def in_bf16():  # eval, sampling and saving see plain linears (bf16 weights), FP8 or not
         return fp8.fp8_disabled(orig_model) if fp8 else nullcontext()
-    orig_model.recompute_mlp = recompute_mlp(args.recompute_mlp, plan, device)
+    orig_model.recompute_mlp = choose_recompute_mlp(args.recompute_mlp, plan, device)
     print0(f"MLP relu² {'recomputed in the backward' if orig_model.recompute_mlp else 'kept for the backward'}")
     if device.type == "cuda" and estimate_memory_gib(plan, orig_model.recompute_mlp) > gpu_memory_gib(device):
         print0(f"warning: {memory_advice(plan, device, orig_model.recompute_mlp)}")

@@ -152,3 +152,27 @@ def largest_fitting_batch(plan: Plan, total_gib: float, recompute_mlp: bool = Tr
             return batch
         batch //= 2
     return None
+
+
+def gpu_memory_gib(device: torch.device) -> float:
+    return torch.cuda.get_device_properties(device).total_memory / 2**30
+
+
+def choose_recompute_mlp(flag: bool | None, plan: Plan, device: torch.device) -> bool:
+    """The flag when given; else on for a GPU whose memory the plan would not fit (with 10% to spare) otherwise."""
+    if flag is not None:
+        return flag
+    if device.type != "cuda":
+        return False
+    return estimate_memory_gib(plan, recompute_mlp=False) > 0.9 * gpu_memory_gib(device)
+
+
+def memory_advice(plan: Plan, device: torch.device, recompute: bool, ran_out: bool = False) -> str:
+    """How the plan's estimate compares with the GPU, and the device batch that should fit (a smaller one than
+    the plan's when it already ran out of memory: the estimate was too low then)."""
+    total, need = gpu_memory_gib(device), estimate_memory_gib(plan, recompute)
+    start = replace(plan, device_batch_size=plan.device_batch_size // 2) if ran_out else plan
+    fit = largest_fitting_batch(start, total, recompute_mlp=True) if start.device_batch_size >= 1 else None
+    advice = (f"--device-batch-size {fit} should fit (the same total batch, with more accumulation)" if fit
+              else "no device batch size fits: use more GPUs or a smaller --depth")
+    return f"the plan needs about {need:.0f} GiB per GPU (an estimate) and the GPU has {total:.0f} GiB; {advice}"
