@@ -282,3 +282,20 @@ def test_sigterm_to_torchrun_saves_every_ranks_shard(base):
     meta = json.loads((ckpt / f"step_{stopped:06d}_meta.json").read_text())
     assert meta["world_size"] == 2 and len(meta["dataloader"]) == 2
     assert all((ckpt / f"step_{stopped:06d}_optimizer_rank{r}.pt").exists() for r in (0, 1))
+
+
+def test_resume_latest_starts_fresh_then_continues_from_the_last_checkpoint(base):
+    """What a requeued job runs every time: the same command with --resume-from-step latest."""
+    cmd = [*TINY, "--num-iterations", "8", "--save-every", "3", "--eval-every", "-1", "--model-tag", "latest",
+           "--resume-from-step", "latest"]
+    first = run(cmd, base)
+    assert "no checkpoint yet" in first.stdout
+    ckpts = base / "base_checkpoints" / "latest"
+    for step in (6, 8):  # as if the first run had been stopped after step 3's checkpoint
+        for f in ckpts.glob(f"step_{step:06d}_*"):
+            f.unlink()
+    again = run(cmd, base)
+    assert "--resume-from-step latest: step 3" in again.stdout and "from step 3" in again.stdout
+    assert (ckpts / "step_000008_meta.json").exists()
+    bad = run([*TINY, "--resume-from-step", "newest"], base, check=False)
+    assert bad.returncode == 2 and "latest" in bad.stderr.strip().splitlines()[-1]

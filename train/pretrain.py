@@ -7,6 +7,7 @@
 Flags follow ../shared/spec/pretraining.md; every hyperparameter not given follows from --depth
 through the scaling laws in train/scaling.py.
 """
+import argparse
 import json
 import math
 import os
@@ -55,13 +56,14 @@ def build_parser() -> Parser:
     a("--fp8", action="store_true", help="FP8 training of the large linears through torchao (H100 and newer)")
     a("--fp8-recipe", default="tensorwise", choices=["tensorwise", "rowwise"], help="torchao float8 recipe")
     a("--fp8-emulate", action="store_true", help="allow --fp8 without FP8 hardware (torchao emulation; for tests)")
-    a("--resume-from-step", type=int, default=-1, help="resume from the checkpoint at that step")
+    a("--resume-from-step", type=resume_step, default=-1,
+      help="resume from the checkpoint at that step; 'latest': the last one saved, if any (for requeued jobs)")
     a("--model-tag", default=None, help="checkpoint folder name; default d{depth}")
     # beyond the spec's table
     a("--dataset", default="climbmix", help="folder of parquet shards under $NANOCHAT_BASE_DIR/data/")
-    a("--compile", action=argparse_bool(), default=None, help="torch.compile the model (default: on for CUDA)")
+    a("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model (default: on for CUDA)")
     a("--seed", type=int, default=42, help="seed for the initial weights")
-    a("--recompute-mlp", action=argparse_bool(), default=None,
+    a("--recompute-mlp", action=argparse.BooleanOptionalAction, default=None,
       help="recompute each MLP's relu² in the backward instead of keeping it: 18%% less activation memory for "
            "one more elementwise pass per layer (default: on when the plan would not fit in 90%% of the GPU's "
            "memory otherwise)")
@@ -75,9 +77,13 @@ def build_parser() -> Parser:
     return p
 
 
-def argparse_bool():
-    import argparse
-    return argparse.BooleanOptionalAction
+def resume_step(text: str) -> int | str:
+    if text == "latest":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a step number or 'latest', got {text!r}") from None
 
 
 def validate(args) -> None:
@@ -200,6 +206,11 @@ def train(args, plan, tokenizer, dist_info) -> None:
     ckpt_dir = checkpoint.checkpoint_dir(model_tag)
     meta = None
     start_step = 0
+    if args.resume_from_step == "latest":  # rank 0's view of the folder decides for every rank
+        saved = checkpoint.saved_steps(ckpt_dir)
+        args.resume_from_step = distributed.all_gather_objects(saved[-1] if saved else -1)[0]
+        print0(f"--resume-from-step latest: " + (f"step {args.resume_from_step}" if args.resume_from_step >= 0
+                                                  else "no checkpoint yet, starting from scratch") + f" in {ckpt_dir}")
     if args.resume_from_step >= 0:
         meta = checkpoint.load_meta(ckpt_dir, args.resume_from_step)
         if meta["model_config"] != plan.config.to_dict():
