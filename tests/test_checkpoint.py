@@ -81,3 +81,14 @@ def test_killed_mid_save_leaves_previous_checkpoint_loadable(ckpt_dir, tmp_path)
     assert torch.equal(checkpoint.load_optimizer_state(ckpt_dir, 1, 0, "cpu")["m"], torch.ones(4))
     assert not (ckpt_dir / "step_000002_optimizer_rank0.pt").exists()
     assert not (ckpt_dir / "step_000002_model.pt").exists()
+
+
+def test_prune_keeps_the_newest_complete_checkpoints(ckpt_dir):
+    for step in (1, 2, 3, 4, 5):
+        checkpoint.save_checkpoint(ckpt_dir, step, _state(step), {"state": {}, "param_groups": []}, {"step": step})
+    (ckpt_dir / "step_000000_model.pt").write_bytes(b"a save that crashed before its meta")
+    assert checkpoint.prune(ckpt_dir, 2) == [1, 2, 3]
+    assert checkpoint.saved_steps(ckpt_dir) == [4, 5]
+    assert not list(ckpt_dir.glob("step_00000[123]_*"))
+    assert (ckpt_dir / "step_000000_model.pt").exists()  # not a complete checkpoint: not ours to judge
+    assert checkpoint.prune(ckpt_dir, 2) == [] and checkpoint.prune(ckpt_dir, -1) == []

@@ -299,3 +299,26 @@ def test_resume_latest_starts_fresh_then_continues_from_the_last_checkpoint(base
     assert (ckpts / "step_000008_meta.json").exists()
     bad = run([*TINY, "--resume-from-step", "newest"], base, check=False)
     assert bad.returncode == 2 and "latest" in bad.stderr.strip().splitlines()[-1]
+
+
+def test_keep_last_prunes_old_checkpoints(base):
+    run([*TINY, "--num-iterations", "8", "--save-every", "2", "--keep-last", "2", "--eval-every", "-1",
+         "--model-tag", "keep"], base)
+    from train import checkpoint
+    assert checkpoint.saved_steps(base / "base_checkpoints" / "keep") == [6, 8]
+    bad = run([*TINY, "--keep-last", "0"], base, check=False)
+    assert bad.returncode == 2 and "--keep-last" in bad.stderr.strip().splitlines()[-1]
+
+
+def test_a_failed_save_is_one_line_naming_the_last_good_checkpoint(base):
+    """A save that cannot be written (disk full, quota; here a directory in the way) stops the run with one line."""
+    ckpt = base / "base_checkpoints" / "blocked"
+    (ckpt / "step_000004_model.pt" / "in-the-way").mkdir(parents=True)
+    proc = run([*TINY, "--num-iterations", "6", "--save-every", "2", "--eval-every", "-1", "--model-tag", "blocked"],
+               base, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "the last good one is step 2" in proc.stderr.strip().splitlines()[-1]
+    (base / "base_checkpoints" / "file-not-dir").write_text("")
+    proc = run([*TINY, "--num-iterations", "2", "--model-tag", "file-not-dir/x"], base, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "cannot write the metrics file" in proc.stderr.strip().splitlines()[-1]

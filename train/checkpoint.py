@@ -64,6 +64,20 @@ def save_checkpoint(ckpt_dir: Path, step: int, model_state: dict, optimizer_stat
     barrier()
 
 
+def prune(ckpt_dir: Path, keep: int) -> list[int]:
+    """Delete all but the newest `keep` complete checkpoints (rank 0, after a save); returns the steps deleted.
+
+    Each goes meta file first, so an interrupted deletion leaves an incomplete step that nothing loads.
+    Files of steps without a meta (a save that crashed) are left alone: a later save may still complete them."""
+    steps = saved_steps(ckpt_dir)
+    doomed = steps[:-keep] if keep > 0 else []
+    for step in doomed:
+        (Path(ckpt_dir) / f"step_{step:06d}_meta.json").unlink(missing_ok=True)
+        for f in Path(ckpt_dir).glob(f"step_{step:06d}_*"):
+            f.unlink(missing_ok=True)
+    return doomed
+
+
 def saved_steps(ckpt_dir: Path) -> list[int]:
     """Steps whose checkpoint is complete (its meta file exists), ascending."""
     steps = []

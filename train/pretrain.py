@@ -52,6 +52,7 @@ def build_parser() -> Parser:
     a("--core-metric-max-per-task", type=int, default=500, help="examples per CORE task")
     a("--sample-every", type=int, default=2000, help="greedy samples every N steps (and at the last); -1 disables")
     a("--save-every", type=int, default=-1, help="checkpoint every N steps; -1 = only at the end")
+    a("--keep-last", type=int, default=-1, help="after each save keep only the newest N checkpoints; -1 = all")
     a("--device-type", default="", help="cuda, cpu or mps; empty = autodetect")
     a("--fp8", action="store_true", help="FP8 training of the large linears through torchao (H100 and newer)")
     a("--fp8-recipe", default="tensorwise", choices=["tensorwise", "rowwise"], help="torchao float8 recipe")
@@ -93,6 +94,8 @@ def validate(args) -> None:
         raise UserError("--warmup-ratio and --warmdown-ratio must lie in [0, 1] and add up to at most 1")
     if args.eval_tokens < 1:
         raise UserError(f"--eval-tokens must be positive, got {args.eval_tokens}")
+    if args.keep_last == 0 or args.keep_last < -1:
+        raise UserError(f"--keep-last must be at least 1, or -1 to keep every checkpoint; got {args.keep_last}")
 
 
 class StopSignal:
@@ -322,9 +325,17 @@ def train(args, plan, tokenizer, dist_info) -> None:
                      "plan": plan.to_json(), "val_bpb": loop["val_bpb"], "world_size": world,
                      "dataloader": distributed.all_gather_objects(loader_state_now), "loop_state": loop}
             model_state = fp8.plain_state_dict(orig_model) if fp8 else orig_model.state_dict()
-            checkpoint.save_checkpoint(ckpt_dir, step, model_state, optimizer.state_dict(), state, rank=rank,
-                                       barrier=distributed.barrier)
+            try:
+                checkpoint.save_checkpoint(ckpt_dir, step, model_state, optimizer.state_dict(), state, rank=rank,
+                                           barrier=distributed.barrier)
+            except OSError as e:  # disk full, quota, permissions: the previous checkpoint is still whole
+                have = checkpoint.saved_steps(ckpt_dir)
+                raise UserError(f"could not write the checkpoint of step {step} to {ckpt_dir} ({e.strerror or e}); "
+                                f"the last good one is " + (f"step {have[-1]}" if have else "none")) from None
             print0(f"step {step:05d} | saved checkpoint to {ckpt_dir}")
+            if args.keep_last > 0 and dist_info.is_master:
+                for old in checkpoint.prune(ckpt_dir, args.keep_last):
+                    print0(f"step {step:05d} | deleted the checkpoint of step {old} (--keep-last {args.keep_last})")
         if stopping:
             print0(f"stopped by {stop.name} at step {step}: resume with --resume-from-step {step}")
             log.close()

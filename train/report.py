@@ -47,8 +47,11 @@ class MetricsLog:
         if not enabled:
             return
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = open(self.path, "a", buffering=1)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.file = open(self.path, "a", buffering=1)
+        except OSError as e:
+            raise UserError(f"cannot write the metrics file {self.path}: {e.strerror or e}") from None
         if run != "dummy":
             try:
                 import wandb
