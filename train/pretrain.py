@@ -62,7 +62,8 @@ def build_parser() -> Parser:
     a("--model-tag", default=None, help="checkpoint folder name; default d{depth}")
     # beyond the spec's table
     a("--dataset", default="climbmix", help="folder of parquet shards under $NANOCHAT_BASE_DIR/data/")
-    a("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model (default: on for CUDA)")
+    a("--compile", action=argparse.BooleanOptionalAction, default=None,
+      help="torch.compile the model (default: on for CUDA)")
     a("--seed", type=int, default=42, help="seed for the initial weights")
     a("--recompute-mlp", action=argparse.BooleanOptionalAction, default=None,
       help="recompute each MLP's relu² in the backward instead of keeping it: 18%% less activation memory for "

@@ -142,13 +142,15 @@ def estimate_memory_gib(plan: Plan, recompute_mlp: bool = True, bytes_per_channe
     return (weights_and_grads + optimizer + tokens * per_token) / 2**30
 
 
-def largest_fitting_batch(plan: Plan, total_gib: float, recompute_mlp: bool = True, headroom: float = 0.9) -> int | None:
+def largest_fitting_batch(plan: Plan, total_gib: float, recompute_mlp: bool = True,
+                          headroom: float = 0.9) -> int | None:
     """The largest device batch, halving from the plan's, whose estimate fits in headroom x total_gib and that
     still divides the total batch (the same optimization, more accumulation); None if not even 1 fits."""
     batch = plan.device_batch_size
     while batch >= 1:
         divides = plan.total_batch_size % (batch * plan.max_seq_len * plan.world_size) == 0
-        if divides and estimate_memory_gib(replace(plan, device_batch_size=batch), recompute_mlp) <= headroom * total_gib:
+        need = estimate_memory_gib(replace(plan, device_batch_size=batch), recompute_mlp)
+        if divides and need <= headroom * total_gib:
             return batch
         batch //= 2
     return None
