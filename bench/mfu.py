@@ -2,6 +2,7 @@
 
     python -m bench.mfu --depth 20                 # tok/s, FLOPs per token, TFLOP/s, MFU
     python -m bench.mfu --depth 20 --compare       # and again with every kernel, then each one, forced to torch
+    python -m bench.mfu --depth 20 --compare newton_schulz   # only Muon's orthogonalization in torch, against ours
     python -m bench.mfu --depth 20 --fp8           # FP8 linears (torchao)
     python -m bench.mfu --depth 2 --seq-len 64 --device-batch-size 2 --steps 3   # on a CPU
 
@@ -127,13 +128,15 @@ def free(device) -> None:
         torch.cuda.empty_cache()
 
 
-def variants(compare: bool, suffix: str = "") -> list[tuple[str, dict]]:
+def variants(compare: str | None, suffix: str = "") -> list[tuple[str, dict]]:
     """(name, forced impls): the default dispatch first (the baseline); with --compare all ops in torch,
-    then each op alone."""
+    then each op alone; with --compare OP,... only those ops, each alone."""
     out = [("default", {})]
-    if compare:
+    if compare == "all":
         out.append(("torch (all)", dict(TORCH_VERSIONS)))
         out += [(f"torch {op}", {op: impl}) for op, impl in TORCH_VERSIONS.items()]
+    elif compare:
+        out += [(f"torch {op}", {op: TORCH_VERSIONS[op]}) for op in compare.split(",")]
     return [(name + suffix, forced) for name, forced in out]
 
 
@@ -176,8 +179,9 @@ def build_parser() -> Parser:
       help="recompute relu² in the backward (default: as train.pretrain decides, by the memory estimate)")
     a("--fp8", action="store_true", help="FP8 linears through torchao (train/fp8.py)")
     a("--fp8-recipe", default="tensorwise", choices=["tensorwise", "rowwise"])
-    a("--compare", action="store_true",
-      help="also run with every kernel forced to its torch version, then each one alone, and print the deltas")
+    a("--compare", nargs="?", const="all", default=None, metavar="OP,...",
+      help="also run with every kernel forced to its torch version, then each one alone, and print the deltas; "
+           "with OPs (e.g. newton_schulz) only those, each alone")
     a("--device", default=None, help="cuda or cpu (default: cuda when available)")
     a("--json", default=None, help="write the results here (rewritten after every run)")
     return p
@@ -197,6 +201,10 @@ def validate(args) -> None:
     for name in ("depth", "device_batch_size", "seq_len", "grad_accum", "steps", "vocab_size"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.compare not in (None, "all"):
+        unknown = [op for op in args.compare.split(",") if op not in TORCH_VERSIONS]
+        if unknown:
+            raise UserError(f"--compare takes ops among {', '.join(TORCH_VERSIONS)}, got {', '.join(unknown)}")
     if args.warmup < 0:
         raise UserError(f"--warmup must not be negative, got {args.warmup}")
     if not args.window_pattern or set(args.window_pattern.upper()) - {"S", "L"}:

@@ -305,8 +305,17 @@ def test_mfu_tiny_on_cpu(tmp_path, capsys):
     assert "tok/s" in capsys.readouterr().out
 
 
+def test_mfu_compare_one_op(tmp_path):
+    from bench import mfu
+    out = tmp_path / "mfu.json"
+    mfu.main(["--depth", "1", "--seq-len", "32", "--device-batch-size", "2", "--vocab-size", "256",
+              "--steps", "1", "--warmup", "0", "--json", str(out), "--compare", "newton_schulz"])
+    assert [r["variant"] for r in json.loads(out.read_text())["results"]] == ["default", "torch newton_schulz"]
+
+
 @pytest.mark.parametrize("args", [["--depth", "0"], ["--fp8", "--device", "cpu", "--depth", "1"],
-                                  ["--window-pattern", "SXL"], ["--steps", "-1"], ["--device", "tpu"]])
+                                  ["--window-pattern", "SXL"], ["--steps", "-1"], ["--device", "tpu"],
+                                  ["--compare", "newton"]])
 def test_mfu_bad_input_is_one_line_and_exit_2(args, capsys):
     from bench import mfu
     exits_2_with_one_line(mfu.main, args, capsys)
