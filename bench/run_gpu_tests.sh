@@ -2,16 +2,18 @@
 # The test suite on a lent GPU, one file at a time under its own time limit, so that one slow file (Triton
 # autotuning compiles every config for each new dtype and shape) never hides the results of the others.
 # On CUDA every kernel test runs natively (bf16 included) and the @pytest.mark.cuda ones are not skipped.
-# Logs and JUnit XML land in bench/results/tests-<UTC stamp>/ and, when $OUT is set, in $OUT/tests-<stamp>.tar.gz.
+# Logs and JUnit XML land in bench/results/tests-<UTC stamp>/ (or RESULTS) and, when $OUT is set, in
+# $OUT/<that folder's name>.tar.gz.
 #
 #   bash bench/run_gpu_tests.sh                          # every test file
 #   FILES="tests/test_cross_entropy.py" bash bench/run_gpu_tests.sh
 #   LIMIT=200 TOTAL=560 bash bench/run_gpu_tests.sh      # seconds per file, and in all
+#   RESULTS=DIR bash bench/run_gpu_tests.sh              # logs there instead
 set -u
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
-stamp=$(date -u +%Y%m%d-%H%M%S)
-dir=bench/results/tests-$stamp
+dir=${RESULTS:-bench/results/tests-$(date -u +%Y%m%d-%H%M%S)}
+stamp=$(basename "$dir")
 mkdir -p "$dir"
 deadline=$(( $(date +%s) + ${TOTAL:-560} ))
 # the kernels first (what only a GPU can check), the slow end-to-end CLI tests last
@@ -35,7 +37,7 @@ for f in $FILES; do
     echo "$name: $outcome | $(tail -n 1 "$dir/$name.log")" | tee -a "$dir/summary.txt"
     if [ -n "${OUT:-}" ]; then  # the device hands back few files: one archive, rewritten after every file
         mkdir -p "$OUT"
-        tar czf "$OUT/tests-$stamp.tar.gz" -C bench/results "tests-$stamp" && cp "$dir/summary.txt" "$OUT/"
+        tar czf "$OUT/$stamp.tar.gz" -C "$(dirname "$dir")" "$stamp" && cp "$dir/summary.txt" "$OUT/"
     fi
 done
 cat "$dir/summary.txt"

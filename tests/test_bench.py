@@ -1,6 +1,7 @@
 """The benchmark harness itself (bench/), fast on a CPU: timing helpers, the op registry and its references,
 the bench.ab and bench.mfu CLIs at tiny sizes, and the report from sample JSON."""
 import json
+import os
 import subprocess
 import sys
 import time
@@ -382,3 +383,17 @@ def test_report_cli_writes_next_to_the_results(tmp_path, capsys):
     report.main([str(tmp_path)])
     assert "| d20 | default |" in capsys.readouterr().out
     assert (tmp_path / "report.md").exists() and (tmp_path / "ab_attention.png").exists()
+
+
+def test_gpu_scripts_parse_and_the_test_runner_reports(tmp_path):
+    """The lent-GPU scripts must not fail on a typo in the one call a session gets: both parse, and the test
+    runner runs a file, writes its summary and hands back one archive."""
+    for script in ("bench/run_gpu.sh", "bench/run_gpu_tests.sh"):
+        assert subprocess.run(["bash", "-n", script], cwd=REPO).returncode == 0, script
+    env = dict(os.environ, FILES="tests/test_scaling.py", TOTAL="120", OUT=str(tmp_path / "out"),
+               RESULTS=str(tmp_path / "tests-run"), PYTHON=sys.executable)
+    proc = subprocess.run(["bash", "bench/run_gpu_tests.sh"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "test_scaling: passed" in (tmp_path / "out" / "summary.txt").read_text()
+    assert (tmp_path / "out" / "tests-run.tar.gz").exists() and (tmp_path / "tests-run" / "test_scaling.xml").exists()
