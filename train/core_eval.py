@@ -18,7 +18,6 @@ import json
 import os
 import random
 import tempfile
-import time
 import zipfile
 from contextlib import nullcontext
 from functools import lru_cache
@@ -29,7 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from train.dataset import base_dir
+from train.dataset import DownloadError, base_dir, fetch_with_retries
 from train.errors import Parser, UserError, run_cli
 
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
@@ -54,33 +53,16 @@ def is_bundle(folder: Path) -> bool:
 def download_bundle(url: str, folder: Path, retries: int = 3, backoff: float = 2.0, timeout: float = 30.0) -> None:
     """Fetch the zip to a temporary file, extract it to a temporary folder, then rename that folder into
     place: an interrupted download or extraction never leaves a half bundle at `folder`."""
-    import requests
-
     folder.parent.mkdir(parents=True, exist_ok=True)
     how = (f"put the contents of eval_bundle.zip (core.yaml, eval_meta_data.csv, eval_data/) in {folder}, "
            "or set NANOCHAT_EVAL_BUNDLE_URL to a copy you can reach")
     with tempfile.TemporaryDirectory(dir=folder.parent, prefix=".eval_bundle-") as tmp:
         zip_path = Path(tmp) / "eval_bundle.zip"
-        for attempt in range(1, retries + 1):
-            retry = True
-            try:
-                with requests.get(url, stream=True, timeout=timeout) as r:
-                    if r.status_code != 200:
-                        retry = r.status_code != 404  # a missing file stays missing
-                        raise OSError(f"HTTP {r.status_code}")
-                    with open(zip_path, "wb") as f:
-                        for chunk in r.iter_content(chunk_size=1 << 20):
-                            f.write(chunk)
-                if zipfile.is_zipfile(zip_path):  # the central directory sits at the end: a cut transfer fails here
-                    break
-                problem = "not a complete zip archive"
-            except requests.ConnectionError:
-                problem = "cannot connect (offline?)"
-            except (requests.RequestException, OSError) as e:
-                problem = str(e) if isinstance(e, OSError) else type(e).__name__
-            if not retry or attempt == retries:
-                raise UserError(f"cannot download the CORE eval bundle from {url} ({problem}); {how}")
-            time.sleep(backoff * 2 ** (attempt - 1))
+        try:  # the zip's central directory sits at its end: a cut transfer fails the check
+            fetch_with_retries(url, zip_path, retries, backoff, timeout, is_complete=zipfile.is_zipfile,
+                               what="zip archive")
+        except DownloadError as e:
+            raise UserError(f"cannot download the CORE eval bundle: {e}; {how}") from None
         extracted = Path(tmp) / "extracted"
         with zipfile.ZipFile(zip_path) as z:
             z.extractall(extracted)

@@ -150,8 +150,9 @@ class DownloadError(Exception):
         self.retry = retry
 
 
-def fetch(url: str, path: Path, timeout: float = 30.0) -> None:
-    """One attempt: stream url into a temporary file next to path, check it, rename it into place."""
+def fetch(url: str, path: Path, timeout: float = 30.0, is_complete=is_complete_parquet,
+          what: str = "parquet file") -> None:
+    """One attempt: stream url into a temporary file next to path, check it (is_complete), rename it into place."""
     import requests
 
     tmp = path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
@@ -180,11 +181,27 @@ def fetch(url: str, path: Path, timeout: float = 30.0) -> None:
             raise DownloadError(f"the transfer of {url} failed ({type(e).__name__})") from None
         if expected is not None and written != int(expected):
             raise DownloadError(f"the transfer of {url} was cut short ({written} of {expected} bytes)")
-        if not is_complete_parquet(tmp):
-            raise DownloadError(f"{url} is not a complete parquet file")
+        if not is_complete(tmp):
+            raise DownloadError(f"{url} is not a complete {what}")
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def fetch_with_retries(url: str, path: Path, retries: int, backoff: float, timeout: float = 30.0,
+                       stop: threading.Event | None = None, **check) -> None:
+    """fetch() up to `retries` times, waiting backoff * 2^k seconds between attempts (a 404 is not retried);
+    returns early once `stop` is set. The last failure is raised, with the number of attempts."""
+    for attempt in range(1, retries + 1):
+        if stop is not None and stop.is_set():
+            return
+        try:
+            fetch(url, path, timeout, **check)
+            return
+        except DownloadError as e:
+            if not e.retry or attempt == retries:
+                raise DownloadError(f"{e} (after {attempt} attempt{'s' if attempt > 1 else ''})", retry=False) from None
+            time.sleep(backoff * 2 ** (attempt - 1))
 
 
 def download(name: str, num_shards: int, base_url: str | None = None, workers: int = 8, retries: int = 5,
@@ -219,17 +236,11 @@ def download(name: str, num_shards: int, base_url: str | None = None, workers: i
 
     def one(index: int) -> None:
         path, url = folder / shard_name(index), hub.url_pattern.format(base=base, index=index)
-        for attempt in range(1, retries + 1):
-            if stop.is_set():
-                return
-            try:
-                fetch(url, path, timeout)
-                return
-            except DownloadError as e:
-                if not e.retry or attempt == retries:
-                    stop.set()
-                    raise DownloadError(f"{e} (after {attempt} attempt{'s' if attempt > 1 else ''})") from None
-                time.sleep(backoff * 2 ** (attempt - 1))
+        try:
+            fetch_with_retries(url, path, retries, backoff, timeout, stop=stop)
+        except DownloadError:
+            stop.set()  # the network is most likely down: start no more shards
+            raise
 
     failures = []
     with ThreadPoolExecutor(max(1, workers)) as pool, tqdm(total=len(todo), unit="shard", disable=None) as bar:
