@@ -1,6 +1,5 @@
 """train.core_eval: the bundle download, prompt rendering, scoring against models whose answers we know,
 the CORE arithmetic, 2 gloo ranks, a tiny real GPT, the CLI and train.pretrain with --core-metric-every."""
-import http.server
 import json
 import os
 import random
@@ -9,7 +8,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import zipfile
 from pathlib import Path
 from types import SimpleNamespace
@@ -308,46 +306,20 @@ def test_a_broken_bundle_is_one_clear_error(tmp_path):
 # Download
 
 
-class Handler(http.server.BaseHTTPRequestHandler):
-    """Serves server.files (name -> bytes); server.fail[name] answers 500 that many times first."""
-
-    def do_GET(self):
-        srv, name = self.server, self.path.lstrip("/")
-        srv.requests.append(name)
-        if name not in srv.files:
-            self.send_error(404)
-            return
-        if srv.fail.get(name, 0) > 0:
-            srv.fail[name] -= 1
-            self.send_error(500)
-            return
-        data = srv.files[name]
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture
-def server(tmp_path, monkeypatch):
+def server(tmp_path, monkeypatch, serve_folder):
     """A local HTTP server with eval_bundle.zip (top folder eval_bundle/, as the official one),
     flat.zip (the files at the top) and junk.zip (not a zip); NANOCHAT_BASE_DIR and the bundle URL point at tmp."""
     bundle = make_bundle(tmp_path / "src")
-    files = {"eval_bundle.zip": zip_bundle(bundle, tmp_path / "a.zip").read_bytes(),
-             "flat.zip": zip_bundle(bundle, tmp_path / "b.zip", top="").read_bytes(),
-             "junk.zip": b"this is not a zip file" * 100}
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    srv.files, srv.requests, srv.fail = files, [], {}
-    srv.url = f"http://127.0.0.1:{srv.server_address[1]}"
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    served = tmp_path / "served"
+    served.mkdir()
+    zip_bundle(bundle, served / "eval_bundle.zip")
+    zip_bundle(bundle, served / "flat.zip", top="")
+    (served / "junk.zip").write_bytes(b"this is not a zip file" * 100)
+    srv = serve_folder(served)
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "base"))
     monkeypatch.setenv("NANOCHAT_EVAL_BUNDLE_URL", f"{srv.url}/eval_bundle.zip")
-    yield srv
-    srv.shutdown()
-    srv.server_close()
+    return srv
 
 
 def leftovers(base: Path):

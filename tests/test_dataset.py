@@ -1,11 +1,9 @@
 """train.dataset: download against a local HTTP server (failing, truncating), local build, bad input."""
-import http.server
 import json
 import os
 import socket
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pyarrow as pa
@@ -34,53 +32,14 @@ def base(tmp_path, monkeypatch):
     return tmp_path / "base"
 
 
-class Handler(http.server.BaseHTTPRequestHandler):
-    """Serves server.root; server.fail[name] answers 500 that many times first; names in server.truncate
-    (count) get their Content-Length but only half the bytes before the connection closes."""
-
-    def do_GET(self):
-        srv, name = self.server, self.path.lstrip("/")
-        srv.requests.append(name)
-        path = srv.root / name
-        if not path.is_file():
-            self.send_error(404)
-            return
-        if srv.fail.get(name, 0) > 0:
-            srv.fail[name] -= 1
-            self.send_error(500)
-            return
-        data = path.read_bytes()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        if srv.truncate.get(name, 0) > 0:
-            srv.truncate[name] -= 1
-            self.wfile.write(data[:len(data) // 2])
-            self.wfile.flush()
-            self.close_connection = True
-            self.connection.shutdown(socket.SHUT_RDWR)
-            return
-        self.wfile.write(data)
-
-    def log_message(self, *args):  # keep the test output clean
-        pass
-
-
 @pytest.fixture
-def server(tmp_path):
+def server(tmp_path, serve_folder):
     """An HTTP server on 127.0.0.1 with shards 0..2 and the validation shard of climbmix."""
     root = tmp_path / "served"
     root.mkdir()
     for i in (0, 1, 2, VAL):
         write_parquet(root / dataset.shard_name(i), [f"shard {i} doc {j} " * (j + 1) for j in range(40)], row_group=8)
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    srv.root, srv.requests, srv.fail, srv.truncate = root, [], {}, {}
-    srv.url = f"http://127.0.0.1:{srv.server_address[1]}"
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
+    return serve_folder(root)
 
 
 def download(srv, num_shards=2, **kw):
