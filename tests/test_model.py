@@ -224,14 +224,20 @@ def test_recompute_mlp_gives_the_same_loss_and_grads():
     assert all(torch.equal(g0, g1) for g0, g1 in zip(grads0, grads1))
 
 
-@pytest.mark.cuda
-def test_cuda_bf16_autocast_and_compile():
+def cuda_model(n_layer: int) -> GPT:
+    """A small GPT built the way train.pretrain builds it: on the meta device, then on the GPU."""
     torch.manual_seed(0)
-    cfg = GPTConfig(sequence_len=256, vocab_size=1000, n_layer=4, n_head=2, n_kv_head=2, n_embd=256)
+    cfg = GPTConfig(sequence_len=256, vocab_size=1000, n_layer=n_layer, n_head=2, n_kv_head=2, n_embd=256)
     with torch.device("meta"):
         model = GPT(cfg)
     model.to_empty(device="cuda")
     model.init_weights()
+    return model
+
+
+@pytest.mark.cuda
+def test_cuda_bf16_autocast_and_compile():
+    model = cuda_model(n_layer=4)
     x, y = repetitive_batch(vocab=1000, B=4, T=256, period=32)
     x, y = x.cuda(), y.cuda()
     with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -246,12 +252,7 @@ def test_cuda_bf16_autocast_and_compile():
 
 @pytest.mark.cuda
 def test_cuda_compiled_recompute_mlp_matches_eager():
-    torch.manual_seed(0)
-    cfg = GPTConfig(sequence_len=256, vocab_size=1000, n_layer=2, n_head=2, n_kv_head=2, n_embd=256)
-    with torch.device("meta"):
-        model = GPT(cfg)
-    model.to_empty(device="cuda")
-    model.init_weights()
+    model = cuda_model(n_layer=2)
     with torch.no_grad():
         for block in model.transformer.h:  # non-zero projections, so the MLP's backward matters
             block.mlp.c_proj.weight.normal_(0, 0.02)

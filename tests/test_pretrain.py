@@ -20,8 +20,13 @@ TINY = ["--dataset", "tiny", "--depth", "2", "--aspect-ratio", "32", "--head-dim
         "--sample-every", "-1", "--core-metric-every", "-1", "--device-type", "cpu"]
 
 
+def cli_env(base, **extra) -> dict:
+    """The environment of a CLI run: base dir, this checkout on the path, no GPU."""
+    return dict(os.environ, NANOCHAT_BASE_DIR=str(base), PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES="", **extra)
+
+
 def run(args, base, check=True, module="train.pretrain"):
-    env = dict(os.environ, NANOCHAT_BASE_DIR=str(base), PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES="")
+    env = cli_env(base)
     proc = subprocess.run([sys.executable, "-m", module, *map(str, args)], env=env, capture_output=True,
                           text=True, cwd=REPO, timeout=600)
     if check:
@@ -127,8 +132,7 @@ def test_dry_run_needs_no_data_and_prints_the_plan_as_json(tmp_path):
 
 def torchrun(args, base, nproc=2, check=True):
     """train.pretrain under torchrun on the CPU: nproc gloo processes on this machine."""
-    env = dict(os.environ, NANOCHAT_BASE_DIR=str(base), PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES="",
-               OMP_NUM_THREADS="1")
+    env = cli_env(base, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "train.pretrain", *map(str, args)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO, timeout=600)
@@ -177,8 +181,7 @@ def free_port() -> int:
 def test_two_nodes_meet_through_torchruns_rendezvous(base):
     """Multi-node as users launch it: one torchrun per node, c10d rendezvous at an endpoint (here 2 'nodes' of
     one gloo process each on this machine); ranks are assigned by the rendezvous and train as one job."""
-    env = dict(os.environ, NANOCHAT_BASE_DIR=str(base), PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES="",
-               OMP_NUM_THREADS="1")
+    env = cli_env(base, OMP_NUM_THREADS="1")
     endpoint = f"127.0.0.1:{free_port()}"
     args = [*TINY, "--device-batch-size", "2", "--num-iterations", "3", "--eval-every", "-1", "--model-tag", "nodes"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
@@ -198,8 +201,7 @@ def test_two_nodes_meet_through_torchruns_rendezvous(base):
 def test_wandb_offline_run_logs_the_metrics(base, tmp_path):
     """--run NAME with WANDB_MODE=offline: no network, a local wandb run with the same metrics as metrics.jsonl."""
     pytest.importorskip("wandb", reason="wandb is not installed (pip install -e .[wandb])")
-    env = dict(os.environ, NANOCHAT_BASE_DIR=str(base), PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES="",
-               WANDB_MODE="offline", WANDB_DIR=str(tmp_path), WANDB_SILENT="true")
+    env = cli_env(base, WANDB_MODE="offline", WANDB_DIR=str(tmp_path), WANDB_SILENT="true")
     proc = subprocess.run([sys.executable, "-m", "train.pretrain", *TINY, "--num-iterations", "3", "--eval-every", "3",
                            "--run", "offline-test", "--model-tag", "wandb"],
                           env=env, capture_output=True, text=True, cwd=REPO, timeout=600)
@@ -234,20 +236,25 @@ def test_pretrain_ab_bad_variant_is_one_line(base):
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
+def wait_for_lines(path: Path, n: int, timeout: float = 120) -> None:
+    """Until a running job's metrics file has n lines (its first steps are done)."""
+    import time
+    deadline = time.time() + timeout
+    while time.time() < deadline and not (path.exists() and len(path.read_text().splitlines()) >= n):
+        time.sleep(0.05)
+
+
 def test_sigterm_saves_a_checkpoint_that_resumes_the_same_curve(base):
     """A scheduler's SIGTERM: the run finishes a step, checkpoints, exits 143; resuming from there continues the
     loss curve of an uninterrupted run."""
     import signal
-    import time
     steps = ["--num-iterations", "60", "--eval-every", "-1"]
     run([*TINY, *steps, "--model-tag", "sig-full"], base)
-    env = dict(os.environ, NANOCHAT_BASE_DIR=str(base), PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES="")
+    env = cli_env(base)
     proc = subprocess.Popen([sys.executable, "-m", "train.pretrain", *TINY, *steps, "--model-tag", "sig"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
     log = base / "base_checkpoints" / "sig" / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= 5):
-        time.sleep(0.05)
+    wait_for_lines(log, 5)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, (out[-2000:], err[-2000:])
@@ -264,18 +271,13 @@ def test_sigterm_saves_a_checkpoint_that_resumes_the_same_curve(base):
 def test_sigterm_to_torchrun_saves_every_ranks_shard(base):
     """torchrun forwards SIGTERM to its workers: both ranks agree on the step, both optimizer shards are saved."""
     import signal
-    import time
-    env = dict(os.environ, NANOCHAT_BASE_DIR=str(base), PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES="",
-               OMP_NUM_THREADS="1")
+    env = cli_env(base, OMP_NUM_THREADS="1")
     args = [*TINY, "--device-batch-size", "2", "--num-iterations", "500", "--eval-every", "-1", "--model-tag", "sig2"]
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                              "-m", "train.pretrain", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, cwd=REPO)
     ckpt = base / "base_checkpoints" / "sig2"
-    deadline = time.time() + 120
-    while time.time() < deadline and not ((ckpt / "metrics.jsonl").exists()
-                                          and len((ckpt / "metrics.jsonl").read_text().splitlines()) >= 3):
-        time.sleep(0.05)
+    wait_for_lines(ckpt / "metrics.jsonl", 3)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     stopped = int(re.search(r"stopped by SIGTERM at step (\d+)", out).group(1))

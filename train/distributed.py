@@ -73,13 +73,13 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank when flag is True on any of them (alone: flag)."""
+def max_over_ranks(value: int, device: torch.device) -> int:
+    """The largest of every rank's value (alone: value)."""
     if not dist.is_initialized():
-        return flag
-    t = torch.tensor([int(flag)], device=device)
+        return value
+    t = torch.tensor([value], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return int(t.item())
 
 
 def all_gather_objects(obj) -> list:

@@ -103,12 +103,12 @@ class StopSignal:
     """Remembers a SIGTERM or SIGUSR1 (what schedulers send before they stop a job) instead of dying at once."""
 
     def __init__(self):
-        self.name, self.number = None, 0
+        self.received: signal.Signals | None = None
         for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._received)
+            signal.signal(sig, self._receive)
 
-    def _received(self, number, frame) -> None:
-        self.name, self.number = signal.Signals(number).name, number
+    def _receive(self, number, frame) -> None:
+        self.received = signal.Signals(number)
 
 
 def load_tokenizer_or_none():
@@ -213,8 +213,8 @@ def train(args, plan, tokenizer, dist_info) -> None:
     if args.resume_from_step == "latest":  # rank 0's view of the folder decides for every rank
         saved = checkpoint.saved_steps(ckpt_dir)
         args.resume_from_step = distributed.all_gather_objects(saved[-1] if saved else -1)[0]
-        print0(f"--resume-from-step latest: " + (f"step {args.resume_from_step}" if args.resume_from_step >= 0
-                                                  else "no checkpoint yet, starting from scratch") + f" in {ckpt_dir}")
+        found = f"step {args.resume_from_step}" if args.resume_from_step >= 0 else "no checkpoint yet, starting from scratch"
+        print0(f"--resume-from-step latest: {found} in {ckpt_dir}")
     if args.resume_from_step >= 0:
         meta = checkpoint.load_meta(ckpt_dir, args.resume_from_step)
         if meta["model_config"] != plan.config.to_dict():
@@ -338,9 +338,9 @@ def train(args, plan, tokenizer, dist_info) -> None:
                 for old in checkpoint.prune(ckpt_dir, args.keep_last):
                     print0(f"step {step:05d} | deleted the checkpoint of step {old} (--keep-last {args.keep_last})")
         if stopping:
-            print0(f"stopped by {stop.name} at step {step}: resume with --resume-from-step {step}")
+            print0(f"stopped by {stop.received.name} at step {step}: resume with --resume-from-step {step}")
             log.close()
-            raise SystemExit(128 + stop.number)
+            raise SystemExit(128 + stop.received)
         if last:
             break
 
@@ -365,8 +365,11 @@ def train(args, plan, tokenizer, dist_info) -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         loss_value = train_loss.item()  # syncs the device
-        if stop_at is None and distributed.any_rank(stop.name is not None, device):
-            stop_at = step + 2  # one more step, so that its last micro-step captures the loader state first
+        if stop_at is None:  # every rank learns of a signal any rank received (and which one)
+            agreed = distributed.max_over_ranks(int(stop.received or 0), device)
+            if agreed:
+                stop.received = signal.Signals(agreed)
+                stop_at = step + 2  # one more step, so that its last micro-step captures the loader state first
         dt = time.time() - t0
         if not math.isfinite(loss_value):
             raise UserError(f"loss became {loss_value} at step {step}; the last good checkpoint is in {ckpt_dir}")
