@@ -44,18 +44,42 @@ def flops(B: int, T: int, Hq: int, D: int, window: int, backward: bool = False) 
 # past T load as zeros and are never stored.
 
 @triton.jit
+def _load_rows(base, idx, stride, offs_d, T, MASKED: tl.constexpr):
+    """Rows idx of a (T, HEAD_DIM) matrix; in MASKED blocks rows past T load as zeros."""
+    ptrs = base + idx[:, None] * stride + offs_d[None, :]
+    if MASKED:
+        x = tl.load(ptrs, mask=idx[:, None] < T, other=0.0)
+    else:
+        x = tl.load(ptrs)
+    return x
+
+
+@triton.jit
+def _query_block(Hq, group, BLOCK_M: tl.constexpr):
+    """This program's (batch, head) row, batch, query head, kv head and first query; the longest (latest)
+    query blocks start first."""
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    h = pid_bh % Hq
+    return pid_bh, (pid_bh // Hq).to(tl.int64), h, h // group, pid_m * BLOCK_M
+
+
+@triton.jit
+def _key_ranges(m0, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(lo, full_lo): the window edge [lo, full_lo) and the fully visible keys [full_lo, m0) of a query block.
+    (No negative operands in //: triton and the interpreter round those differently.)"""
+    full_lo = tl.minimum((tl.maximum(m0 + BLOCK_M - 1 - window, 0) + BLOCK_N - 1) // BLOCK_N * BLOCK_N, m0)
+    return tl.maximum(m0 - window, 0) // BLOCK_N * BLOCK_N, full_lo
+
+
+@triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, rows, offs_n, offs_d,
                start, stop, T, window, qk_scale,
                MASKED: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     for start_n in range(start, stop, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_n
-        k_ptrs = k_base + cols[:, None] * stride_kt + offs_d[None, :]
-        v_ptrs = v_base + cols[:, None] * stride_vt + offs_d[None, :]
-        if MASKED:
-            k = tl.load(k_ptrs, mask=cols[:, None] < T, other=0.0)
-        else:
-            k = tl.load(k_ptrs)
+        k = _load_rows(k_base, cols, stride_kt, offs_d, T, MASKED)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         if MASKED:
             lag = rows[:, None] - cols[None, :]
@@ -72,10 +96,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, rows, off
         alpha = tl.math.exp2(m_i - shift)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
-        if MASKED:
-            v = tl.load(v_ptrs, mask=cols[:, None] < T, other=0.0)
-        else:
-            v = tl.load(v_ptrs)
+        v = _load_rows(v_base, cols, stride_vt, offs_d, T, MASKED)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
         m_i = m_new
     return acc, l_i, m_i
@@ -88,26 +109,18 @@ def _attn_fwd(Q, K, V, O, LSE,
               Hq, T, window, group, qk_scale,
               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     tl.static_assert(BLOCK_M % BLOCK_N == 0)
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # the longest (latest) query blocks start first
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // Hq).to(tl.int64)
-    h = pid_bh % Hq
-    hk = h // group
-    m0 = pid_m * BLOCK_M
+    pid_bh, b, h, hk, m0 = _query_block(Hq, group, BLOCK_M)
     rows = m0 + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
-    q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qt + offs_d[None, :],
-                mask=rows[:, None] < T, other=0.0)
+    q = _load_rows(Q + b * stride_qb + h * stride_qh, rows, stride_qt, offs_d, T, True)
 
     m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    # (no negative operands in // below: triton and the interpreter round those differently)
-    full_lo = tl.minimum((tl.maximum(m0 + BLOCK_M - 1 - window, 0) + BLOCK_N - 1) // BLOCK_N * BLOCK_N, m0)
-    lo = tl.maximum(m0 - window, 0) // BLOCK_N * BLOCK_N
+    lo, full_lo = _key_ranges(m0, window, BLOCK_M, BLOCK_N)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, rows, offs_n, offs_d,
                                m0, tl.minimum(m0 + BLOCK_M, T), T, window, qk_scale, True, BLOCK_N, PRECISION)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, rows, offs_n, offs_d,
@@ -131,10 +144,8 @@ def _attn_bwd_preprocess(O, DO, DELTA, stride_ob, stride_ot, stride_oh, stride_d
     h = pid_bh % Hq
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    mask = rows[:, None] < T
-    o = tl.load(O + b * stride_ob + h * stride_oh + rows[:, None] * stride_ot + offs_d[None, :], mask=mask, other=0.0)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + rows[:, None] * stride_dot + offs_d[None, :],
-                 mask=mask, other=0.0)
+    o = _load_rows(O + b * stride_ob + h * stride_oh, rows, stride_ot, offs_d, T, True)
+    do = _load_rows(DO + b * stride_dob + h * stride_doh, rows, stride_dot, offs_d, T, True)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
     tl.store(DELTA + pid_bh.to(tl.int64) * T + rows, delta, mask=rows < T)
 
@@ -147,24 +158,21 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, 
     for start_m in range(start, stop, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
         rows = start_m + offs_m
-        q_ptrs = q_base + rows[:, None] * stride_qt + offs_d[None, :]
-        do_ptrs = do_base + rows[:, None] * stride_dot + offs_d[None, :]
+        q = _load_rows(q_base, rows, stride_qt, offs_d, T, MASKED)  # padded query rows: zeros, masked out of p
         if MASKED:
-            in_seq = rows < T  # padded query rows load as zeros and are masked out of p
-            q = tl.load(q_ptrs, mask=in_seq[:, None], other=0.0)
+            in_seq = rows < T
             lse = tl.load(lse_base + rows, mask=in_seq, other=0.0)
         else:
-            q = tl.load(q_ptrs)
             lse = tl.load(lse_base + rows)
         qkT = tl.dot(k, tl.trans(q), input_precision=PRECISION)  # (keys, queries)
         pT = tl.math.exp2(qkT * qk_scale - lse[None, :])
         if MASKED:
             lag = rows[None, :] - cols[:, None]
             pT = tl.where((lag >= 0) & (lag <= window) & in_seq[None, :], pT, 0.0)
-            do = tl.load(do_ptrs, mask=in_seq[:, None], other=0.0)
+        do = _load_rows(do_base, rows, stride_dot, offs_d, T, MASKED)
+        if MASKED:
             delta = tl.load(delta_base + rows, mask=in_seq, other=0.0)
         else:
-            do = tl.load(do_ptrs)
             delta = tl.load(delta_base + rows)
         dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PRECISION)
         dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
@@ -188,11 +196,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA,
     n0 = tl.program_id(0) * BLOCK_N
     cols = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    kv_mask = cols[:, None] < T
-    k = tl.load(K + b * stride_kb + hk * stride_kh + cols[:, None] * stride_kt + offs_d[None, :],
-                mask=kv_mask, other=0.0)
-    v = tl.load(V + b * stride_vb + hk * stride_vh + cols[:, None] * stride_vt + offs_d[None, :],
-                mask=kv_mask, other=0.0)
+    k = _load_rows(K + b * stride_kb + hk * stride_kh, cols, stride_kt, offs_d, T, True)
+    v = _load_rows(V + b * stride_vb + hk * stride_vh, cols, stride_vt, offs_d, T, True)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
 
@@ -213,6 +218,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA,
         dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, cols,
                              offs_d, mid_end, q_end, T, window, qk_scale, True, BLOCK_M, PRECISION)
 
+    kv_mask = cols[:, None] < T
     tl.store(DV + b * stride_dvb + hk * stride_dvh + cols[:, None] * stride_dvt + offs_d[None, :],
              dv.to(DV.dtype.element_ty), mask=kv_mask)
     dk = dk * sm_scale
@@ -227,14 +233,8 @@ def _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, rows,
     for start_n in range(start, stop, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_n
-        k_ptrs = k_base + cols[:, None] * stride_kt + offs_d[None, :]
-        v_ptrs = v_base + cols[:, None] * stride_vt + offs_d[None, :]
-        if MASKED:
-            k = tl.load(k_ptrs, mask=cols[:, None] < T, other=0.0)
-            v = tl.load(v_ptrs, mask=cols[:, None] < T, other=0.0)
-        else:
-            k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
+        k = _load_rows(k_base, cols, stride_kt, offs_d, T, MASKED)
+        v = _load_rows(v_base, cols, stride_vt, offs_d, T, MASKED)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         p = tl.math.exp2(qk * qk_scale - lse[:, None])
         if MASKED:
@@ -255,28 +255,20 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA,
                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     """dq of one block of queries of one head: the forward's loop over key blocks, recomputing p from lse."""
     tl.static_assert(BLOCK_M % BLOCK_N == 0)
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // Hq).to(tl.int64)
-    h = pid_bh % Hq
-    hk = h // group
-    m0 = pid_m * BLOCK_M
+    pid_bh, b, h, hk, m0 = _query_block(Hq, group, BLOCK_M)
     rows = m0 + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     in_seq = rows < T
-    q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qt + offs_d[None, :],
-                mask=in_seq[:, None], other=0.0)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + rows[:, None] * stride_dot + offs_d[None, :],
-                 mask=in_seq[:, None], other=0.0)
+    q = _load_rows(Q + b * stride_qb + h * stride_qh, rows, stride_qt, offs_d, T, True)
+    do = _load_rows(DO + b * stride_dob + h * stride_doh, rows, stride_dot, offs_d, T, True)
     lse = tl.load(LSE + pid_bh.to(tl.int64) * T + rows, mask=in_seq, other=0.0)
     delta = tl.load(DELTA + pid_bh.to(tl.int64) * T + rows, mask=in_seq, other=0.0)
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
-    full_lo = tl.minimum((tl.maximum(m0 + BLOCK_M - 1 - window, 0) + BLOCK_N - 1) // BLOCK_N * BLOCK_N, m0)
-    lo = tl.maximum(m0 - window, 0) // BLOCK_N * BLOCK_N
+    lo, full_lo = _key_ranges(m0, window, BLOCK_M, BLOCK_N)
     dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, rows, offs_n, offs_d,
                    m0, tl.minimum(m0 + BLOCK_M, T), T, window, qk_scale, True, BLOCK_N, PRECISION)
     dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, rows, offs_n, offs_d,

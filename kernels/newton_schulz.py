@@ -85,11 +85,16 @@ def _store_symmetric(out_ptr, acc, i, j, m, s_ob, s_or, s_oc, BLOCK: tl.constexp
         tl.store(out_ptr + cols[:, None] * s_or + rows[None, :] * s_oc, tl.trans(acc), mask=mask_t)
 
 
-@triton.autotune(configs=_SYM_CONFIGS, key=["m", "n"])
+@triton.autotune(configs=_SYM_CONFIGS, key=["m", "n", "POLY"])
 @triton.jit
-def _gram_kernel(x_ptr, a_ptr, m, n, s_xb, s_xr, s_xc, s_ab, s_ar, s_ac,
-                 PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
-    """A = X Xᵀ for X (K, m, n) -> A (K, m, m), one program per lower tile (i, j) and batch element."""
+def _symmetric_kernel(x_ptr, out_ptr, m, n, coef_b, coef_c, s_xb, s_xr, s_xc, s_yk, s_yc, s_ob, s_or, s_oc,
+                      POLY: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                      BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
+    """A product known to be symmetric, X (K, m, n) times Y (K, n, m), one program per lower tile (i, j) and
+    batch element, Y read through its own strides (s_yk, s_yc) from the same memory as X:
+      POLY=False: A = X Xᵀ (Y = Xᵀ: X's strides swapped);
+      POLY=True:  B = b·A + c·A·A for symmetric A (Y = A itself, n = m), A's (i, j) tile added in the epilogue.
+    """
     i, j = _lower_tile(tl.program_id(0))
     x_ptr += tl.program_id(1).to(tl.int64) * s_xb
     rows = i * BLOCK + tl.arange(0, BLOCK)
@@ -98,40 +103,18 @@ def _gram_kernel(x_ptr, a_ptr, m, n, s_xb, s_xr, s_xc, s_ab, s_ar, s_ac,
     acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
     for k0 in range(0, n, BLOCK_K):
         k = k0 + ks
-        xi = tl.load(x_ptr + rows[:, None] * s_xr + k[None, :] * s_xc,
-                     mask=(rows[:, None] < m) & (k[None, :] < n), other=0.0)
-        xjt = tl.load(x_ptr + k[:, None] * s_xc + cols[None, :] * s_xr,  # X[cols, k]ᵀ, loaded transposed
-                      mask=(k[:, None] < n) & (cols[None, :] < m), other=0.0)
+        x_ik = tl.load(x_ptr + rows[:, None] * s_xr + k[None, :] * s_xc,
+                       mask=(rows[:, None] < m) & (k[None, :] < n), other=0.0)
+        y_kj = tl.load(x_ptr + k[:, None] * s_yk + cols[None, :] * s_yc,
+                       mask=(k[:, None] < n) & (cols[None, :] < m), other=0.0)
         if UPCAST:  # the interpreter's tl.dot is wrong on bf16
-            xi, xjt = xi.to(tl.float32), xjt.to(tl.float32)
-        acc = tl.dot(xi, xjt, acc, input_precision=PRECISION)
-    _store_symmetric(a_ptr, acc, i, j, m, s_ab, s_ar, s_ac, BLOCK)
-
-
-@triton.autotune(configs=_SYM_CONFIGS, key=["m"])
-@triton.jit
-def _poly_kernel(a_ptr, b_out_ptr, m, coef_b, coef_c, s_ab, s_ar, s_ac, s_bb, s_br, s_bc,
-                 PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
-    """B = b·A + c·A·A for symmetric A (K, m, m) -> B (K, m, m); A·A is symmetric, so lower tiles only."""
-    i, j = _lower_tile(tl.program_id(0))
-    a_ptr += tl.program_id(1).to(tl.int64) * s_ab
-    rows = i * BLOCK + tl.arange(0, BLOCK)
-    cols = j * BLOCK + tl.arange(0, BLOCK)
-    ks = tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
-    for k0 in range(0, m, BLOCK_K):
-        k = k0 + ks
-        a_ik = tl.load(a_ptr + rows[:, None] * s_ar + k[None, :] * s_ac,
-                       mask=(rows[:, None] < m) & (k[None, :] < m), other=0.0)
-        a_kj = tl.load(a_ptr + k[:, None] * s_ar + cols[None, :] * s_ac,
-                       mask=(k[:, None] < m) & (cols[None, :] < m), other=0.0)
-        if UPCAST:
-            a_ik, a_kj = a_ik.to(tl.float32), a_kj.to(tl.float32)
-        acc = tl.dot(a_ik, a_kj, acc, input_precision=PRECISION)
-    a_ij = tl.load(a_ptr + rows[:, None] * s_ar + cols[None, :] * s_ac,
-                   mask=(rows[:, None] < m) & (cols[None, :] < m), other=0.0)
-    acc = coef_c * acc + coef_b * a_ij.to(tl.float32)
-    _store_symmetric(b_out_ptr, acc, i, j, m, s_bb, s_br, s_bc, BLOCK)
+            x_ik, y_kj = x_ik.to(tl.float32), y_kj.to(tl.float32)
+        acc = tl.dot(x_ik, y_kj, acc, input_precision=PRECISION)
+    if POLY:
+        a_ij = tl.load(x_ptr + rows[:, None] * s_xr + cols[None, :] * s_xc,
+                       mask=(rows[:, None] < m) & (cols[None, :] < m), other=0.0)
+        acc = coef_c * acc + coef_b * a_ij.to(tl.float32)
+    _store_symmetric(out_ptr, acc, i, j, m, s_ob, s_or, s_oc, BLOCK)
 
 
 @triton.autotune(configs=_MM_CONFIGS, key=["m", "n"])
@@ -202,15 +185,19 @@ def _n_lower_tiles(m: int, block: int) -> int:
 
 
 def _gram(X: torch.Tensor, A: torch.Tensor, precision: str, upcast: bool) -> None:
+    """A = X Xᵀ."""
     K, m, n = X.shape
     grid = lambda meta: (_n_lower_tiles(m, meta["BLOCK"]), K)
-    _gram_kernel[grid](X, A, m, n, *X.stride(), *A.stride(), PRECISION=precision, UPCAST=upcast)
+    _symmetric_kernel[grid](X, A, m, n, 0.0, 0.0, *X.stride(), X.stride(2), X.stride(1), *A.stride(),
+                            POLY=False, PRECISION=precision, UPCAST=upcast)
 
 
 def _poly(A: torch.Tensor, B: torch.Tensor, b: float, c: float, precision: str, upcast: bool) -> None:
+    """B = b·A + c·A·A."""
     K, m, _ = A.shape
     grid = lambda meta: (_n_lower_tiles(m, meta["BLOCK"]), K)
-    _poly_kernel[grid](A, B, m, b, c, *A.stride(), *B.stride(), PRECISION=precision, UPCAST=upcast)
+    _symmetric_kernel[grid](A, B, m, m, b, c, *A.stride(), A.stride(1), A.stride(2), *B.stride(),
+                            POLY=True, PRECISION=precision, UPCAST=upcast)
 
 
 def _update(B: torch.Tensor, X: torch.Tensor, out: torch.Tensor, a: float, precision: str, upcast: bool,

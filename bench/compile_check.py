@@ -1,0 +1,241 @@
+"""Compile every Triton kernel for a GPU, without one: each launch the code makes, with each autotune config.
+
+    python -m bench.compile_check                    # Hopper (sm_90): a row per kernel, launch and config
+    python -m bench.compile_check --arch 80          # Ampere (A100)
+    python -m bench.compile_check --op attention --json out.json
+
+The kernels' own launchers run on small CPU tensors of the real widths (T 2048, D 128, V 32768, the d20 Muon
+stacks) with Triton's launch replaced by a recorder, so what is compiled is exactly what a GPU run would
+launch, with the same argument specialisation. Each launch is then compiled down to a cubin for the target
+(Triton's bundled ptxas), and a row reports the shared memory it needs against the target's limit, registers
+per thread and bytes spilled (ptxas -v), the wgmma instructions (Hopper's tensor cores) in its PTX, and the
+compile time. It shows that nothing in the kernels only the interpreter accepts, which configs cannot launch
+on the target, and which spill. It says nothing about speed: the installed Triton's code generation, which
+may differ from the GPU machine's.
+
+Run it without TRITON_INTERPRET (under it @triton.jit makes interpreter functions, which do not compile).
+Exit status: 0 when every launch compiled, 1 when one did not, 2 for bad input.
+"""
+import contextlib
+import io
+import json
+import os
+import re
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from train.errors import Parser, UserError, run_cli
+
+# Largest shared memory one block may use (opt-in), bytes: CUDA's compute-capability table.
+SHARED_MEMORY_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+OPS = ("newton_schulz", "cross_entropy", "attention")
+
+
+@dataclass
+class Launch:
+    """One kernel launch as a GPU run makes it: the jit function, its arguments, and the configs to build."""
+    op: str
+    case: str
+    kernel: object  # triton JITFunction
+    args: tuple
+    kwargs: dict
+    configs: list  # list of dicts of config kwargs (num_warps, num_stages, block sizes); [{}] = as launched
+
+
+@dataclass
+class Row:
+    op: str
+    case: str
+    kernel: str
+    config: str
+    ok: bool
+    shared_bytes: int = 0
+    fits: bool = True
+    registers: int = 0
+    spill_bytes: int = 0
+    wgmma: int = 0
+    seconds: float = 0.0
+    error: str = ""
+
+
+@contextlib.contextmanager
+def recording(launches: list, op: str, case: str):
+    """Replace Triton's launch (autotuned and plain) by a recorder of (kernel, args, kwargs, configs)."""
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.jit import JITFunction
+
+    def autotuned(self, *args, **kwargs):
+        fn = self.fn
+        while not isinstance(fn, JITFunction):  # heuristics wrap the jit function
+            fn = fn.fn
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}  # how, not what, to launch
+        launches.append(Launch(op, case, fn, args, kwargs, [c.all_kwargs() for c in self.configs]))
+
+    def plain(self, *args, grid, warmup, **kwargs):
+        launches.append(Launch(op, case, self, args, kwargs, [{}]))
+
+    saved = Autotuner.run, JITFunction.run
+    Autotuner.run, JITFunction.run = autotuned, plain
+    try:
+        yield
+    finally:
+        Autotuner.run, JITFunction.run = saved
+
+
+def newton_schulz_launches() -> list[Launch]:
+    """One Polar Express step on a wide bf16 d20 stack: X·Xᵀ, b·A + c·A·A (symmetric), a·X + B·X (ours)."""
+    from kernels import newton_schulz as ns
+    launches: list = []
+    G = torch.randn(2, 1280, 5120).bfloat16()
+    with recording(launches, "newton_schulz", "bf16 2x1280x5120"):
+        ns._polar_express_op(G, 1, True)
+    return launches
+
+
+def cross_entropy_launches() -> list[Launch]:
+    """The row kernel as the three passes call it: training (loss + gradient), bpb (loss), its backward."""
+    from kernels import cross_entropy as ce
+    launches: list = []
+    N, H, V = 16, 1280, 32768  # N does not reach the kernel's code (a program per row); V picks its blocks
+    h, w = torch.randn(N, H).bfloat16(), torch.randn(V, H).bfloat16() * 0.02
+    y = torch.randint(0, V, (N,))
+    nats, lse = torch.empty(N), torch.empty(N)
+    dh, dw = torch.empty_like(h), torch.zeros(V, H)
+    with recording(launches, "cross_entropy", "bf16 V=32768 train"):
+        ce._chunked(h, w, y, 15.0, -1, nats, lse, False, dh, dw)
+    with recording(launches, "cross_entropy", "bf16 V=32768 bpb"):
+        ce._chunked(h, w, y, 15.0, -1, nats, lse, False, None, None)
+    with recording(launches, "cross_entropy", "bf16 V=32768 backward"):
+        ce._chunked(h, w, y, 15.0, -1, nats, lse, True, dh, dw, row_grad=torch.ones(N))
+    return launches
+
+
+def attention_launches() -> list[Launch]:
+    """Forward and backward at T 2048 with window 1024: bf16 at D 128 and 64 (tensor cores), fp32 at D 128."""
+    from kernels import attention as at
+    launches: list = []
+    for dtype, D in ((torch.bfloat16, 128), (torch.bfloat16, 64), (torch.float32, 128)):
+        B, T, H = 1, 2048, 10
+        q, k, v = (torch.randn(B, T, H, D, dtype=dtype) for _ in range(3))
+        out, lse = torch.empty_like(q), torch.empty(B, H, T)
+        name = {torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
+        with recording(launches, "attention", f"{name} D={D}"):
+            at._forward_into(q, k, v, 1024, out, lse)
+            at._backward_into(out, q, k, v, out, lse, 1024, *(torch.empty_like(t) for t in (q, k, v)))
+    return launches
+
+
+LAUNCHES = {"newton_schulz": newton_schulz_launches, "cross_entropy": cross_entropy_launches,
+            "attention": attention_launches}
+
+
+def compile_launch(launch: Launch, config: dict, arch: int):
+    """(compiled kernel, ptxas -v log) for one config of a launch on sm_<arch>."""
+    import triton
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    fn, kwargs = launch.kernel, {**launch.kwargs, **config}
+    # what JITFunction.run does before compiling: bind, specialise (alignment, divisibility), pack
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, specialization, options = binder(*launch.args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
+    log = io.StringIO()
+    saved = knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile
+    # ptxas -v (registers, spills) is printed to stdout, and only when ptxas runs: no cache
+    knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile = True, True
+    try:
+        with contextlib.redirect_stdout(log):
+            kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target,
+                                    options=options.__dict__)
+    finally:
+        knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile = saved
+    return kernel, log.getvalue()
+
+
+def _config_name(launch: Launch, config: dict) -> str:
+    merged = {**{k: v for k, v in launch.kwargs.items() if k.startswith("BLOCK") or k.startswith("num_")}, **config}
+    short = {"num_warps": "w", "num_stages": "s"}
+    return " ".join(f"{short.get(k, k)}={v}" for k, v in merged.items()
+                    if v is not None and (k.startswith("BLOCK") or k in short))
+
+
+def _kernel_name(launch: Launch) -> str:
+    """The kernel, with the constexpr switches it was launched with on (one kernel can serve two products)."""
+    flags = [k for k, v in launch.kwargs.items() if v is True and k.isupper()]
+    return launch.kernel.__name__ + (f"[{','.join(flags)}]" if flags else "")
+
+
+def check(launch: Launch, config: dict, arch: int) -> Row:
+    row = Row(launch.op, launch.case, _kernel_name(launch), _config_name(launch, config), ok=False)
+    t0 = time.perf_counter()
+    try:
+        kernel, log = compile_launch(launch, config, arch)
+    except Exception as e:  # noqa: BLE001 - a compile error is the finding: report it, go on
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        row.error = f"{type(e).__name__}: {' ... '.join(dict.fromkeys(lines[:1] + lines[-1:]))}"[:300]
+        row.seconds = time.perf_counter() - t0
+        return row
+    row.seconds = time.perf_counter() - t0
+    row.ok = True
+    row.shared_bytes = int(kernel.metadata.shared)
+    row.fits = row.shared_bytes <= SHARED_MEMORY_LIMIT.get(arch, SHARED_MEMORY_LIMIT[80])
+    registers = re.findall(r"Used (\d+) registers", log)
+    spills = re.findall(r"(\d+) bytes spill stores", log)
+    row.registers = max(map(int, registers)) if registers else 0
+    row.spill_bytes = sum(map(int, spills))
+    row.wgmma = kernel.asm.get("ptx", "").count("wgmma.mma_async")
+    return row
+
+
+def run(ops: list[str], arch: int, progress=print) -> list[Row]:
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        raise UserError("bench.compile_check compiles for a GPU: run it without TRITON_INTERPRET=1")
+    rows = []
+    for op in ops:
+        for launch in LAUNCHES[op]():
+            for config in launch.configs:
+                row = check(launch, config, arch)
+                rows.append(row)
+                progress(format_row(row))
+    return rows
+
+
+def format_row(r: Row) -> str:
+    if not r.ok:
+        return f"{r.op:14s} {r.case:22s} {r.kernel:36s} {r.config:34s} FAILED {r.error}"
+    smem = f"{r.shared_bytes / 1024:6.0f} KB{'' if r.fits else ' (over)'}"
+    return (f"{r.op:14s} {r.case:22s} {r.kernel:36s} {r.config:34s} {smem:14s} {r.registers:4d} regs "
+            f"{r.spill_bytes:6d} B spilled {r.wgmma:4d} wgmma {r.seconds:5.1f}s")
+
+
+def main(argv=None) -> None:
+    p = Parser(prog="bench.compile_check", description=__doc__.splitlines()[0])
+    p.add_argument("--arch", type=int, default=90, help="compute capability x10: 90 H100/H200, 80 A100")
+    p.add_argument("--op", action="append", choices=OPS, default=None, help="only this op (repeatable)")
+    p.add_argument("--json", default=None, help="write the rows here")
+    args = p.parse_args(argv)
+    if args.arch not in SHARED_MEMORY_LIMIT:
+        raise UserError(f"--arch {args.arch}: expected one of {', '.join(map(str, SHARED_MEMORY_LIMIT))}")
+    print(f"compiling for sm_{args.arch} (shared memory limit {SHARED_MEMORY_LIMIT[args.arch] / 1024:.0f} KB)")
+    rows = run(args.op or list(OPS), args.arch)
+    failed = [r for r in rows if not r.ok]
+    over = [r for r in rows if r.ok and not r.fits]
+    print(f"{len(rows)} builds: {len(rows) - len(failed)} compiled, {len(failed)} failed; "
+          f"{len(over)} need more shared memory than sm_{args.arch} has (the autotuner skips those); "
+          f"{sum(r.spill_bytes > 0 for r in rows)} spill; {sum(r.seconds for r in rows):.0f}s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"arch": args.arch, "rows": [asdict(r) for r in rows]}, f, indent=1)
+    if failed:
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    run_cli(main)
