@@ -294,8 +294,10 @@ _TUNE_KEY = ["T", "window", "HEAD_DIM"]
 _fwd_tuned = triton.autotune(_FWD_CONFIGS, key=_TUNE_KEY)(_attn_fwd)
 _dkdv_tuned = triton.autotune(_DKDV_CONFIGS, key=_TUNE_KEY)(_attn_bwd_dkdv)
 _dq_tuned = triton.autotune(_DQ_CONFIGS, key=_TUNE_KEY)(_attn_bwd_dq)
-INTERPRETER_BLOCKS = {"fwd": (32, 16), "dkdv": (16, 32), "dq": (32, 16)}  # (BLOCK_M, BLOCK_N)
-FP32_BLOCKS = {"fwd": (64, 32), "dkdv": (32, 64), "dq": (64, 32)}
+# (BLOCK_M, BLOCK_N) without autotuning: under the interpreter, and for fp32 inputs on a GPU (exact dots on CUDA
+# cores). Larger fp32 blocks spill: on sm_90 dk/dv at (32, 64) spilled 104 KB per thread, these 0.8 KB or none
+# (python -m bench.compile_check).
+SMALL_BLOCKS = {"fwd": (32, 16), "dkdv": (16, 32), "dq": (32, 16)}
 
 LOG2E = 1.4426950408889634
 TRITON_HEAD_DIMS = (16, 32, 64, 128)
@@ -354,13 +356,12 @@ def _strides(t: torch.Tensor) -> tuple[int, int, int]:
 
 
 def _launch(kernel, tuned, name, T, heads, args, kwargs):
-    """One program per (block of T, head): autotuned on a GPU for fp16/bf16; fixed small blocks for exact fp32
-    dots on a GPU (a correctness path: no tensor cores) and under the interpreter (INTERPRETER_BLOCKS).
+    """One program per (block of T, head): autotuned on a GPU for fp16/bf16; SMALL_BLOCKS for exact fp32 dots
+    on a GPU (a correctness path: no tensor cores) and under the interpreter.
     The forward and dq kernels block the queries (BLOCK_M), the dk/dv kernel the keys (BLOCK_N)."""
     block = "BLOCK_N" if name == "dkdv" else "BLOCK_M"
     if interpreting() or kwargs["PRECISION"] == "ieee":
-        blocks = INTERPRETER_BLOCKS if interpreting() else FP32_BLOCKS
-        sizes = dict(zip(("BLOCK_M", "BLOCK_N"), blocks[name]))
+        sizes = dict(zip(("BLOCK_M", "BLOCK_N"), SMALL_BLOCKS[name]))
         kernel[(triton.cdiv(T, sizes[block]), heads)](*args, **kwargs, **sizes, num_warps=4,
                                                       num_stages=1 if interpreting() else 2)
     else:

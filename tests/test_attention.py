@@ -83,7 +83,7 @@ def test_triton_matches_reference(poison, B, T, Hq, Hkv, D, window, dtype):
 @pytest.mark.parametrize("window", [5, 33])
 def test_triton_other_block_shapes(poison, monkeypatch, blocks, window):
     """The block-range arithmetic with square blocks and with 4:1 blocks (several masked steps per diagonal)."""
-    monkeypatch.setattr(attn, "INTERPRETER_BLOCKS", blocks)
+    monkeypatch.setattr(attn, "SMALL_BLOCKS", blocks)
     q, k, v, dout = make(1, 147, 2, 1, 32, torch.float32)
     check(run(triton_attention, q, k, v, dout, window), ref_run(q, k, v, dout, window), 1e-4, window)
 
