@@ -85,6 +85,23 @@ def _store_symmetric(out_ptr, acc, i, j, m, s_ob, s_or, s_oc, BLOCK: tl.constexp
         tl.store(out_ptr + cols[:, None] * s_or + rows[None, :] * s_oc, tl.trans(acc), mask=mask_t)
 
 
+@triton.jit
+def _tile_product(acc, a_ptr, s_ar, s_ak, rows, b_ptr, s_bk, s_bc, cols, M, K, N,
+                  PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc + A[rows, :] · B[:, cols] for A (M, K) and B (K, N), each read through its own strides."""
+    ks = tl.arange(0, BLOCK_K)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + ks
+        a = tl.load(a_ptr + rows[:, None] * s_ar + k[None, :] * s_ak,
+                    mask=(rows[:, None] < M) & (k[None, :] < K), other=0.0)
+        b = tl.load(b_ptr + k[:, None] * s_bk + cols[None, :] * s_bc,
+                    mask=(k[:, None] < K) & (cols[None, :] < N), other=0.0)
+        if UPCAST:  # the interpreter's tl.dot is wrong on bf16
+            a, b = a.to(tl.float32), b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    return acc
+
+
 @triton.autotune(configs=_SYM_CONFIGS, key=["m", "n", "POLY"])
 @triton.jit
 def _symmetric_kernel(x_ptr, out_ptr, m, n, coef_b, coef_c, s_xb, s_xr, s_xc, s_yk, s_yc, s_ob, s_or, s_oc,
@@ -99,17 +116,8 @@ def _symmetric_kernel(x_ptr, out_ptr, m, n, coef_b, coef_c, s_xb, s_xr, s_xc, s_
     x_ptr += tl.program_id(1).to(tl.int64) * s_xb
     rows = i * BLOCK + tl.arange(0, BLOCK)
     cols = j * BLOCK + tl.arange(0, BLOCK)
-    ks = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
-    for k0 in range(0, n, BLOCK_K):
-        k = k0 + ks
-        x_ik = tl.load(x_ptr + rows[:, None] * s_xr + k[None, :] * s_xc,
-                       mask=(rows[:, None] < m) & (k[None, :] < n), other=0.0)
-        y_kj = tl.load(x_ptr + k[:, None] * s_yk + cols[None, :] * s_yc,
-                       mask=(k[:, None] < n) & (cols[None, :] < m), other=0.0)
-        if UPCAST:  # the interpreter's tl.dot is wrong on bf16
-            x_ik, y_kj = x_ik.to(tl.float32), y_kj.to(tl.float32)
-        acc = tl.dot(x_ik, y_kj, acc, input_precision=PRECISION)
+    acc = _tile_product(acc, x_ptr, s_xr, s_xc, rows, x_ptr, s_yk, s_yc, cols, m, n, m, PRECISION, UPCAST, BLOCK_K)
     if POLY:
         a_ij = tl.load(x_ptr + rows[:, None] * s_xr + cols[None, :] * s_xc,
                        mask=(rows[:, None] < m) & (cols[None, :] < m), other=0.0)
@@ -131,17 +139,8 @@ def _update_kernel(b_ptr, x_ptr, out_ptr, m, n, coef_a, s_bb, s_br, s_bc, s_xb, 
     out_ptr += batch * s_ob
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    ks = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, m, BLOCK_K):
-        k = k0 + ks
-        b = tl.load(b_ptr + rows[:, None] * s_br + k[None, :] * s_bc,
-                    mask=(rows[:, None] < m) & (k[None, :] < m), other=0.0)
-        x = tl.load(x_ptr + k[:, None] * s_xr + cols[None, :] * s_xc,
-                    mask=(k[:, None] < m) & (cols[None, :] < n), other=0.0)
-        if UPCAST:
-            b, x = b.to(tl.float32), x.to(tl.float32)
-        acc = tl.dot(b, x, acc, input_precision=PRECISION)
+    acc = _tile_product(acc, b_ptr, s_br, s_bc, rows, x_ptr, s_xr, s_xc, cols, m, m, n, PRECISION, UPCAST, BLOCK_K)
     mask = (rows[:, None] < m) & (cols[None, :] < n)
     x_ij = tl.load(x_ptr + rows[:, None] * s_xr + cols[None, :] * s_xc, mask=mask, other=0.0)
     acc += coef_a * x_ij.to(tl.float32)
