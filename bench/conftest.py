@@ -2,30 +2,16 @@
 
 On CUDA everything runs at the spec's shapes; on a CPU the torch paths run at tiny shapes and the rest is
 skipped with its reason. BENCH_SHAPES=small runs the tiny shapes on CUDA too (a quick check).
-Tests marked cuda are skipped without one.
+Tests marked cuda are skipped without one (the root conftest.py).
 """
 import os
 import time
 
-import pytest
 import torch
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 SMALL = not HAS_CUDA or os.environ.get("BENCH_SHAPES", "") == "small"
-
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped on CPU with a reason)")
-
-
-def pytest_collection_modifyitems(config, items):
-    if HAS_CUDA:
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU (none on this machine)")
-    for item in items:
-        if "cuda" in item.keywords:
-            item.add_marker(skip)
 
 
 def synced(fn, device=DEVICE):

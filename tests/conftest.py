@@ -20,15 +20,6 @@ if not _HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-def pytest_collection_modifyitems(config, items):
-    if _HAS_CUDA:
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU (none on this machine)")
-    for item in items:
-        if "cuda" in item.keywords:
-            item.add_marker(skip)
-
-
 class FolderHandler(http.server.BaseHTTPRequestHandler):
     """Serves server.root; server.fail[name] answers 500 that many times first; names in server.truncate
     (count) get their Content-Length but only half the bytes before the connection closes."""
