@@ -160,7 +160,7 @@ def compile_launch(launch: Launch, config: dict, arch: int):
 
 
 def _config_name(launch: Launch, config: dict) -> str:
-    merged = {**{k: v for k, v in launch.kwargs.items() if k.startswith("BLOCK") or k.startswith("num_")}, **config}
+    merged = {**launch.kwargs, **config}
     short = {"num_warps": "w", "num_stages": "s"}
     return " ".join(f"{short.get(k, k)}={v}" for k, v in merged.items()
                     if v is not None and (k.startswith("BLOCK") or k in short))
@@ -177,15 +177,15 @@ def check(launch: Launch, config: dict, arch: int) -> Row:
     t0 = time.perf_counter()
     try:
         kernel, log = compile_launch(launch, config, arch)
+        row.ok = True
     except Exception as e:  # noqa: BLE001 - a compile error is the finding: report it, go on
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         row.error = f"{type(e).__name__}: {' ... '.join(dict.fromkeys(lines[:1] + lines[-1:]))}"[:300]
-        row.seconds = time.perf_counter() - t0
-        return row
     row.seconds = time.perf_counter() - t0
-    row.ok = True
+    if not row.ok:
+        return row
     row.shared_bytes = int(kernel.metadata.shared)
-    row.fits = row.shared_bytes <= SHARED_MEMORY_LIMIT.get(arch, SHARED_MEMORY_LIMIT[80])
+    row.fits = row.shared_bytes <= SHARED_MEMORY_LIMIT[arch]
     registers = re.findall(r"Used (\d+) registers", log)
     spills = re.findall(r"(\d+) bytes spill stores", log)
     row.registers = max(map(int, registers)) if registers else 0
@@ -194,7 +194,7 @@ def check(launch: Launch, config: dict, arch: int) -> Row:
     return row
 
 
-def run(ops: list[str], arch: int, progress=print) -> list[Row]:
+def run(ops: list[str], arch: int) -> list[Row]:
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise UserError("bench.compile_check compiles for a GPU: run it without TRITON_INTERPRET=1")
     rows = []
@@ -203,7 +203,7 @@ def run(ops: list[str], arch: int, progress=print) -> list[Row]:
             for config in launch.configs:
                 row = check(launch, config, arch)
                 rows.append(row)
-                progress(format_row(row))
+                print(format_row(row))
     return rows
 
 
