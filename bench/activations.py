@@ -11,18 +11,31 @@ difference is the loss's input h, kept in fp32 here and in bf16 on CUDA (once pe
 Per-layer bytes come from the difference between a 4-layer and a 2-layer model of the same width, so the
 once-per-model tensors (embedding, loss) drop out.
 
-On an H100 at d20 (session 1, no recompute) the measured peak at device batch 16 matched this count to within
-a few percent after the weights, grads and optimizer state (the comparison is in the issue notes).
+How the resulting estimate compares with peaks measured on a GPU is in the README.
 """
+import contextlib
 import json
 import os
 
 import torch
 
-from kernels import attention as attention_module
 from kernels import dispatch
 from model.config import config_from_depth
 from train.errors import Parser, run_cli
+
+
+@contextlib.contextmanager
+def interpreter_on():
+    """TRITON_INTERPRET=1 within the block (our kernels then accept CPU tensors), as it was afterwards."""
+    before = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("TRITON_INTERPRET")
+        else:
+            os.environ["TRITON_INTERPRET"] = before
 
 
 class _Traced(Exception):
@@ -33,15 +46,12 @@ def saved_bytes(depth: int, layers: int, seq_len: int = 256, recompute_mlp: bool
     """Bytes the forward keeps for the backward per token (weights excluded), and the saved tensors."""
     from torch._dynamo.backends.common import aot_autograd
     from torch._functorch.partitioners import min_cut_rematerialization_partition
-    from model.gpt import GPT
+
+    from train.builder import build_model
 
     cfg = config_from_depth(depth, max_seq_len=seq_len)
     cfg.n_layer = layers
-    with torch.device("meta"):
-        model = GPT(cfg)
-    model.to_empty(device="cpu")
-    model.init_weights()
-    model.recompute_mlp = recompute_mlp
+    model = build_model(cfg, "cpu", recompute_mlp=recompute_mlp)
     B, T = 1, seq_len
     saved: list = []
 
@@ -61,28 +71,17 @@ def saved_bytes(depth: int, layers: int, seq_len: int = 256, recompute_mlp: bool
                            partition_fn=min_cut_rematerialization_partition)
     compiled = torch.compile(model, backend=backend, dynamic=False, fullgraph=True)
     idx = torch.randint(0, cfg.vocab_size, (B, T))
-    # The CUDA path of the kernels: their custom ops with bf16 inputs (only their fake versions are traced).
-    real_triton = attention_module._triton
-    attention_module._triton = lambda q, k, v, window: attention_module._forward_op(q, k, v, window)[0]
-    dispatch.force("attention", "triton")
-    dispatch.force("cross_entropy", "triton")
-    interpret = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"  # lets the CPU tensors through the kernels' device checks
-    try:
-        with torch.autocast("cpu", torch.bfloat16):
-            compiled(idx, idx)
-    except Exception as e:  # dynamo wraps what the backend raises
-        if not isinstance(e, _Traced) and not isinstance(e.__cause__, _Traced) and "_Traced" not in str(e):
-            raise
-    finally:
-        attention_module._triton = real_triton
-        dispatch.force("attention", None)
-        dispatch.force("cross_entropy", None)
-        if interpret is None:
-            os.environ.pop("TRITON_INTERPRET")
-        else:
-            os.environ["TRITON_INTERPRET"] = interpret
-        torch._dynamo.reset()
+    # The CUDA path of the kernels: their custom ops with bf16 inputs (only their fake versions are traced);
+    # the interpreter switch only lets the CPU tensors through the kernels' device checks.
+    with dispatch.forced(attention="triton", cross_entropy="triton"), interpreter_on():
+        try:
+            with torch.autocast("cpu", torch.bfloat16):
+                compiled(idx, idx)
+        except Exception as e:  # dynamo wraps what the backend raises
+            if not isinstance(e, _Traced) and not isinstance(e.__cause__, _Traced) and "_Traced" not in str(e):
+                raise
+        finally:
+            torch._dynamo.reset()
     return sum(row[0] for row in saved), saved
 
 

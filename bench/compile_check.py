@@ -17,7 +17,6 @@ Run it without TRITON_INTERPRET (under it @triton.jit makes interpreter function
 Exit status: 0 when every launch compiled, 1 when one did not, 2 for bad input.
 """
 import contextlib
-import io
 import json
 import os
 import re
@@ -26,6 +25,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from bench import triton_shim
 from train.errors import Parser, UserError, run_cli
 
 # Largest shared memory one block may use (opt-in), bytes: CUDA's compute-capability table.
@@ -62,26 +62,15 @@ class Row:
 
 @contextlib.contextmanager
 def recording(launches: list, op: str, case: str):
-    """Replace Triton's launch (autotuned and plain) by a recorder of (kernel, args, kwargs, configs)."""
-    from triton.runtime.autotuner import Autotuner
-    from triton.runtime.jit import JITFunction
+    """Record the launches of the block (nothing runs) as Launch rows: an autotuned one with all its configs."""
+    def autotuned(fn, args, kwargs, configs):
+        launches.append(Launch(op, case, fn, args, kwargs, configs))
 
-    def autotuned(self, *args, **kwargs):
-        fn = self.fn
-        while not isinstance(fn, JITFunction):  # heuristics wrap the jit function
-            fn = fn.fn
-        kwargs = {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}  # how, not what, to launch
-        launches.append(Launch(op, case, fn, args, kwargs, [c.all_kwargs() for c in self.configs]))
+    def plain(fn, args, kwargs):
+        launches.append(Launch(op, case, fn, args, kwargs, [{}]))
 
-    def plain(self, *args, grid, warmup, **kwargs):
-        launches.append(Launch(op, case, self, args, kwargs, [{}]))
-
-    saved = Autotuner.run, JITFunction.run
-    Autotuner.run, JITFunction.run = autotuned, plain
-    try:
+    with triton_shim.recording_launches(autotuned, plain):
         yield
-    finally:
-        Autotuner.run, JITFunction.run = saved
 
 
 def newton_schulz_launches() -> list[Launch]:
@@ -133,30 +122,7 @@ LAUNCHES = {"newton_schulz": newton_schulz_launches, "cross_entropy": cross_entr
 
 def compile_launch(launch: Launch, config: dict, arch: int):
     """(compiled kernel, ptxas -v log) for one config of a launch on sm_<arch>."""
-    import triton
-    from triton import knobs
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, make_backend
-    from triton.runtime.jit import create_function_from_signature
-
-    target = GPUTarget("cuda", arch, 32)
-    backend = make_backend(target)
-    fn, kwargs = launch.kernel, {**launch.kwargs, **config}
-    # what JITFunction.run does before compiling: bind, specialise (alignment, divisibility), pack
-    binder = create_function_from_signature(fn.signature, fn.params, backend)
-    bound, specialization, options = binder(*launch.args, **kwargs)
-    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
-    log = io.StringIO()
-    saved = knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile
-    # ptxas -v (registers, spills) is printed to stdout, and only when ptxas runs: no cache
-    knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile = True, True
-    try:
-        with contextlib.redirect_stdout(log):
-            kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target,
-                                    options=options.__dict__)
-    finally:
-        knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile = saved
-    return kernel, log.getvalue()
+    return triton_shim.compile_for(launch.kernel, launch.args, {**launch.kwargs, **config}, arch)
 
 
 def _config_name(launch: Launch, config: dict) -> str:
@@ -197,6 +163,7 @@ def check(launch: Launch, config: dict, arch: int) -> Row:
 def run(ops: list[str], arch: int) -> list[Row]:
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise UserError("bench.compile_check compiles for a GPU: run it without TRITON_INTERPRET=1")
+    triton_shim.check_version()
     rows = []
     for op in ops:
         for launch in LAUNCHES[op]():

@@ -24,7 +24,8 @@ import torch
 from bench import timing
 from kernels import dispatch
 from train.errors import Parser, UserError, run_cli
-from train.report import H100_PEAK_BF16, mfu, peak_bf16_flops
+from train.fp8 import RECIPES as FP8_RECIPES
+from train.metrics import H100_PEAK_BF16, mfu, peak_bf16_flops
 
 # "Its torch version" per op, for --compare. Attention's plain reference is fp32 with a dense T x T mask
 # (it would need ~100 GB at d20), so attention falls back to torch's own SDPA, as nanochat does without FA3.
@@ -64,30 +65,24 @@ def build_trainer(depth: int, device, device_batch_size: int, seq_len: int, grad
                   compile: bool = True, fp8: str | None = None, vocab_size: int = 32768,
                   window_pattern: str = "SSSL", seed: int = 0, n_batches: int = 4,
                   recompute_mlp: bool | None = None) -> Trainer:
-    """The model, optimizer and random batches of one depth, as train.pretrain builds them."""
-    from model.gpt import GPT
-    from train.optim import make_optimizer
-    from train.scaling import choose_recompute_mlp, make_plan
+    """The model, optimizer and random batches of one depth, built as train.pretrain builds them (its flags'
+    defaults for everything not given here)."""
+    from train.builder import build_model_and_optimizer
+    from train.memory import choose_recompute_mlp
+    from train.pretrain import build_parser
+    from train.scaling import make_plan
 
     device = torch.device(device)
     plan = make_plan(depth, max_seq_len=seq_len, vocab_size=vocab_size, window_pattern=window_pattern,
                      device_batch_size=device_batch_size, total_batch_size=device_batch_size * seq_len * grad_accum,
                      num_iterations=1000, world_size=1)
-    torch.manual_seed(seed)
-    with torch.device("meta"):
-        orig = GPT(plan.config)
-    orig.to_empty(device=device)
-    orig.init_weights()
-    orig.recompute_mlp = choose_recompute_mlp(recompute_mlp, plan, device)  # as train.pretrain decides it
+    args = build_parser().parse_args(["--seed", str(seed)] + (["--fp8", "--fp8-recipe", fp8] if fp8 else []))
     if fp8:
-        from train import fp8 as fp8_module
-        fp8_module.check_fp8_available(device, emulate=False)
-        fused_ce = dispatch.requested("cross_entropy") not in ("torch", "compile")
-        fp8_module.convert_to_fp8(orig, fp8, fused_ce=fused_ce, emulate=False)
+        from train import fp8 as fp8_training
+        fp8_training.check_fp8_available(device, emulate=False)
+    recompute = choose_recompute_mlp(recompute_mlp, plan, device)  # as train.pretrain decides it
+    orig, optimizer, _ = build_model_and_optimizer(plan, args, device, recompute)
     model = torch.compile(orig, dynamic=False) if compile else orig
-    optimizer = make_optimizer(orig.param_groups(), matrix_lr=0.02, embedding_lr=0.3, unembedding_lr=0.004,
-                               scalar_lr=0.5, adam_betas=(0.8, 0.95), weight_decay=plan.weight_decay,
-                               lr_scale=plan.lr_scale, adam_width_scale=plan.adam_width_scale, distributed=False)
     g = torch.Generator(device=device)
     g.manual_seed(seed)
     batches = []
@@ -141,23 +136,20 @@ def variants(compare: str | None, suffix: str = "") -> list[tuple[str, dict]]:
 
 
 def run_variant(args, forced: dict) -> dict:
-    for op in dispatch.OPS:
-        dispatch.force(op, forced.get(op))
     trainer = None
     try:
-        trainer = build_trainer(args.depth, args.device, args.device_batch_size, args.seq_len, args.grad_accum,
-                                compile=args.compile, fp8=args.fp8_recipe if args.fp8 else None,
-                                vocab_size=args.vocab_size, window_pattern=args.window_pattern,
-                                recompute_mlp=args.recompute_mlp)
-        if torch.device(args.device).type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        result = time_steps(trainer, args.steps, args.warmup)
-        if torch.device(args.device).type == "cuda":
-            result["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
-        return result | {"recompute_mlp": trainer.recompute_mlp}
+        with dispatch.forced(**{op: forced.get(op) for op in dispatch.OPS}):
+            trainer = build_trainer(args.depth, args.device, args.device_batch_size, args.seq_len, args.grad_accum,
+                                    compile=args.compile, fp8=args.fp8_recipe if args.fp8 else None,
+                                    vocab_size=args.vocab_size, window_pattern=args.window_pattern,
+                                    recompute_mlp=args.recompute_mlp)
+            if torch.device(args.device).type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            result = time_steps(trainer, args.steps, args.warmup)
+            if torch.device(args.device).type == "cuda":
+                result["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
+            return result | {"recompute_mlp": trainer.recompute_mlp}
     finally:
-        for op in dispatch.OPS:
-            dispatch.force(op, None)
         del trainer
         free(args.device)
 
@@ -178,7 +170,7 @@ def build_parser() -> Parser:
     a("--recompute-mlp", action=argparse.BooleanOptionalAction, default=None,
       help="recompute relu² in the backward (default: as train.pretrain decides, by the memory estimate)")
     a("--fp8", action="store_true", help="FP8 linears through torchao (train/fp8.py)")
-    a("--fp8-recipe", default="tensorwise", choices=["tensorwise", "rowwise"])
+    a("--fp8-recipe", default=FP8_RECIPES[0], choices=FP8_RECIPES)
     a("--compare", nargs="?", const="all", default=None, metavar="OP,...",
       help="also run with every kernel forced to its torch version, then each one alone, and print the deltas; "
            "with OPs (e.g. newton_schulz) only those, each alone")
@@ -211,10 +203,7 @@ def validate(args) -> None:
         raise UserError(f"--window-pattern may contain only S and L, got {args.window_pattern!r}")
     args.window_pattern = args.window_pattern.upper()
     if args.fp8:
-        try:
-            from train import fp8
-        except ImportError:
-            raise UserError("--fp8 needs train/fp8.py (FP8 training), which is not in this checkout") from None
+        from train import fp8
         fp8.check_fp8_available(torch.device(args.device), emulate=False)  # before building anything
 
 
@@ -263,7 +252,7 @@ def main(argv=None) -> None:
             raise
         except torch.OutOfMemoryError:
             if not args.compare:
-                from train.scaling import choose_recompute_mlp, memory_advice
+                from train.memory import choose_recompute_mlp, memory_advice
                 device = torch.device(args.device)
                 recompute = choose_recompute_mlp(args.recompute_mlp, plan, device)
                 advice = memory_advice(plan, device, recompute, ran_out=True)

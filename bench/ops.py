@@ -5,7 +5,6 @@ how to run one implementation (forward, or forward + backward through torch.auto
 FLOPs and the minimal bytes moved, and an independent high-precision reference for the error column
 (float64 on the CPU, float32 without TF32 on CUDA), so a fast but wrong kernel shows up as wrong.
 """
-import importlib
 import math
 import re
 from contextlib import contextmanager
@@ -15,15 +14,19 @@ import torch
 import torch.nn.functional as F
 
 from bench import timing
+from kernels import attention as attention_kernel
+from kernels import cross_entropy as cross_entropy_kernel
+from kernels import dispatch
+from kernels import newton_schulz as newton_schulz_kernel
 from kernels.dispatch import KernelUnavailable
 from train.errors import UserError
-from train.report import H100_PEAK_BF16, peak_bf16_flops
+from train.metrics import H100_PEAK_BF16, peak_bf16_flops
 
 H100_HBM_BYTES_PER_S = 3.35e12
-SOFTCAP = 15.0
 COMPILED_IMPLS = ("compile", "flex")  # compiled per shape: dynamo is reset first, so no stale or dynamic graph
-NOT_ON_CPU = {
-    "triton": "Triton kernels need CUDA here (the CPU interpreter checks correctness; it is no benchmark)",
+_TRITON_ON_CPU = "Triton kernels need CUDA here (the CPU interpreter checks correctness; it is no benchmark)"
+NOT_ON_CPU = {  # why an implementation (a name of dispatch.IMPLS) is not timed on a CPU
+    "triton": _TRITON_ON_CPU, "triton_full": _TRITON_ON_CPU,
     "compile": "torch.compile on the CPU takes minutes to build; benchmarked on CUDA only",
     "flex": "FlexAttention is compiled; benchmarked on CUDA only",
     "fa2": "FlashAttention-2 needs CUDA", "fa3": "FlashAttention-3 needs a Hopper GPU",
@@ -36,10 +39,6 @@ class Shape:
     id: str      # canonical text; Op.parse_shape(id) gives this shape back
     label: str   # what tables and charts show
     dims: tuple  # op-specific numbers
-
-
-class Unavailable(Exception):
-    """An implementation that cannot run here: the case is skipped with this reason."""
 
 
 def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -64,13 +63,6 @@ def reference_dtype(device) -> torch.dtype:
     return torch.float64 if torch.device(device).type == "cpu" else torch.float32
 
 
-def kernel_module(name: str):
-    try:
-        return importlib.import_module(f"kernels.{name}")
-    except ImportError as e:
-        raise Unavailable(f"kernels/{name}.py is not importable ({e})") from None
-
-
 def _generator(device, seed: int) -> torch.Generator:
     g = torch.Generator(device=device)
     g.manual_seed(seed)
@@ -78,8 +70,7 @@ def _generator(device, seed: int) -> torch.Generator:
 
 
 class Op:
-    name: str
-    spec_impls: tuple  # the spec's list; impls adds any other the kernel module offers (e.g. triton_full)
+    name: str  # one of dispatch.OPS; its implementations are dispatch.IMPLS[name]
     cpu_impls: tuple
     modes: tuple  # "fwd" and/or "fwd+bwd"
     flop_keys: tuple  # the first is the one % of peak refers to
@@ -99,17 +90,11 @@ class Op:
 
     @property
     def impls(self) -> tuple:
-        if not hasattr(self, "_impls"):
-            try:
-                offered = tuple(i for i in kernel_module(self.name).IMPLS if i != "auto")
-            except Exception:  # noqa: BLE001 - a broken module shows up as error rows, not here
-                offered = ()
-            self._impls = self.spec_impls + tuple(i for i in offered if i not in self.spec_impls)
-        return self._impls
+        return dispatch.IMPLS[self.name]
 
     def skip_reason(self, impl: str, shape: Shape, device) -> str | None:
         if torch.device(device).type != "cuda" and impl not in self.cpu_impls:
-            return NOT_ON_CPU.get(impl.split("_")[0], f"{impl} needs CUDA")
+            return NOT_ON_CPU.get(impl, f"{impl} needs CUDA")
         return None
 
     def tolerance(self, dtype) -> float:
@@ -126,13 +111,6 @@ def _ints(text: str, what: str) -> list[int]:
 # ----------------------------------------------------------------------------------------------
 # 1. Muon orthogonalization (Polar Express): a shape is one or more stacks (K, m, n)
 
-POLAR_EXPRESS = (
-    (8.156554524902461, -22.48329292557795, 15.878769915207462),
-    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
-    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
-    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
-    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
-)
 NS_MODELS = {  # depth: the stacks of the whole model (spec)
     12: ((48, 768, 768), (12, 768, 3072), (12, 3072, 768)),
     20: ((80, 1280, 1280), (20, 1280, 5120), (20, 5120, 1280)),
@@ -141,30 +119,20 @@ NS_MODELS = {  # depth: the stacks of the whole model (spec)
 
 
 def polar_express(G: torch.Tensor, dtype) -> torch.Tensor:
-    """The spec's 5 Polar Express iterations in dtype (our own reference, independent of kernels/)."""
+    """The 5 Polar Express iterations in dtype: our own math, independent of kernels/ (its coefficients)."""
     X = G.to(dtype)
     wide = X.size(-2) <= X.size(-1)
     if not wide:
         X = X.mT
     X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.01 + 1e-6)
-    for a, b, c in POLAR_EXPRESS:
+    for a, b, c in newton_schulz_kernel.POLAR_EXPRESS_COEFFS:
         A = X @ X.mT
         X = a * X + (b * A + c * (A @ A)) @ X
     return X if wide else X.mT
 
 
-def ns_flops(m: int, n: int, steps: int = 5) -> tuple[int, int]:
-    """(dense, symmetric) FLOPs of one matrix: per iteration 4m²n + 2m³ vs 3m²n + m³ on the wide side."""
-    m, n = min(m, n), max(m, n)
-    return steps * (4 * m * m * n + 2 * m ** 3), steps * (3 * m * m * n + m ** 3)
-
-
-_compiled_ns = None
-
-
 class NewtonSchulz(Op):
     name = "newton_schulz"
-    spec_impls = ("triton", "torch", "compile")
     cpu_impls = ("torch",)
     modes = ("fwd",)
     flop_keys = ("dense", "symmetric")
@@ -205,14 +173,7 @@ class NewtonSchulz(Op):
         return tuple(torch.randn(s, generator=g, device=device, dtype=torch.float32).to(dtype) for s in shape.dims)
 
     def run(self, impl, inputs, backward):
-        if impl == "compile":
-            global _compiled_ns
-            orthogonalize = kernel_module("newton_schulz").orthogonalize
-            if _compiled_ns is None:
-                _compiled_ns = torch.compile(lambda G: orthogonalize(G, impl="torch"), dynamic=False)
-            return tuple(_compiled_ns(G) for G in inputs)
-        orthogonalize = kernel_module("newton_schulz").orthogonalize
-        return tuple(orthogonalize(G, impl=impl) for G in inputs)
+        return tuple(newton_schulz_kernel.orthogonalize(G, impl=impl) for G in inputs)
 
     def reference(self, inputs, backward):
         with exact_fp32():
@@ -224,9 +185,8 @@ class NewtonSchulz(Op):
         return 1e-4 if dtype in (torch.float32, torch.float64) else 1e-1
 
     def flops(self, shape, backward):
-        dense = sum(k * ns_flops(m, n)[0] for k, m, n in shape.dims)
-        sym = sum(k * ns_flops(m, n)[1] for k, m, n in shape.dims)
-        return {"dense": dense, "symmetric": sym}
+        return {"dense": sum(k * newton_schulz_kernel.flops_dense(m, n) for k, m, n in shape.dims),
+                "symmetric": sum(k * newton_schulz_kernel.flops_symmetric(m, n) for k, m, n in shape.dims)}
 
     def bytes(self, shape, backward, dtype):
         elt = torch.empty((), dtype=dtype).element_size()
@@ -250,7 +210,7 @@ def ce_reference(h, w, targets, dtype, chunk_bytes: int = 2 ** 30):
     for i in range(0, N, rows):
         hc = h[i:i + rows].detach().to(dtype).requires_grad_(True)
         z = hc @ wr.t()
-        z = SOFTCAP * torch.tanh(z / SOFTCAP)
+        z = cross_entropy_kernel.SOFTCAP * torch.tanh(z / cross_entropy_kernel.SOFTCAP)
         part = F.cross_entropy(z, targets[i:i + rows], ignore_index=-1, reduction="sum") / n_valid
         part.backward()
         loss += part.detach()
@@ -260,7 +220,6 @@ def ce_reference(h, w, targets, dtype, chunk_bytes: int = 2 ** 30):
 
 class CrossEntropy(Op):
     name = "cross_entropy"
-    spec_impls = ("triton", "torch", "compile", "liger", "cce")
     cpu_impls = ("torch",)
     modes = ("fwd+bwd",)
     flop_keys = ("matmul",)
@@ -293,8 +252,8 @@ class CrossEntropy(Op):
 
     def run(self, impl, inputs, backward):
         h, w, targets = inputs
-        loss = kernel_module("cross_entropy").linear_cross_entropy(h, w, targets, softcap=SOFTCAP, ignore_index=-1,
-                                                                   reduction="mean", impl=impl)
+        loss = cross_entropy_kernel.linear_cross_entropy(h, w, targets, softcap=cross_entropy_kernel.SOFTCAP,
+                                                         ignore_index=-1, reduction="mean", impl=impl)
         dh, dw = torch.autograd.grad(loss, (h, w))
         return loss, dh, dw
 
@@ -304,8 +263,7 @@ class CrossEntropy(Op):
             return ce_reference(h, w, targets, reference_dtype(h.device))
 
     def flops(self, shape, backward):
-        N, H, V = shape.dims
-        return {"matmul": 6 * N * H * V}  # logits 2NHV, dh 2NHV, dW 2NHV (recomputation not counted)
+        return {"matmul": sum(cross_entropy_kernel.flops(*shape.dims))}  # forward + backward (always both here)
 
     def bytes(self, shape, backward, dtype):
         N, H, V = shape.dims
@@ -320,30 +278,19 @@ TORCH_ATTENTION_MAX_SCORE_BYTES = 2 ** 30  # the fp32 dense-mask reference is O(
 REFERENCE_SEQUENCES = 2  # the error column checks the first sequences of the batch (rows are independent)
 
 
-def visible_pairs(T: int, window: int) -> int:
-    """(query, key) pairs a causal window lets through: query i sees min(i, window) + 1 keys."""
-    if window < 0 or window >= T - 1:
-        return T * (T + 1) // 2
-    return (window + 1) * T - window * (window + 1) // 2
-
-
 def attention_reference(q, k, v, window: int, dtype) -> torch.Tensor:
-    """softmax(q kᵀ/√D + mask) v with an explicit causal window mask, in dtype. (B, T, H, D) layout."""
-    T, rep = q.size(1), q.size(2) // k.size(2)
-    q, k, v = (t.transpose(1, 2).to(dtype) for t in (q, k, v))
-    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    i = torch.arange(T, device=q.device)
-    lag = i[:, None] - i[None, :]
-    visible = (lag >= 0) & ((lag <= window) if window >= 0 else True)
+    """softmax(q kᵀ/√D + mask) v with an explicit causal window mask, in dtype. (B, T, H, D) layout.
+    Our own math; the mask and the GQA repeat are the kernels' definitions (kernels.attention)."""
+    q, k, v = attention_kernel.heads_first(*(t.to(dtype) for t in (q, k, v)))
+    i = torch.arange(q.size(2), device=q.device)
     scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.size(-1))
-    scores = scores.masked_fill(~visible, float("-inf"))
+    scores = scores.masked_fill(~attention_kernel.visible(i, i, window), float("-inf"))
     return (scores.softmax(-1) @ v).transpose(1, 2)
 
 
 class Attention(Op):
     name = "attention"
-    spec_impls = ("triton", "fa3", "fa2", "sdpa", "flex", "torch")
-    cpu_impls = ("torch", "sdpa")
+    cpu_impls = ("torch", "blocked", "sdpa")
     modes = ("fwd", "fwd+bwd")
     flop_keys = ("causal",)
 
@@ -394,7 +341,7 @@ class Attention(Op):
 
     def run(self, impl, inputs, backward):
         q, k, v, window = inputs[:4]
-        out = kernel_module("attention").attention(q, k, v, window=window, impl=impl)
+        out = attention_kernel.attention(q, k, v, window=window, impl=impl)
         if not backward:
             return (out,)
         return (out, *torch.autograd.grad(out, (q, k, v), inputs[4]))
@@ -417,8 +364,8 @@ class Attention(Op):
 
     def flops(self, shape, backward):
         B, T, Hq, _, D, window = shape.dims
-        fwd = 4 * D * visible_pairs(T, window) * B * Hq
-        return {"causal": fwd * 3.5 if backward else fwd}  # backward counts 2.5x the forward (FlashAttention)
+        fwd = attention_kernel.flops(B, T, Hq, D, window)
+        return {"causal": fwd + attention_kernel.flops(B, T, Hq, D, window, backward=True) if backward else fwd}
 
     def bytes(self, shape, backward, dtype):
         B, T, Hq, Hkv, D, _ = shape.dims
@@ -478,7 +425,7 @@ def measure(op: Op, shape: Shape, mode: str, impl: str, device, dtype=None, time
         return row | {"status": "skipped", "reason": reason}
     try:
         _run_case(row, op, shape, mode, impl, device, dtype, timed, warmup, rep)
-    except (Unavailable, NotImplementedError, KernelUnavailable) as e:
+    except KernelUnavailable as e:  # an implementation that cannot run here says so: the case is skipped
         row |= {"status": "skipped", "reason": _one_line(e)}
     except torch.OutOfMemoryError:
         row |= {"status": "error", "reason": "out of memory"}

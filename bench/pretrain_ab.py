@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 
 from bench.timing import device_info
-from train.dataset import base_dir
 from train.errors import Parser, UserError, run_cli
+from train.paths import base_dir
 
 DEFAULT_VARIANTS = ["bf16:", "fp8-tensorwise:--fp8 --fp8-recipe tensorwise", "fp8-rowwise:--fp8 --fp8-recipe rowwise"]
 WARMUP_STEPS = 10  # steps whose time includes compilation and autotuning

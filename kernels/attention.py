@@ -10,23 +10,27 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.dispatch import KernelUnavailable, check_choice, interpreting, requested, triton_runs_on
+from kernels.dispatch import KernelUnavailable, choose, implementation, interpreting, register, triton_runs_on
 
-IMPLS = ("auto", "triton", "fa3", "fa2", "sdpa", "flex", "torch")
 CPU_BLOCK = 256  # query rows per block on the CPU path
 
 
-def _full(window: int, T: int) -> bool:
+def full_window(window: int, T: int) -> bool:
+    """A window that lets every earlier key through (-1, or at least T - 1)."""
     return window < 0 or window >= T - 1
 
 
+def visible_pairs(T: int, window: int) -> int:
+    """(query, key) pairs a causal window lets through: query i sees min(i, window) + 1 keys."""
+    if full_window(window, T):
+        return T * (T + 1) // 2
+    return (window + 1) * T - window * (window + 1) // 2
+
+
 def flops(B: int, T: int, Hq: int, D: int, window: int, backward: bool = False) -> int:
-    """4·D per visible (query, key) pair forward (FlashAttention's convention); backward 2.5x that."""
-    if _full(window, T):
-        pairs = T * (T + 1) // 2
-    else:
-        pairs = (window + 1) * T - window * (window + 1) // 2
-    fwd = 4 * D * pairs * B * Hq
+    """FLOPs of the forward pass, 4·D per visible (query, key) pair (FlashAttention's convention); with
+    backward=True those of the backward pass, 2.5x the forward's."""
+    fwd = 4 * D * visible_pairs(T, window) * B * Hq
     return int(fwd * 2.5) if backward else fwd
 
 
@@ -306,39 +310,48 @@ TRITON_HEAD_DIMS = (16, 32, 64, 128)
 # ----------------------------------------------------------------------------------------------
 # plain-PyTorch reference (explicit T x T mask, fp32) and the CPU path (blocks of queries)
 
-def _visible(rows: torch.Tensor, cols: torch.Tensor, window: int) -> torch.Tensor:
+def visible(rows: torch.Tensor, cols: torch.Tensor, window: int) -> torch.Tensor:
+    """The mask of which keys (positions cols) each query (positions rows) sees: (len(rows), len(cols)) bool."""
     lag = rows[:, None] - cols[None, :]
     return (lag >= 0) & (lag <= window) if window >= 0 else lag >= 0
 
 
+def heads_first(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """(B, T, H, D) -> (B, H, T, D) views for matmul-style attention, k and v repeated to q's head count (GQA)."""
+    rep = q.size(2) // k.size(2)
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    if rep > 1:
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    return q, k, v
+
+
+@register("attention", "torch")
 def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int = -1) -> torch.Tensor:
     """softmax(q kᵀ/√D + mask) v in fp32 (fp64 for fp64 inputs) with an explicit T x T mask; q's dtype out."""
-    T, rep = q.size(1), q.size(2) // k.size(2)
+    T = q.size(1)
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    qf, kf, vf = (t.to(dtype).transpose(1, 2) for t in (q, k, v))
-    kf, vf = kf.repeat_interleave(rep, dim=1), vf.repeat_interleave(rep, dim=1)
+    qf, kf, vf = heads_first(*(t.to(dtype) for t in (q, k, v)))
     pos = torch.arange(T, device=q.device)
     scores = (qf @ kf.transpose(-1, -2)) / math.sqrt(q.size(-1))
-    scores = scores.masked_fill(~_visible(pos, pos, window), float("-inf"))
+    scores = scores.masked_fill(~visible(pos, pos, window), float("-inf"))
     return (scores.softmax(-1) @ vf).transpose(1, 2).to(q.dtype)
 
 
+@register("attention", "blocked")
 def blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int = -1,
             block: int = CPU_BLOCK) -> torch.Tensor:
-    """The CPU path: full layers through SDPA(is_causal); windowed ones a block of queries at a time, each
+    """The portable path: full layers through SDPA(is_causal); windowed ones a block of queries at a time, each
     over its key range [start - window, end) with a mask of that block only (never T x T). Plain autograd."""
-    T, rep = q.size(1), q.size(2) // k.size(2)
-    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D) views
-    if rep > 1:
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    if _full(window, T):
+    T = q.size(1)
+    q, k, v = heads_first(q, k, v)
+    if full_window(window, T):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
     pos = torch.arange(T, device=q.device)
     outs = []
     for start in range(0, T, block):
         end = min(T, start + block)
         lo = max(0, start - window)
-        mask = _visible(pos[start:end], pos[lo:end], window)
+        mask = visible(pos[start:end], pos[lo:end], window)
         outs.append(F.scaled_dot_product_attention(q[:, :, start:end], k[:, :, lo:end], v[:, :, lo:end],
                                                    attn_mask=mask))
     return torch.cat(outs, dim=2).transpose(1, 2)
@@ -369,7 +382,7 @@ def _launch(kernel, tuned, name, T, heads, args, kwargs):
 
 
 def _window_arg(window: int, T: int) -> int:
-    return T if _full(window, T) else window  # full attention = a window longer than the sequence
+    return T if full_window(window, T) else window  # full attention = a window longer than the sequence
 
 
 def _precision(q: torch.Tensor) -> str:
@@ -411,15 +424,24 @@ def _like(t: torch.Tensor) -> torch.Tensor:
     return _empty(t.shape, t.dtype, t.device)
 
 
+def _kernel_dtype(t: torch.Tensor) -> torch.dtype:
+    """What the kernels compute in: t's dtype, but fp32 for bf16 on the interpreter (its bf16 tl.dot is wrong)."""
+    return torch.float32 if t.dtype == torch.bfloat16 and not t.is_cuda and interpreting() else t.dtype
+
+
+def _for_kernels(*ts: torch.Tensor) -> list[torch.Tensor]:
+    return [_last_dim_contiguous(t.to(_kernel_dtype(t))) for t in ts]
+
+
 @torch.library.custom_op("nanochat::attention_forward", mutates_args=())
 def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out (B, T, Hq, D), lse (B, Hq, T) fp32)."""
-    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    """(out (B, T, Hq, D) in q's dtype, lse (B, Hq, T) fp32)."""
+    qk, kk, vk = _for_kernels(q, k, v)
     B, T, Hq, _ = q.shape
-    out, lse = _like(q), _empty((B, Hq, T), torch.float32, q.device)
+    out, lse = _like(qk), _empty((B, Hq, T), torch.float32, q.device)
     if out.numel():
-        _forward_into(q, k, v, window, out, lse)
-    return out, lse
+        _forward_into(qk, kk, vk, window, out, lse)
+    return out.to(q.dtype), lse
 
 
 @_forward_op.register_fake
@@ -431,12 +453,12 @@ def _(q, k, v, window):
 @torch.library.custom_op("nanochat::attention_backward", mutates_args=())
 def _backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                  lse: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv), recomputing the scores from the saved lse."""
-    dout, q, k, v, out = (_last_dim_contiguous(t) for t in (dout, q, k, v, out))
-    dq, dk, dv = _like(q), _like(k), _like(v)
+    """(dq, dk, dv) in the inputs' dtype, recomputing the scores from the saved lse."""
+    dk_, qk, kk, vk, ok = _for_kernels(dout, q, k, v, out)
+    dq, dk, dv = _like(qk), _like(kk), _like(vk)
     if q.numel():
-        _backward_into(dout, q, k, v, out, lse, window, dq, dk, dv)
-    return dq, dk, dv
+        _backward_into(dk_, qk, kk, vk, ok, lse, window, dq, dk, dv)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
 @_backward_op.register_fake
@@ -460,85 +482,19 @@ def _backward(ctx, dout, _dlse):
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def supports(q: torch.Tensor) -> bool:
+    """Our kernel takes q's dtype and head dim."""
+    return q.dtype in (torch.float32, torch.float16, torch.bfloat16) and q.size(-1) in TRITON_HEAD_DIMS
+
+
+@register("attention", "triton")
 def _triton(q, k, v, window):
     if not triton_runs_on(q):
         raise KernelUnavailable("attention: impl 'triton' needs a CUDA tensor (or TRITON_INTERPRET=1 on CPU)")
-    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16) or q.size(-1) not in TRITON_HEAD_DIMS:
+    if not supports(q):
         raise KernelUnavailable(f"attention: impl 'triton' takes fp32/fp16/bf16 with head dim in {TRITON_HEAD_DIMS}, "
                                 f"got {q.dtype} and D = {q.size(-1)}")
-    if interpreting() and q.dtype == torch.bfloat16 and not q.is_cuda:
-        # the interpreter's bf16 tl.dot is wrong (triton 3.9): run the same kernels on fp32 copies
-        return _forward_op(q.float(), k.float(), v.float(), window)[0].to(q.dtype)
     return _forward_op(q, k, v, window)[0]
-
-
-# ----------------------------------------------------------------------------------------------
-# peers for A/B
-
-def _sdpa(q, k, v, window):
-    T, rep = q.size(1), q.size(2) // k.size(2)
-    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-    if rep > 1:
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    if _full(window, T):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
-    pos = torch.arange(T, device=q.device)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=_visible(pos, pos, window)).transpose(1, 2)
-
-
-_flex_compiled = None
-_block_masks: dict = {}
-
-
-def _flex(q, k, v, window):
-    global _flex_compiled
-    try:
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-    except ImportError:
-        raise KernelUnavailable("attention: impl 'flex' needs torch.nn.attention.flex_attention") from None
-    if not q.is_cuda and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-        raise KernelUnavailable("attention: impl 'flex' has no backward on CPU (FlexAttention); use a CUDA tensor")
-    T = q.size(1)
-    key = (T, window if not _full(window, T) else -1, str(q.device))
-    if key not in _block_masks:
-        w = key[1]
-
-        def mask_mod(b, h, i, j):
-            return (j <= i) & ((i - j <= w) if w >= 0 else True)
-
-        _block_masks[key] = create_block_mask(mask_mod, B=None, H=None, Q_LEN=T, KV_LEN=T, device=q.device)
-    if _flex_compiled is None:
-        _flex_compiled = torch.compile(flex_attention)
-    fn = flex_attention if torch.compiler.is_compiling() else _flex_compiled
-    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-    out = fn(q, k, v, block_mask=_block_masks[key], enable_gqa=q.size(1) != k.size(1))
-    return out.transpose(1, 2)
-
-
-try:  # FlashAttention-3 (Hopper only); any import failure means "not here"
-    import flash_attn_interface as _FA3
-except Exception:  # noqa: BLE001
-    _FA3 = None
-
-
-def _fa3(q, k, v, window):
-    fa3 = _FA3
-    if fa3 is None:
-        raise KernelUnavailable("attention: impl 'fa3' needs FlashAttention-3 (flash_attn_interface, Hopper only)")
-    if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
-        raise KernelUnavailable("attention: impl 'fa3' needs fp16/bf16 CUDA tensors")
-    out = fa3.flash_attn_func(q, k, v, causal=True, window_size=(-1 if _full(window, q.size(1)) else window, 0))
-    return out[0] if isinstance(out, tuple) else out
-
-
-def _fa2(q, k, v, window):
-    try:
-        from flash_attn import flash_attn_func
-    except ImportError:
-        raise KernelUnavailable("attention: impl 'fa2' needs FlashAttention-2 (pip install flash-attn)") from None
-    if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
-        raise KernelUnavailable("attention: impl 'fa2' needs fp16/bf16 CUDA tensors")
-    return flash_attn_func(q, k, v, causal=True, window_size=(-1 if _full(window, q.size(1)) else window, 0))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -555,39 +511,13 @@ def _check(q, k, v, window):
         raise ValueError(f"attention: window must be an int >= -1 (-1 = full), got {window!r}")
 
 
-def _auto(q: torch.Tensor) -> str:
-    """FA3 on Hopper with bf16, else ours on CUDA (supported dtype and head dim), else the CPU block path."""
-    if not q.is_cuda:
-        return "blocked"
-    if _FA3 is not None and q.dtype == torch.bfloat16 and torch.cuda.get_device_properties(q.device).major == 9:
-        return "fa3"
-    if q.dtype in (torch.float32, torch.float16, torch.bfloat16) and q.size(-1) in TRITON_HEAD_DIMS:
-        return "triton"
-    return "blocked"
-
-
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int = -1,
               impl: str = "auto") -> torch.Tensor:
     """Causal attention with a sliding window. q (B, T, Hq, D), k and v (B, T, Hkv, D) -> (B, T, Hq, D).
 
-    window: previous tokens visible (-1 = all; 0 = only itself). impl: auto | triton | fa3 | fa2 | sdpa |
-    flex | torch. 'auto': FA3 on Hopper with bf16 when installed, else ours on CUDA, else the CPU block path.
+    window: previous tokens visible (-1 = all; 0 = only itself). impl: one of dispatch.IMPLS["attention"] or
+    "auto" (FA3 on Hopper with bf16 when installed, else ours on CUDA, else the blocked torch path).
     """
     _check(q, k, v, window)
-    impl = requested("attention", impl)
-    check_choice("attention", impl, IMPLS)
-    if impl == "auto":
-        impl = _auto(q)
-        if impl == "blocked":
-            return blocked(q, k, v, window)
-    if impl == "torch":
-        return reference(q, k, v, window)
-    if impl == "sdpa":
-        return _sdpa(q, k, v, window)
-    if impl == "flex":
-        return _flex(q, k, v, window)
-    if impl == "fa3":
-        return _fa3(q, k, v, window)
-    if impl == "fa2":
-        return _fa2(q, k, v, window)
-    return _triton(q, k, v, window)
+    impl = choose("attention", impl, q, supports(q))
+    return implementation("attention", impl)(q, k, v, window)

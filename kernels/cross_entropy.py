@@ -15,14 +15,16 @@ of 64; targets never point at them); to leave the padding out, pass weight[:voca
 Benchmarks: with a gradient wanted, the 'mean' forward already does the backward's matmuls (6NHV), so time
 forward + backward together.
 """
+import functools
+
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.dispatch import KernelUnavailable, check_choice, interpreting, requested, triton_runs_on
+from kernels.dispatch import KernelUnavailable, choose, implementation, interpreting, register, triton_runs_on
 
-IMPLS = ("auto", "triton", "torch", "compile", "liger", "cce")
+SOFTCAP = 15.0  # nanochat's logit soft-cap, and the default here
 CHUNK_ELEMENTS = 1 << 28  # logits per chunk: 8192 rows at V = 32768 (512 MB in bf16)
 
 
@@ -97,28 +99,27 @@ def _softcap_ce_rows_kernel(
 # ----------------------------------------------------------------------------------------------
 # plain-PyTorch reference (materializes the logits; also the CPU path)
 
-def reference(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, softcap: float | None = 15.0,
-              ignore_index: int = -1, reduction: str = "mean") -> torch.Tensor:
-    """The unfused math, like the model without the kernel: logits in the inputs' dtype, loss in fp32.
-    'mean' over non-ignored targets (0 when all are ignored); 'none': fp32 nats of targets' shape."""
-    logits = (h.reshape(-1, h.shape[-1]) @ weight.t()).float()
-    if softcap:
-        logits = softcap * torch.tanh(logits / softcap)
+def softcapped(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """softcap·tanh(logits/softcap) (logits unchanged when softcap is None or 0)."""
+    return softcap * torch.tanh(logits / softcap) if softcap else logits
+
+
+def loss_from_logits(logits: torch.Tensor, targets: torch.Tensor, softcap: float | None = SOFTCAP,
+                     ignore_index: int = -1, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of the soft-capped logits (N, V), in fp32. 'mean' over non-ignored targets (0 when all
+    are ignored); 'none': fp32 nats of targets' shape."""
     y = targets.reshape(-1)
-    nats = F.cross_entropy(logits, y, ignore_index=ignore_index, reduction="none")
+    nats = F.cross_entropy(softcapped(logits.float(), softcap), y, ignore_index=ignore_index, reduction="none")
     if reduction == "none":
         return nats.view(targets.shape)
     return nats.sum() / (y != ignore_index).sum().clamp(min=1)
 
 
-_compiled_reference = None
-
-
-def _compiled(*args):
-    global _compiled_reference
-    if _compiled_reference is None:
-        _compiled_reference = torch.compile(reference)
-    return _compiled_reference(*args)
+@register("cross_entropy", "torch")
+def reference(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, softcap: float | None = SOFTCAP,
+              ignore_index: int = -1, reduction: str = "mean") -> torch.Tensor:
+    """The unfused math, like the model without the kernel: logits in the inputs' dtype, loss in fp32."""
+    return loss_from_logits(h.reshape(-1, h.shape[-1]) @ weight.t(), targets, softcap, ignore_index, reduction)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -148,25 +149,28 @@ def _ce_rows(logits, targets, nats, lse, softcap, ignore_index, lse_given, write
     )
 
 
-_addmm_out_dtype_ok = True  # torch.addmm(..., out_dtype=fp32): bf16/fp16 matmul into an fp32 accumulator
+@functools.cache
+def _addmm_into_fp32_works(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether torch.addmm(acc, a, b, out_dtype=fp32, out=acc) takes 16-bit a, b on this device (probed once)."""
+    a = torch.ones(2, 2, dtype=dtype, device=device_type)
+    acc = torch.zeros(2, 2, dtype=torch.float32, device=device_type)
+    try:
+        torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
+    except (RuntimeError, TypeError):
+        return False
+    return bool((acc == 2).all())
 
 
 def _addmm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """acc (fp32) += a @ b, keeping the sum over chunks in fp32 whatever the inputs' dtype."""
-    global _addmm_out_dtype_ok
     if a.dtype == torch.float32:
         acc.addmm_(a, b)
-        return
-    if a.is_cuda and _addmm_out_dtype_ok:
-        try:
-            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-            return
-        except (RuntimeError, TypeError):  # torch without out_dtype for this build: round per chunk instead
-            _addmm_out_dtype_ok = False
-    if a.is_cuda:
-        acc.add_(a @ b)
-    else:
+    elif not a.is_cuda:
         acc.addmm_(a.float(), b.float())
+    elif _addmm_into_fp32_works(a.device.type, a.dtype):
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:  # a torch build without out_dtype for this dtype: rounded to a's dtype once per chunk
+        acc.add_(a @ b)
 
 
 def _chunked(h, weight, targets, softcap, ignore_index, nats, lse, lse_given, dh, dw, row_grad=None):
@@ -274,7 +278,18 @@ def _backward(ctx, grad_loss, _grad_lse, _grad_dh, _grad_dw):
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def supports(h: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Our kernel takes h and weight: fp32/fp16/bf16, one dtype."""
+    return h.dtype in (torch.float32, torch.float16, torch.bfloat16) and h.dtype == weight.dtype
+
+
+@register("cross_entropy", "triton")
 def _fused(h, weight, targets, softcap, ignore_index, reduction):
+    if not triton_runs_on(h):
+        raise KernelUnavailable("cross_entropy: impl 'triton' needs a CUDA tensor (or TRITON_INTERPRET=1 on CPU)")
+    if not supports(h, weight):
+        raise KernelUnavailable(f"cross_entropy: impl 'triton' takes fp32/fp16/bf16 h and weight of one dtype, "
+                                f"got {h.dtype} and {weight.dtype}")
     h2 = h.reshape(-1, h.shape[-1])
     with_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
     loss = _forward_op(h2, weight, targets.reshape(-1), softcap or 0.0, ignore_index, reduction, with_grad)[0]
@@ -282,62 +297,21 @@ def _fused(h, weight, targets, softcap, ignore_index, reduction):
 
 
 # ----------------------------------------------------------------------------------------------
-# peers for A/B
-
-def _liger(h, weight, targets, softcap, ignore_index, reduction):
-    try:
-        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
-    except ImportError:
-        raise KernelUnavailable("cross_entropy: impl 'liger' needs Liger-Kernel (pip install liger-kernel)") from None
-    out = liger_fused_linear_cross_entropy(h.reshape(-1, h.shape[-1]), weight, targets.reshape(-1),
-                                           ignore_index=ignore_index, reduction=reduction, softcap=softcap)
-    out = out[0] if isinstance(out, tuple) else out
-    return out.float().view(targets.shape) if reduction == "none" else out.float()
-
-
-def _cce(h, weight, targets, softcap, ignore_index, reduction):
-    try:
-        from cut_cross_entropy import linear_cross_entropy as cce_linear_cross_entropy
-    except ImportError:
-        raise KernelUnavailable("cross_entropy: impl 'cce' needs cut-cross-entropy "
-                                "(pip install cut-cross-entropy)") from None
-    out = cce_linear_cross_entropy(h.reshape(-1, h.shape[-1]), weight, targets.reshape(-1),
-                                   ignore_index=ignore_index, softcap=softcap, reduction=reduction)
-    return out.float().view(targets.shape) if reduction == "none" else out.float()
-
-
-# ----------------------------------------------------------------------------------------------
 # public function
 
-def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, softcap: float | None = 15.0,
-                         ignore_index: int = -1, reduction: str = "mean", impl: str = "auto") -> torch.Tensor:
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         softcap: float | None = SOFTCAP, ignore_index: int = -1, reduction: str = "mean",
+                         impl: str = "auto") -> torch.Tensor:
     """Cross-entropy of softcap·tanh(h·weightᵀ/softcap) against targets (ignore_index = no loss).
 
     h (..., H), weight (V, H) (every row is in the softmax, padding rows included), targets (...) int64
     in [0, V) or ignore_index (not checked on the fused path: a check would wait on the GPU).
     softcap None or 0 turns the cap off. reduction 'mean' (fp32 scalar, over non-ignored targets, 0 if none)
-    or 'none' (fp32 nats of targets' shape). impl: auto | triton | torch | compile | liger | cce
-    ('auto': triton on CUDA with fp16/bf16/fp32 inputs, else the torch reference).
+    or 'none' (fp32 nats of targets' shape). impl: one of dispatch.IMPLS["cross_entropy"] or "auto"
+    (ours on CUDA with fp16/bf16/fp32 inputs, else the torch reference).
     """
     if reduction not in ("mean", "none"):
         raise ValueError(f"cross_entropy: reduction must be 'mean' or 'none', got {reduction!r}")
-    impl = requested("cross_entropy", impl)
-    check_choice("cross_entropy", impl, IMPLS)
     softcap = float(softcap) if softcap else None
-    supported = h.dtype in (torch.float32, torch.float16, torch.bfloat16) and h.dtype == weight.dtype
-    if impl == "auto":
-        impl = "triton" if h.is_cuda and supported else "torch"
-    if impl == "triton":
-        if not triton_runs_on(h):
-            raise KernelUnavailable("cross_entropy: impl 'triton' needs a CUDA tensor (or TRITON_INTERPRET=1 on CPU)")
-        if not supported:
-            raise KernelUnavailable(f"cross_entropy: impl 'triton' takes fp32/fp16/bf16 h and weight of one dtype, "
-                                    f"got {h.dtype} and {weight.dtype}")
-        return _fused(h, weight, targets, softcap, ignore_index, reduction)
-    if impl == "torch":
-        return reference(h, weight, targets, softcap, ignore_index, reduction)
-    if impl == "compile":
-        return _compiled(h, weight, targets, softcap, ignore_index, reduction)
-    if impl == "liger":
-        return _liger(h, weight, targets, softcap, ignore_index, reduction)
-    return _cce(h, weight, targets, softcap, ignore_index, reduction)
+    impl = choose("cross_entropy", impl, h, supports(h, weight))
+    return implementation("cross_entropy", impl)(h, weight, targets, softcap, ignore_index, reduction)

@@ -1,14 +1,28 @@
-"""Choosing an implementation per op, shared by every kernel.
+"""Choosing an implementation per op: the one list of names per op, the one "auto" rule, forcing for A/B.
 
 Precedence: an explicit impl argument > force(op, impl) (what train.pretrain's --kernel flags set)
-> the environment variable KERNEL_<OP> (e.g. KERNEL_ATTENTION=torch) > "auto".
-"auto" is resolved by the op itself (ours on CUDA, the torch reference elsewhere).
+> the environment variable KERNEL_<OP> (e.g. KERNEL_ATTENTION=sdpa) > "auto".
+Implementations register themselves here: ours in their kernel file, other libraries' in kernels/external.py.
 """
+import contextlib
+import functools
+import logging
 import os
 
 import torch
 
-OPS = ("attention", "cross_entropy", "newton_schulz")
+# Every implementation name of every op: the flags' choices (with "auto"), the dispatch and the bench read these.
+IMPLS = {
+    "attention": ("triton", "blocked", "sdpa", "flex", "fa3", "fa2", "torch"),
+    "cross_entropy": ("triton", "torch", "compile", "liger", "cce"),
+    "newton_schulz": ("triton", "triton_full", "torch", "compile"),
+}
+OPS = tuple(IMPLS)
+OURS = {"attention": "triton", "cross_entropy": "triton", "newton_schulz": "triton_full"}  # auto on CUDA
+PORTABLE = {"attention": "blocked", "cross_entropy": "torch", "newton_schulz": "torch"}  # auto elsewhere
+
+log = logging.getLogger("kernels")
+_registry: dict[tuple[str, str], object] = {}
 _forced: dict[str, str] = {}
 
 
@@ -16,9 +30,29 @@ class KernelUnavailable(RuntimeError):
     """An implementation that was asked for cannot run here (one line says why)."""
 
 
+def choices(op: str) -> tuple[str, ...]:
+    return ("auto",) + IMPLS[op]
+
+
+def register(op: str, name: str):
+    """Decorator: fn is implementation `name` of `op` (a name in IMPLS[op])."""
+    if name not in IMPLS[op]:
+        raise ValueError(f"{op}: {name!r} is not in dispatch.IMPLS[{op!r}]")
+
+    def add(fn):
+        _registry[(op, name)] = fn
+        return fn
+    return add
+
+
+def implementation(op: str, name: str):
+    """The function registered as `name` of `op` (every name in IMPLS is registered once kernels is imported)."""
+    return _registry[(op, name)]
+
+
 def force(op: str, impl: str | None) -> None:
     """Force op to impl for the whole process (None or "auto" clears it)."""
-    if op not in OPS:
+    if op not in IMPLS:
         raise ValueError(f"unknown op {op!r}; expected one of {OPS}")
     if impl in (None, "auto"):
         _forced.pop(op, None)
@@ -26,11 +60,56 @@ def force(op: str, impl: str | None) -> None:
         _forced[op] = impl
 
 
+@contextlib.contextmanager
+def forced(**impls: str | None):
+    """Within the block, each op named runs the implementation given (None: auto); cleared afterwards."""
+    for op, impl in impls.items():
+        force(op, impl)
+    try:
+        yield
+    finally:
+        for op in impls:
+            force(op, None)
+
+
 def requested(op: str, impl: str = "auto") -> str:
     """The implementation asked for op: explicit argument, then force(), then KERNEL_<OP>, else "auto"."""
     if impl != "auto":
         return impl
     return _forced.get(op) or os.environ.get(f"KERNEL_{op.upper()}", "auto") or "auto"
+
+
+def choose(op: str, impl: str, x: torch.Tensor, supported: bool) -> str:
+    """The implementation to run for op on input x: the one asked for (checked), or what "auto" picks.
+    supported: our kernel takes x (its dtype and shape)."""
+    impl = requested(op, impl)
+    if impl != "auto" and impl not in IMPLS[op]:
+        raise KernelUnavailable(f"{op}: unknown impl {impl!r}; choose from {', '.join(choices(op))}")
+    if impl == "auto":
+        impl = auto(op, x.is_cuda, x.device.index or 0, x.dtype == torch.bfloat16, supported)
+    return impl
+
+
+@torch.compiler.assume_constant_result  # torch.compile runs it while tracing and keeps the answer: no graph break
+def auto(op: str, on_cuda: bool, device_index: int, bf16: bool, supported: bool) -> str:
+    """The one rule: on CUDA for inputs our kernel takes, ours, except FlashAttention-3 for bf16 attention
+    on Hopper when it is installed (said once, in the log); elsewhere the portable torch path."""
+    return _auto(op, on_cuda, device_index, bf16, supported)
+
+
+@functools.cache  # once per kind of input
+def _auto(op: str, on_cuda: bool, device_index: int, bf16: bool, supported: bool) -> str:
+    if not (on_cuda and supported):
+        return PORTABLE[op]
+    if op == "attention" and bf16 and _fa3_fits(device_index):
+        log.warning("kernels: attention 'auto' runs FlashAttention-3 (fa3) instead of ours: installed, Hopper, bf16")
+        return "fa3"
+    return OURS[op]
+
+
+def _fa3_fits(device_index: int) -> bool:
+    from kernels.external import fa3_module
+    return fa3_module() is not None and torch.cuda.get_device_capability(device_index)[0] == 9
 
 
 def interpreting() -> bool:
@@ -41,8 +120,3 @@ def interpreting() -> bool:
 def triton_runs_on(t: torch.Tensor) -> bool:
     """Our Triton kernels run natively on CUDA tensors, and on CPU tensors under the interpreter."""
     return t.is_cuda or (t.device.type == "cpu" and interpreting())
-
-
-def check_choice(op: str, impl: str, choices: tuple[str, ...]) -> None:
-    if impl not in choices:
-        raise KernelUnavailable(f"{op}: unknown impl {impl!r}; choose from {', '.join(choices)}")

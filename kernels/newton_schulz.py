@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.dispatch import KernelUnavailable, check_choice, interpreting, requested, triton_runs_on
+from kernels.dispatch import KernelUnavailable, choose, implementation, interpreting, register, triton_runs_on
 
 # Polar Express coefficients (a, b, c), one triple per iteration (Amsel et al. 2025, as in nanochat).
 POLAR_EXPRESS_COEFFS = (
@@ -43,24 +43,6 @@ def flops_symmetric(m: int, n: int, steps: int = 5) -> int:
 
 # ----------------------------------------------------------------------------------------------------
 # Triton kernels
-
-def _configs(block_k_warps_stages):
-    """Symmetric kernels use square BLOCK x BLOCK tiles (a tile and its mirror have the same shape)."""
-    return [triton.Config({"BLOCK": b, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-            for b, bk, w, s in block_k_warps_stages]
-
-
-# Hopper: 128x128 tiles with BLOCK_K 64 feed wgmma; 64x64 can win on small stacks (more programs per SM).
-# Configs over the 228 KB of shared memory (fp32 inputs at 4 stages) are skipped by the autotuner.
-# The interpreter gets one small config: autotuning there is slow, and small tiles exercise the tails.
-if interpreting():
-    _SYM_CONFIGS = _configs([(32, 16, 4, 1)])
-    _MM_CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16}, num_warps=4, num_stages=1)]
-else:
-    _SYM_CONFIGS = _configs([(128, 64, 8, 3), (128, 64, 8, 4), (128, 32, 4, 4), (64, 64, 4, 4)])
-    _MM_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 64}, num_warps=w, num_stages=s)
-                   for bm, bn, w, s in [(128, 128, 8, 3), (128, 128, 8, 4), (128, 256, 8, 3), (64, 128, 4, 4)]]
-
 
 @triton.jit
 def _lower_tile(t):
@@ -102,7 +84,6 @@ def _tile_product(acc, a_ptr, s_ar, s_ak, rows, b_ptr, s_bk, s_bc, cols, M, K, N
     return acc
 
 
-@triton.autotune(configs=_SYM_CONFIGS, key=["m", "n", "POLY"])
 @triton.jit
 def _symmetric_kernel(x_ptr, out_ptr, m, n, coef_b, coef_c, s_xb, s_xr, s_xc, s_yk, s_yc, s_ob, s_or, s_oc,
                       POLY: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
@@ -125,7 +106,6 @@ def _symmetric_kernel(x_ptr, out_ptr, m, n, coef_b, coef_c, s_xb, s_xr, s_xc, s_
     _store_symmetric(out_ptr, acc, i, j, m, s_ob, s_or, s_oc, BLOCK)
 
 
-@triton.autotune(configs=_MM_CONFIGS, key=["m", "n"])
 @triton.jit
 def _update_kernel(b_ptr, x_ptr, out_ptr, m, n, coef_a, s_bb, s_br, s_bc, s_xb, s_xr, s_xc, s_ob, s_or, s_oc,
                    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
@@ -146,9 +126,33 @@ def _update_kernel(b_ptr, x_ptr, out_ptr, m, n, coef_a, s_bb, s_br, s_bc, s_xb, 
     acc += coef_a * x_ij.to(tl.float32)
     tl.store(out_ptr + rows[:, None] * s_or + cols[None, :] * s_oc, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
+
+# Block sizes, chosen when a kernel is launched. On a GPU an autotune set: 128x128 tiles with BLOCK_K 64 feed
+# Hopper's wgmma, 64x64 can win on small stacks (more programs per SM); configs over the shared memory of the
+# device (fp32 inputs at 4 stages) are skipped by the autotuner. The symmetric kernels use square BLOCK x BLOCK
+# tiles (a tile and its mirror have the same shape). Under the interpreter one small config: autotuning there
+# is slow, and small tiles exercise the tails.
+SYM_CONFIGS = [triton.Config({"BLOCK": b, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+               for b, bk, w, s in [(128, 64, 8, 3), (128, 64, 8, 4), (128, 32, 4, 4), (64, 64, 4, 4)]]
+MM_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 64}, num_warps=w, num_stages=s)
+              for bm, bn, w, s in [(128, 128, 8, 3), (128, 128, 8, 4), (128, 256, 8, 3), (64, 128, 4, 4)]]
+INTERPRETER_SYM = {"BLOCK": 32, "BLOCK_K": 16}
+INTERPRETER_MM = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16}
+_symmetric_tuned = triton.autotune(configs=SYM_CONFIGS, key=["m", "n", "POLY"])(_symmetric_kernel)
+_update_tuned = triton.autotune(configs=MM_CONFIGS, key=["m", "n"])(_update_kernel)
+
+
+def _launch(kernel, tuned, small: dict, grid, args, kwargs) -> None:
+    """kernel over grid(block sizes): autotuned on a GPU, with the one small config under the interpreter."""
+    if interpreting():
+        kernel[grid(small)](*args, **kwargs, **small, num_warps=4, num_stages=1)
+    else:
+        tuned[grid](*args, **kwargs)
+
 # ----------------------------------------------------------------------------------------------------
 # plain-PyTorch reference
 
+@register("newton_schulz", "torch")
 def orthogonalize_reference(G: torch.Tensor, steps: int = 5) -> torch.Tensor:
     """The Polar Express iteration with plain matmuls, in G's dtype (the reference for the kernels)."""
     _check_input(G, steps)
@@ -186,17 +190,17 @@ def _n_lower_tiles(m: int, block: int) -> int:
 def _gram(X: torch.Tensor, A: torch.Tensor, precision: str, upcast: bool) -> None:
     """A = X Xᵀ."""
     K, m, n = X.shape
-    grid = lambda meta: (_n_lower_tiles(m, meta["BLOCK"]), K)
-    _symmetric_kernel[grid](X, A, m, n, 0.0, 0.0, *X.stride(), X.stride(2), X.stride(1), *A.stride(),
-                            POLY=False, PRECISION=precision, UPCAST=upcast)
+    _launch(_symmetric_kernel, _symmetric_tuned, INTERPRETER_SYM, lambda meta: (_n_lower_tiles(m, meta["BLOCK"]), K),
+            (X, A, m, n, 0.0, 0.0, *X.stride(), X.stride(2), X.stride(1), *A.stride()),
+            dict(POLY=False, PRECISION=precision, UPCAST=upcast))
 
 
 def _poly(A: torch.Tensor, B: torch.Tensor, b: float, c: float, precision: str, upcast: bool) -> None:
     """B = b·A + c·A·A."""
     K, m, _ = A.shape
-    grid = lambda meta: (_n_lower_tiles(m, meta["BLOCK"]), K)
-    _symmetric_kernel[grid](A, B, m, m, b, c, *A.stride(), A.stride(1), A.stride(2), *B.stride(),
-                            POLY=True, PRECISION=precision, UPCAST=upcast)
+    _launch(_symmetric_kernel, _symmetric_tuned, INTERPRETER_SYM, lambda meta: (_n_lower_tiles(m, meta["BLOCK"]), K),
+            (A, B, m, m, b, c, *A.stride(), A.stride(1), A.stride(2), *B.stride()),
+            dict(POLY=True, PRECISION=precision, UPCAST=upcast))
 
 
 def _update(B: torch.Tensor, X: torch.Tensor, out: torch.Tensor, a: float, precision: str, upcast: bool,
@@ -205,9 +209,9 @@ def _update(B: torch.Tensor, X: torch.Tensor, out: torch.Tensor, a: float, preci
         torch.baddbmm(X, B, X, beta=a, out=out)
         return
     K, m, n = X.shape
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), K)
-    _update_kernel[grid](B, X, out, m, n, a, *B.stride(), *X.stride(), *out.stride(),
-                         PRECISION=precision, UPCAST=upcast)
+    _launch(_update_kernel, _update_tuned, INTERPRETER_MM,
+            lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), K),
+            (B, X, out, m, n, a, *B.stride(), *X.stride(), *out.stride()), dict(PRECISION=precision, UPCAST=upcast))
 
 
 def _buffer(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
@@ -245,31 +249,38 @@ def _(G, steps, ours_update):
 # ----------------------------------------------------------------------------------------------------
 # public function
 
-IMPLS = ("auto", "triton", "triton_full", "torch")
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _run_triton(G: torch.Tensor, steps: int, name: str, ours_update: bool) -> torch.Tensor:
+    if not triton_runs_on(G):
+        raise KernelUnavailable(f"newton_schulz: impl {name!r} needs a CUDA tensor (or TRITON_INTERPRET=1 on CPU)")
+    if G.dtype not in _TRITON_DTYPES:
+        raise KernelUnavailable(f"newton_schulz: impl {name!r} takes fp32/fp16/bf16, got {G.dtype}")
+    if G.numel() == 0:
+        return orthogonalize_reference(G, steps)
+    X = _polar_express_op(G if G.dim() == 3 else G.unsqueeze(0), steps, ours_update)
+    return X if G.dim() == 3 else X.squeeze(0)
+
+
+@register("newton_schulz", "triton")
+def _triton(G: torch.Tensor, steps: int) -> torch.Tensor:
+    """Our symmetric kernels for X·Xᵀ and b·A + c·A·A, cuBLAS for a·X + B·X."""
+    return _run_triton(G, steps, "triton", ours_update=False)
+
+
+@register("newton_schulz", "triton_full")
+def _triton_full(G: torch.Tensor, steps: int) -> torch.Tensor:
+    """Our kernels for all three products."""
+    return _run_triton(G, steps, "triton_full", ours_update=True)
 
 
 def orthogonalize(G: torch.Tensor, steps: int = 5, impl: str = "auto") -> torch.Tensor:
     """Polar Express orthogonalization of G ((m, n) or (K, m, n)); returns G's shape and dtype.
 
-    impl: "triton" (symmetric Triton kernels for X·Xᵀ and b·A + c·A·A, cuBLAS for a·X + B·X),
-    "triton_full" (our kernel for the third product too), "torch" (plain matmuls, the reference),
-    "auto" ("triton_full" on CUDA: on an H100 it took 21.4 ms vs 23.4 ms for "triton" over the d20 stacks,
-    bench.ab newton_schulz; "torch" elsewhere). Also set by kernels.dispatch.force / KERNEL_NEWTON_SCHULZ.
+    impl: one of dispatch.IMPLS["newton_schulz"] or "auto" ("triton_full" on CUDA, "torch" elsewhere);
+    also set by kernels.dispatch.force / KERNEL_NEWTON_SCHULZ.
     """
-    impl = requested("newton_schulz", impl)
-    check_choice("newton_schulz", impl, IMPLS)
-    if impl == "auto":
-        impl = "triton_full" if G.is_cuda and triton_runs_on(G) and G.dtype in _TRITON_DTYPES else "torch"
-    if impl == "torch":
-        return orthogonalize_reference(G, steps)
     _check_input(G, steps)
-    if not triton_runs_on(G):
-        raise KernelUnavailable(f"newton_schulz: impl {impl!r} needs a CUDA tensor (or TRITON_INTERPRET=1 on CPU)")
-    if G.dtype not in _TRITON_DTYPES:
-        raise KernelUnavailable(f"newton_schulz: impl {impl!r} takes fp32/fp16/bf16, got {G.dtype}")
-    if G.numel() == 0:
-        return orthogonalize_reference(G, steps)
-    X = _polar_express_op(G if G.dim() == 3 else G.unsqueeze(0), steps, impl == "triton_full")
-    return X if G.dim() == 3 else X.squeeze(0)
-
+    impl = choose("newton_schulz", impl, G, G.dtype in _TRITON_DTYPES)
+    return implementation("newton_schulz", impl)(G, steps)

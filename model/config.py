@@ -2,16 +2,23 @@
 import math
 from dataclasses import asdict, dataclass
 
+# The defaults of the depth dial (and of train.pretrain's flags of the same names)
+ASPECT_RATIO = 64
+HEAD_DIM = 128
+MAX_SEQ_LEN = 2048
+VOCAB_SIZE = 32768  # 2^15, padded up to a multiple of 64 inside the model
+WINDOW_PATTERN = "SSSL"
+
 
 @dataclass
 class GPTConfig:
-    sequence_len: int = 2048
-    vocab_size: int = 32768
+    sequence_len: int = MAX_SEQ_LEN
+    vocab_size: int = VOCAB_SIZE
     n_layer: int = 20
     n_head: int = 10
     n_kv_head: int = 10
     n_embd: int = 1280
-    window_pattern: str = "SSSL"
+    window_pattern: str = WINDOW_PATTERN
 
     @property
     def head_dim(self) -> int:
@@ -42,8 +49,9 @@ class GPTConfig:
         return asdict(self)
 
 
-def config_from_depth(depth: int, aspect_ratio: int = 64, head_dim: int = 128, max_seq_len: int = 2048,
-                      vocab_size: int = 32768, window_pattern: str = "SSSL") -> GPTConfig:
+def config_from_depth(depth: int, aspect_ratio: int = ASPECT_RATIO, head_dim: int = HEAD_DIM,
+                      max_seq_len: int = MAX_SEQ_LEN, vocab_size: int = VOCAB_SIZE,
+                      window_pattern: str = WINDOW_PATTERN) -> GPTConfig:
     """model_dim = depth x aspect_ratio rounded UP to a multiple of head_dim; n_head = n_kv_head = model_dim / head_dim."""
     model_dim = math.ceil(depth * aspect_ratio / head_dim) * head_dim
     n_head = model_dim // head_dim

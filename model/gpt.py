@@ -13,11 +13,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from kernels.attention import attention
-from kernels.cross_entropy import linear_cross_entropy
+from kernels.attention import attention, heads_first, visible
+from kernels.cross_entropy import SOFTCAP, linear_cross_entropy, loss_from_logits, softcapped
 from model.config import GPTConfig
 
-SOFTCAP = 15.0
 VE_GATE_CHANNELS = 12  # the value-embedding gate looks at the first 12 channels of the attention input
 ROPE_BASE = 100_000
 
@@ -84,15 +83,8 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: 
     cost does not matter here, training never comes this way.
     """
     Tq, Tk = q.size(1), k.size(1)
-    rep = q.size(2) // k.size(2)
-    qpos = torch.arange(Tk - Tq, Tk, device=q.device)[:, None]
-    kpos = torch.arange(Tk, device=q.device)[None, :]
-    mask = kpos <= qpos
-    if window >= 0:
-        mask = mask & (qpos - kpos <= window)
-    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    mask = visible(torch.arange(Tk - Tq, Tk, device=q.device), torch.arange(Tk, device=q.device), window)
+    y = F.scaled_dot_product_attention(*heads_first(q, k, v), attn_mask=mask)
     return y.transpose(1, 2)
 
 
@@ -292,13 +284,10 @@ class GPT(nn.Module):
             x = block(x, ve, cos, sin, self.window_sizes[i], kv_cache)
         x = norm(x)
         V = self.config.vocab_size
-        if targets is None or type(self.lm_head) is not nn.Linear:
-            # logits path; also the loss path when lm_head was swapped for another module (FP8 training)
-            logits = self.lm_head(x)[..., :V].float()
-            logits = SOFTCAP * torch.tanh(logits / SOFTCAP)
-            if targets is None:
-                return logits
-            loss = F.cross_entropy(logits.view(-1, V), targets.reshape(-1), ignore_index=-1, reduction=loss_reduction)
+        if targets is None:
+            return softcapped(self.lm_head(x)[..., :V].float(), SOFTCAP)
+        if type(self.lm_head) is not nn.Linear:  # lm_head swapped for another module (FP8 training): unfused
+            loss = loss_from_logits(self.lm_head(x)[..., :V].reshape(B * T, V), targets, SOFTCAP, -1, loss_reduction)
         else:
             # fused linear + soft-cap + cross-entropy: the (B*T, V) logits never exist in memory.
             # Only the real vocabulary rows of lm_head take part (the padding stays out of the softmax).

@@ -1,6 +1,6 @@
 """bench.activations: what the compiled training step keeps for the backward, read from the partitioner.
 
-These tie train.scaling's memory estimate (and the --recompute-mlp claim) to the real compiled graph: a model
+These tie train.memory's estimate (and the --recompute-mlp claim) to the real compiled graph: a model
 change that keeps more per token fails here rather than as an out-of-memory on a GPU.
 """
 import json
@@ -8,8 +8,8 @@ import json
 import pytest
 
 from bench import activations
-from train.scaling import (ACTIVATION_BYTES_PER_CHANNEL, ACTIVATION_BYTES_PER_CHANNEL_ONCE, estimate_memory_gib,
-                           make_plan)
+from train.memory import ACTIVATION_BYTES_PER_CHANNEL, ACTIVATION_BYTES_PER_CHANNEL_ONCE, estimate_memory_gib
+from train.scaling import make_plan
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +64,7 @@ def test_pretrain_turns_the_recompute_on_only_where_it_is_needed(monkeypatch):
 
     import torch
 
-    from train.scaling import choose_recompute_mlp as recompute_mlp
+    from train.memory import choose_recompute_mlp as recompute_mlp
     memory = {"total": 40.0e9}  # an A100 40GB
     monkeypatch.setattr(torch.cuda, "get_device_properties",
                         lambda device: types.SimpleNamespace(total_memory=memory["total"]))
@@ -80,7 +80,7 @@ def test_pretrain_turns_the_recompute_on_only_where_it_is_needed(monkeypatch):
 
 
 def test_largest_fitting_batch_halves_until_it_fits_and_divides():
-    from train.scaling import largest_fitting_batch
+    from train.memory import largest_fitting_batch
     plan = make_plan(26, device_batch_size=32, world_size=8)  # ~93 GiB with the recompute: too much for 80 GB
     assert largest_fitting_batch(plan, H100_TOTAL_GIB) == 16
     assert largest_fitting_batch(make_plan(20, device_batch_size=32), H100_TOTAL_GIB) == 32

@@ -7,14 +7,14 @@ import textwrap
 import pytest
 import torch
 
-from train import checkpoint
+from train import checkpoint, paths
 from train.errors import UserError
 
 
 @pytest.fixture
 def ckpt_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
-    return checkpoint.checkpoint_dir("d2")
+    return paths.checkpoint_dir("d2")
 
 
 def _state(seed):
@@ -62,8 +62,8 @@ def test_killed_mid_save_leaves_previous_checkpoint_loadable(ckpt_dir, tmp_path)
     """A process that dies halfway through writing step 2 leaves step 1 intact and step 2 absent."""
     script = textwrap.dedent(f"""
         import os, torch
-        from train import checkpoint
-        d = checkpoint.checkpoint_dir("d2")
+        from train import checkpoint, paths
+        d = paths.checkpoint_dir("d2")
         checkpoint.save_checkpoint(d, 1, {{"w": torch.ones(64, 64)}}, {{"m": torch.ones(4)}}, {{"step": 1}})
         real_save = torch.save
         def dying_save(obj, f, *a, **k):

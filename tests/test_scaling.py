@@ -4,7 +4,8 @@ import math
 import pytest
 
 from train.errors import UserError
-from train.scaling import estimate_memory_gib, make_plan
+from train.memory import estimate_memory_gib
+from train.scaling import make_plan
 
 VOCAB, T = 32768, 2048
 

@@ -9,39 +9,23 @@ last: a step counts as saved only once its meta exists, so a crash mid-save leav
 checkpoint as the latest good one.
 """
 import json
-import os
 import re
 from pathlib import Path
 
 import torch
 
-from train.dataset import base_dir
 from train.errors import UserError
-
-
-def checkpoint_dir(model_tag: str) -> Path:
-    return base_dir() / "base_checkpoints" / model_tag
-
-
-def _atomic(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+from train.paths import atomic_write
 
 
 def atomic_torch_save(obj, path: Path) -> None:
-    _atomic(Path(path), lambda f: torch.save(obj, f))
+    with atomic_write(path) as f:
+        torch.save(obj, f)
 
 
 def atomic_json_save(obj, path: Path) -> None:
-    _atomic(Path(path), lambda f: f.write(json.dumps(obj, indent=2).encode()))
+    with atomic_write(path, "w") as f:
+        json.dump(obj, f, indent=2)
 
 
 def _paths(ckpt_dir: Path, step: int, rank: int):

@@ -28,18 +28,15 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from train.dataset import DownloadError, base_dir, fetch_with_retries
+from train.download import DownloadError, fetch_with_retries
 from train.errors import Parser, UserError, run_cli
+from train.paths import checkpoint_dir, eval_bundle_dir
 
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
 
 # -----------------------------------------------------------------------------
 # The eval bundle
-
-
-def eval_bundle_dir() -> Path:
-    return base_dir() / "eval_bundle"
 
 
 def bundle_url() -> str:
@@ -59,8 +56,7 @@ def download_bundle(url: str, folder: Path, retries: int = 3, backoff: float = 2
     with tempfile.TemporaryDirectory(dir=folder.parent, prefix=".eval_bundle-") as tmp:
         zip_path = Path(tmp) / "eval_bundle.zip"
         try:  # the zip's central directory sits at its end: a cut transfer fails the check
-            fetch_with_retries(url, zip_path, retries, backoff, timeout, is_complete=zipfile.is_zipfile,
-                               what="zip archive")
+            fetch_with_retries(url, zip_path, zipfile.is_zipfile, "zip archive", retries, backoff, timeout)
         except DownloadError as e:
             raise UserError(f"cannot download the CORE eval bundle: {e}; {how}") from None
         extracted = Path(tmp) / "extracted"
@@ -256,9 +252,8 @@ def evaluate_core(model, tokenizer, device, max_per_task: int = 500, autocast=nu
 
 
 def main(argv=None) -> None:
-    from model.config import GPTConfig
-    from model.gpt import GPT
     from train import checkpoint, distributed
+    from train.builder import model_from_checkpoint
     from train.tokenizer import load_tokenizer
 
     p = Parser(prog="train.core_eval", description="The DCLM CORE score of a pretrained checkpoint.")
@@ -268,7 +263,7 @@ def main(argv=None) -> None:
     p.add_argument("--device-type", default="", help="cuda, cpu or mps; empty = autodetect")
     args = p.parse_args(argv)
 
-    ckpt_dir = checkpoint.checkpoint_dir(args.model_tag)
+    ckpt_dir = checkpoint_dir(args.model_tag)
     steps = checkpoint.saved_steps(ckpt_dir)
     if args.step is None and not steps:
         raise UserError(f"no checkpoints in {ckpt_dir}")
@@ -281,12 +276,7 @@ def main(argv=None) -> None:
     try:
         device = dist_info.device
         bundle = ensure_eval_bundle()  # before the model: a missing bundle fails fast
-        with torch.device("meta"):
-            model = GPT(GPTConfig(**meta["model_config"]))
-        model.to_empty(device=device)
-        model.init_weights()  # the buffers (rotary tables); the weights come from the checkpoint
-        model.load_state_dict(checkpoint.load_model_state(ckpt_dir, meta["step"], device))
-        model.eval()
+        model, _ = model_from_checkpoint(ckpt_dir, meta["step"], device)
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
         out = evaluate_core(model, tokenizer, device, args.max_per_task, autocast, bundle)
         print0 = distributed.print0

@@ -139,12 +139,10 @@ class DataLoader:
 
     def state_dict(self) -> dict:
         """Where the next batch comes from: next row group, epoch, and the buffered documents (JSON-able)."""
-        groups = {}
-        for _, epoch, shard, row_group, index, _ in self.buffer:
-            groups.setdefault((epoch, shard, row_group), []).append(index)
-        return {"epoch": self.epoch, "shard": self.shard, "row_group": self.row_group, "rank": self.rank,
-                "world_size": self.world_size,
-                "buffer": [[e, s, g, sorted(idx)] for (e, s, g), idx in sorted(groups.items())]}
+        return self._resume_point().to_dict()
+
+    def _resume_point(self) -> "ResumePoint":
+        return ResumePoint(self.epoch, self.shard, self.row_group, self.rank, self.world_size, list(self.buffer))
 
     def _restore(self, state: dict) -> None:
         try:
@@ -172,6 +170,12 @@ class DataLoader:
 
     def __iter__(self):
         return self
+
+    def next_with_state(self) -> tuple[torch.Tensor, torch.Tensor, "ResumePoint"]:
+        """The next batch and where it came from: a loader built with state=that.to_dict() yields it again."""
+        point = self._resume_point()
+        x, y = next(self)
+        return x, y, point
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         B, cap, buffer = self.batch_size, self.capacity, self.buffer
@@ -208,3 +212,20 @@ class DataLoader:
         if self.device.type != "cpu":
             both = both.to(self.device, non_blocking=cuda)
         return both[0], both[1]
+
+
+class ResumePoint:
+    """A loader's position before a batch, kept cheaply (the buffer's entries are immutable tuples: a shallow
+    copy of the list is a snapshot); to_dict() is the form saved in checkpoints."""
+
+    def __init__(self, epoch: int, shard: int, row_group: int, rank: int, world_size: int, buffer: list):
+        self.epoch, self.shard, self.row_group, self.rank, self.world_size = epoch, shard, row_group, rank, world_size
+        self.buffer = buffer
+
+    def to_dict(self) -> dict:
+        groups = {}
+        for _, epoch, shard, row_group, index, _ in self.buffer:
+            groups.setdefault((epoch, shard, row_group), []).append(index)
+        return {"epoch": self.epoch, "shard": self.shard, "row_group": self.row_group, "rank": self.rank,
+                "world_size": self.world_size,
+                "buffer": [[e, s, g, sorted(idx)] for (e, s, g), idx in sorted(groups.items())]}

@@ -12,11 +12,9 @@ temporary name and rename, so an interrupted or failed transfer never leaves a h
 import json
 import os
 import random
-import re
 import shutil
 import sysconfig
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Iterator, NamedTuple
@@ -24,7 +22,9 @@ from typing import Iterator, NamedTuple
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from train.download import DownloadError, fetch_with_retries
 from train.errors import Parser, UserError, run_cli
+from train.paths import atomic_write, data_dir
 
 
 class HubDataset(NamedTuple):
@@ -40,16 +40,6 @@ DATASETS = {
 }
 DEFAULT_DOWNLOAD_SHARDS = 8  # training shards fetched when a run finds none (~2B characters: enough for a tokenizer)
 LOCAL_EXTENSIONS = (".txt", ".md", ".py", ".jsonl", ".parquet")
-
-
-def base_dir() -> Path:
-    return Path(os.environ.get("NANOCHAT_BASE_DIR") or Path.home() / ".cache" / "nanochat")
-
-
-def data_dir(name: str) -> Path:
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name or ""):
-        raise UserError(f"bad dataset name {name!r}: use letters, digits, '.', '_' or '-'")
-    return base_dir() / "data" / name
 
 
 def shard_name(index: int) -> str:
@@ -144,66 +134,6 @@ def is_complete_parquet(path: Path) -> bool:
         return False
 
 
-class DownloadError(Exception):
-    def __init__(self, message: str, retry: bool = True):
-        super().__init__(message)
-        self.retry = retry
-
-
-def fetch(url: str, path: Path, timeout: float = 30.0, is_complete=is_complete_parquet,
-          what: str = "parquet file") -> None:
-    """One attempt: stream url into a temporary file next to path, check it (is_complete), rename it into place."""
-    import requests
-
-    tmp = path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
-    answered, written, expected = False, 0, None
-    try:
-        try:
-            with requests.get(url, stream=True, timeout=timeout) as r:
-                if r.status_code == 404:
-                    raise DownloadError(f"{url} does not exist (HTTP 404)", retry=False)
-                if r.status_code != 200:
-                    raise DownloadError(f"HTTP {r.status_code} from {url}")
-                answered = True
-                if "Content-Encoding" not in r.headers:  # otherwise the length is that of the compressed body
-                    expected = r.headers.get("Content-Length")
-                with open(tmp, "wb") as f:
-                    for chunk in r.iter_content(chunk_size=1 << 20):
-                        f.write(chunk)
-                        written += len(chunk)
-        except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as e:
-            if not answered and isinstance(e, requests.ConnectionError):
-                raise DownloadError(f"cannot connect to {url} (offline?)") from None
-            raise DownloadError(f"the transfer of {url} broke off before the end") from None
-        except requests.Timeout:
-            raise DownloadError(f"timed out fetching {url}") from None
-        except requests.RequestException as e:
-            raise DownloadError(f"the transfer of {url} failed ({type(e).__name__})") from None
-        if expected is not None and written != int(expected):
-            raise DownloadError(f"the transfer of {url} was cut short ({written} of {expected} bytes)")
-        if not is_complete(tmp):
-            raise DownloadError(f"{url} is not a complete {what}")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def fetch_with_retries(url: str, path: Path, retries: int, backoff: float, timeout: float = 30.0,
-                       stop: threading.Event | None = None, **check) -> None:
-    """fetch() up to `retries` times, waiting backoff * 2^k seconds between attempts (a 404 is not retried);
-    returns early once `stop` is set. The last failure is raised, with the number of attempts."""
-    for attempt in range(1, retries + 1):
-        if stop is not None and stop.is_set():
-            return
-        try:
-            fetch(url, path, timeout, **check)
-            return
-        except DownloadError as e:
-            if not e.retry or attempt == retries:
-                raise DownloadError(f"{e} (after {attempt} attempt{'s' if attempt > 1 else ''})", retry=False) from None
-            time.sleep(backoff * 2 ** (attempt - 1))
-
-
 def download(name: str, num_shards: int, base_url: str | None = None, workers: int = 8, retries: int = 5,
              backoff: float = 2.0, timeout: float = 30.0) -> list[Path]:
     """Fetch the first num_shards training shards of a hub dataset plus its validation shard (the hub's last).
@@ -237,7 +167,7 @@ def download(name: str, num_shards: int, base_url: str | None = None, workers: i
     def one(index: int) -> None:
         path, url = folder / shard_name(index), hub.url_pattern.format(base=base, index=index)
         try:
-            fetch_with_retries(url, path, retries, backoff, timeout, stop=stop)
+            fetch_with_retries(url, path, is_complete_parquet, "parquet file", retries, backoff, timeout, stop=stop)
         except DownloadError:
             stop.set()  # the network is most likely down: start no more shards
             raise
@@ -314,15 +244,14 @@ def read_documents(path: Path) -> Iterator[str]:
 
 
 def write_shard(path: Path, docs: list[str], docs_per_row_group: int) -> None:
-    """One parquet shard, row groups of docs_per_row_group documents, written to a temporary name first."""
-    tmp = path.with_name(path.name + ".tmp")
+    """One parquet shard, row groups of docs_per_row_group documents, written atomically."""
     schema = pa.schema([("text", pa.string())])
     # the hub shards' settings: zstd, no dictionary (documents rarely repeat), no statistics (unused for text)
-    with pq.ParquetWriter(tmp, schema, compression="zstd", use_dictionary=False, write_statistics=False) as writer:
+    with atomic_write(path) as f, pq.ParquetWriter(f, schema, compression="zstd", use_dictionary=False,
+                                                   write_statistics=False) as writer:
         for i in range(0, len(docs), docs_per_row_group):
             writer.write_table(pa.table({"text": docs[i:i + docs_per_row_group]}, schema=schema),
                                row_group_size=docs_per_row_group)
-    os.replace(tmp, path)
 
 
 def build(sources: list[Path] | None = None, name: str | None = None, docs_per_row_group: int = 128,

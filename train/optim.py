@@ -30,6 +30,12 @@ from torch import Tensor
 from kernels.newton_schulz import orthogonalize
 from train.errors import UserError
 
+# Learning rates and betas at the reference size (and the defaults of train.pretrain's flags of the same names)
+MATRIX_LR = 0.02
+EMBEDDING_LR = 0.3
+UNEMBEDDING_LR = 0.004
+SCALAR_LR = 0.5
+ADAM_BETAS = (0.8, 0.95)
 ADAMW_EPS = 1e-10
 MUON_BETA2 = 0.95
 MUON_NS_STEPS = 5
@@ -387,9 +393,9 @@ class DistMuonAdamW(MuonAdamW):
 # -----------------------------------------------------------------------------
 
 
-def make_optimizer(groups: dict[str, list[torch.nn.Parameter]], *, matrix_lr: float = 0.02,
-                   embedding_lr: float = 0.3, unembedding_lr: float = 0.004, scalar_lr: float = 0.5,
-                   adam_betas: tuple[float, float] = (0.8, 0.95), weight_decay: float = 0.0,
+def make_optimizer(groups: dict[str, list[torch.nn.Parameter]], *, matrix_lr: float = MATRIX_LR,
+                   embedding_lr: float = EMBEDDING_LR, unembedding_lr: float = UNEMBEDDING_LR,
+                   scalar_lr: float = SCALAR_LR, adam_betas: tuple[float, float] = ADAM_BETAS, weight_decay: float = 0.0,
                    lr_scale: float = 1.0, adam_width_scale: float = 1.0, distributed: bool = False,
                    compile: bool | None = None) -> MuonAdamW:
     """The optimizer for the model's param_groups() dict.

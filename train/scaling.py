@@ -9,16 +9,20 @@ Everything is anchored at depth 12, where the hyperparameters were tuned:
 Parameter counts and FLOPs come from the real model built on the meta device (no memory).
 """
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
-from model.config import GPTConfig, config_from_depth
+from model.config import ASPECT_RATIO, HEAD_DIM, MAX_SEQ_LEN, VOCAB_SIZE, WINDOW_PATTERN, GPTConfig, config_from_depth
 from train.errors import UserError
 
 REF_DEPTH = 12
 B_REF = 2 ** 19  # tokens per step at d12
 BATCH_EXPONENT = 0.383  # B grows as D^0.383 (Power Lines, arXiv 2505.13738)
+# Defaults of the plan (and of train.pretrain's flags of the same names)
+DEVICE_BATCH_SIZE = 32
+TARGET_PARAM_DATA_RATIO = 10.5
+WEIGHT_DECAY = 0.2  # Muon's at the reference depth, before the rescaling
 
 
 @dataclass
@@ -61,10 +65,11 @@ def _check(ok: bool, message: str) -> None:
         raise UserError(message)
 
 
-def make_plan(depth: int, aspect_ratio: int = 64, head_dim: int = 128, max_seq_len: int = 2048,
-              vocab_size: int = 32768, window_pattern: str = "SSSL", device_batch_size: int = 32,
-              total_batch_size: int = -1, num_iterations: int = -1, target_flops: float = -1,
-              target_param_data_ratio: float = 10.5, weight_decay: float = 0.2, world_size: int = 1) -> Plan:
+def make_plan(depth: int, aspect_ratio: int = ASPECT_RATIO, head_dim: int = HEAD_DIM, max_seq_len: int = MAX_SEQ_LEN,
+              vocab_size: int = VOCAB_SIZE, window_pattern: str = WINDOW_PATTERN,
+              device_batch_size: int = DEVICE_BATCH_SIZE, total_batch_size: int = -1, num_iterations: int = -1,
+              target_flops: float = -1, target_param_data_ratio: float = TARGET_PARAM_DATA_RATIO,
+              weight_decay: float = WEIGHT_DECAY, world_size: int = 1) -> Plan:
     """Turn the depth dial (and the user's overrides) into every derived training number."""
     _check(depth >= 1, f"--depth must be at least 1, got {depth}")
     _check(aspect_ratio >= 1, f"--aspect-ratio must be at least 1, got {aspect_ratio}")
@@ -115,66 +120,3 @@ def make_plan(depth: int, aspect_ratio: int = 64, head_dim: int = 128, max_seq_l
         flops_per_token=flops_per_token, grad_accum_steps=grad_accum_steps,
         device_batch_size=device_batch_size, max_seq_len=max_seq_len, world_size=world_size,
     )
-
-
-# Bytes the compiled training step keeps for the backward, per token, per layer, per model_dim channel, with
-# relu² recomputed or kept (`python -m bench.activations --depth 20 [--no-recompute-mlp]` reads them from
-# AOTAutograd's partitioner on the real graph). The method was checked against an H100: for the model of
-# session 1 (45.1 bytes with relu² kept, before the output-saving norms) it gives 48.3 GiB for d20 at device
-# batch 16 and 29.9 for d12 at 32, where 48.9 and 29.3 were measured (bench/results/20261124-113712/).
-ACTIVATION_BYTES_PER_CHANNEL = {True: 25.1, False: 33.1}
-ACTIVATION_BYTES_PER_CHANNEL_ONCE = 8.0  # embedding output, the first layer's input and the loss's input
-
-
-def estimate_memory_gib(plan: Plan, recompute_mlp: bool = True, bytes_per_channel: float | None = None) -> float:
-    """An ESTIMATE of peak GPU memory per device in GiB: fp32 weights and grads, their bf16 copies under
-    autocast, optimizer state (AdamW: 2 fp32 moments; Muon: fp32 momentum; sharded over ranks) and one
-    micro-batch of activations (bytes_per_channel: per layer, instead of the table above)."""
-    p = plan.params
-    adam_params = p["wte"] + p["value_embeds"] + p["lm_head"] + p["scalars"]
-    muon_params = p["transformer_matrices"]
-    weights_and_grads = 2 * 4 * p["total"] + 2 * (muon_params + p["lm_head"])
-    optimizer = (2 * 4 * adam_params + 4 * muon_params) / plan.world_size
-    cfg = plan.config
-    tokens = plan.device_batch_size * plan.max_seq_len
-    per_layer = ACTIVATION_BYTES_PER_CHANNEL[recompute_mlp] if bytes_per_channel is None else bytes_per_channel
-    per_token = cfg.n_embd * (cfg.n_layer * per_layer + ACTIVATION_BYTES_PER_CHANNEL_ONCE)
-    return (weights_and_grads + optimizer + tokens * per_token) / 2**30
-
-
-def largest_fitting_batch(plan: Plan, total_gib: float, recompute_mlp: bool = True,
-                          headroom: float = 0.9) -> int | None:
-    """The largest device batch, halving from the plan's, whose estimate fits in headroom x total_gib and that
-    still divides the total batch (the same optimization, more accumulation); None if not even 1 fits."""
-    batch = plan.device_batch_size
-    while batch >= 1:
-        divides = plan.total_batch_size % (batch * plan.max_seq_len * plan.world_size) == 0
-        need = estimate_memory_gib(replace(plan, device_batch_size=batch), recompute_mlp)
-        if divides and need <= headroom * total_gib:
-            return batch
-        batch //= 2
-    return None
-
-
-def gpu_memory_gib(device: torch.device) -> float:
-    return torch.cuda.get_device_properties(device).total_memory / 2**30
-
-
-def choose_recompute_mlp(flag: bool | None, plan: Plan, device: torch.device) -> bool:
-    """The flag when given; else on for a GPU whose memory the plan would not fit (with 10% to spare) otherwise."""
-    if flag is not None:
-        return flag
-    if device.type != "cuda":
-        return False
-    return estimate_memory_gib(plan, recompute_mlp=False) > 0.9 * gpu_memory_gib(device)
-
-
-def memory_advice(plan: Plan, device: torch.device, recompute: bool, ran_out: bool = False) -> str:
-    """How the plan's estimate compares with the GPU, and the device batch that should fit (a smaller one than
-    the plan's when it already ran out of memory: the estimate was too low then)."""
-    total, need = gpu_memory_gib(device), estimate_memory_gib(plan, recompute)
-    start = replace(plan, device_batch_size=plan.device_batch_size // 2) if ran_out else plan
-    fit = largest_fitting_batch(start, total, recompute_mlp=True) if start.device_batch_size >= 1 else None
-    advice = (f"--device-batch-size {fit} should fit (the same total batch, with more accumulation)" if fit
-              else "no device batch size fits: use more GPUs or a smaller --depth")
-    return f"the plan needs about {need:.0f} GiB per GPU (an estimate) and the GPU has {total:.0f} GiB; {advice}"

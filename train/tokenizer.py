@@ -9,15 +9,15 @@ Files in $NANOCHAT_BASE_DIR/tokenizer/ (plain text and a weights-only tensor; no
 """
 import base64
 import json
-import os
 import time
 from pathlib import Path
 
 import tiktoken
 import torch
 
-from train.dataset import base_dir, ensure_dataset, open_shard, read_texts, split_shards
+from train.dataset import ensure_dataset, open_shard, read_texts, split_shards
 from train.errors import Parser, UserError, run_cli
+from train.paths import atomic_write, tokenizer_dir
 
 # GPT-4's split pattern, with numbers split into groups of 1-2 digits (not 1-3): fewer merges
 # are spent on number tokens, which a small vocabulary cannot afford.
@@ -28,10 +28,6 @@ SPECIAL_TOKENS = ["<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_star
 BOS = SPECIAL_TOKENS[0]
 MIN_VOCAB = 256 + len(SPECIAL_TOKENS)  # every byte, plus the special tokens
 FILES = ("tokenizer.tiktoken", "tokenizer.json", "token_bytes.pt")
-
-
-def tokenizer_dir() -> Path:
-    return base_dir() / "tokenizer"
 
 
 class Tokenizer:
@@ -70,17 +66,12 @@ class Tokenizer:
         lines = [base64.b64encode(self.enc.decode_single_token_bytes(i)).decode() + f" {i}\n" for i in range(n_ranks)]
         meta = {"pattern": self.pattern, "special_tokens": self.special_ids, "vocab_size": self.vocab_size}
 
-        def write(name, save):
-            tmp = folder / f".{name}.tmp{os.getpid()}"
-            try:
-                save(tmp)
-                os.replace(tmp, folder / name)
-            finally:
-                tmp.unlink(missing_ok=True)
-
-        write("tokenizer.tiktoken", lambda p: p.write_text("".join(lines), encoding="ascii"))
-        write("token_bytes.pt", lambda p: torch.save(self.token_bytes, p))
-        write("tokenizer.json", lambda p: p.write_text(json.dumps(meta, indent=1), encoding="utf-8"))
+        with atomic_write(folder / "tokenizer.tiktoken", "w") as f:
+            f.write("".join(lines))
+        with atomic_write(folder / "token_bytes.pt") as f:
+            torch.save(self.token_bytes, f)
+        with atomic_write(folder / "tokenizer.json", "w") as f:  # read first on load: written last
+            json.dump(meta, f, indent=1)
 
 
 def make_tokenizer(ranks: dict[bytes, int], pattern: str = SPLIT_PATTERN) -> Tokenizer:

@@ -1,0 +1,58 @@
+"""The model and its optimizer, built one way for pretraining, the bench tools and CORE.
+
+The GPT is built on the meta device (no memory), materialised on the target device and initialised there;
+FP8 conversion (torchao) comes after the weights are loaded and before torch.compile and the optimizer.
+"""
+import torch
+
+from kernels import dispatch
+from model.config import GPTConfig
+from model.gpt import GPT
+from train.optim import make_optimizer
+
+
+def build_model(config: GPTConfig, device, seed: int | None = None, recompute_mlp: bool = False) -> GPT:
+    """A freshly initialised GPT on device (seeded first when seed is given)."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device=device)
+    model.init_weights()
+    model.recompute_mlp = recompute_mlp
+    return model
+
+
+def convert_to_fp8(model: GPT, recipe: str, emulate: bool = False) -> list[str]:
+    """The model's large linears to torchao Float8Linear (lm_head too where the fused loss is not in use)."""
+    from train import fp8
+    fused_ce = dispatch.requested("cross_entropy") not in ("torch", "compile")
+    return fp8.convert_to_fp8(model, recipe, fused_ce=fused_ce, emulate=emulate)
+
+
+def build_optimizer(model: GPT, plan, args, distributed: bool = False):
+    """MuonAdamW over the model's parameter groups, with the flags' learning rates scaled as the plan says."""
+    return make_optimizer(model.param_groups(), matrix_lr=args.matrix_lr, embedding_lr=args.embedding_lr,
+                          unembedding_lr=args.unembedding_lr, scalar_lr=args.scalar_lr,
+                          adam_betas=(args.adam_beta1, args.adam_beta2), weight_decay=plan.weight_decay,
+                          lr_scale=plan.lr_scale, adam_width_scale=plan.adam_width_scale, distributed=distributed)
+
+
+def build_model_and_optimizer(plan, args, device, recompute_mlp: bool, distributed: bool = False,
+                              model_state: dict | None = None) -> tuple[GPT, object, list[str]]:
+    """(model, optimizer, names of the FP8 linears) as train.pretrain runs them: seeded init or model_state,
+    then FP8 when args.fp8, then the optimizer. args carries train.pretrain's flags (its parser's defaults)."""
+    model = build_model(plan.config, device, seed=args.seed, recompute_mlp=recompute_mlp)
+    if model_state is not None:
+        model.load_state_dict(model_state)
+    converted = convert_to_fp8(model, args.fp8_recipe, emulate=args.fp8_emulate) if args.fp8 else []
+    return model, build_optimizer(model, plan, args, distributed), converted
+
+
+def model_from_checkpoint(ckpt_dir, step: int, device) -> tuple[GPT, dict]:
+    """(the GPT of a saved checkpoint, in eval mode, its meta)."""
+    from train import checkpoint
+    meta = checkpoint.load_meta(ckpt_dir, step)
+    model = build_model(GPTConfig(**meta["model_config"]), device)
+    model.load_state_dict(checkpoint.load_model_state(ckpt_dir, step, device))
+    return model.eval(), meta
