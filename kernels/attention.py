@@ -284,9 +284,9 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA,
              dq.to(DQ.dtype.element_ty), mask=in_seq[:, None])
 
 
-# Block sizes. On a GPU a small autotune set keyed on (T, window, D), for Hopper and Ampere alike (all fit in
-# an A100's shared memory; at D = 128 the 8-warp ones avoid register spills, at D = 64 the 4-warp ones win).
-# Under the interpreter one small config (tests change it to cover other block shapes).
+# Block sizes. On a GPU a small autotune set keyed on (T, window, D), for Hopper and Ampere alike: 8 warps for
+# D = 128 (fewer registers per thread), 4 for D = 64. Under the interpreter one small config (tests change it to
+# cover other block shapes).
 def _configs(*specs):
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in specs]
 
@@ -299,8 +299,7 @@ _fwd_tuned = triton.autotune(_FWD_CONFIGS, key=_TUNE_KEY)(_attn_fwd)
 _dkdv_tuned = triton.autotune(_DKDV_CONFIGS, key=_TUNE_KEY)(_attn_bwd_dkdv)
 _dq_tuned = triton.autotune(_DQ_CONFIGS, key=_TUNE_KEY)(_attn_bwd_dq)
 # (BLOCK_M, BLOCK_N) without autotuning: under the interpreter, and for fp32 inputs on a GPU (exact dots on CUDA
-# cores). Larger fp32 blocks spill: on sm_90 dk/dv at (32, 64) spilled 104 KB per thread, these 0.8 KB or none
-# (python -m bench.compile_check).
+# cores, where larger blocks spill registers: `python -m bench.compile_check` shows how much).
 SMALL_BLOCKS = {"fwd": (32, 16), "dkdv": (16, 32), "dq": (32, 16)}
 
 LOG2E = 1.4426950408889634

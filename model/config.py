@@ -52,7 +52,8 @@ class GPTConfig:
 def config_from_depth(depth: int, aspect_ratio: int = ASPECT_RATIO, head_dim: int = HEAD_DIM,
                       max_seq_len: int = MAX_SEQ_LEN, vocab_size: int = VOCAB_SIZE,
                       window_pattern: str = WINDOW_PATTERN) -> GPTConfig:
-    """model_dim = depth x aspect_ratio rounded UP to a multiple of head_dim; n_head = n_kv_head = model_dim / head_dim."""
+    """model_dim = depth x aspect_ratio rounded UP to a multiple of head_dim;
+    n_head = n_kv_head = model_dim / head_dim."""
     model_dim = math.ceil(depth * aspect_ratio / head_dim) * head_dim
     n_head = model_dim // head_dim
     return GPTConfig(sequence_len=max_seq_len, vocab_size=vocab_size, n_layer=depth, n_head=n_head,

@@ -247,6 +247,7 @@ def test_ab_bad_input_is_one_line_and_exit_2(args, capsys):
     exits_2_with_one_line(ab.main, args, capsys)
 
 
+@pytest.mark.slow
 def test_ab_as_a_command():
     res = run_cli("bench.ab", "nosuchop")
     assert res.returncode == 2 and res.stderr.strip() == \
@@ -289,6 +290,7 @@ def test_mfu_bad_input_is_one_line_and_exit_2(args, capsys):
     exits_2_with_one_line(mfu.main, args, capsys)
 
 
+@pytest.mark.slow
 def test_mfu_as_a_command():
     res = run_cli("bench.mfu", "--depth", "0")
     assert res.returncode == 2 and res.stderr.strip() == "error: --depth must be at least 1, got 0"
@@ -352,6 +354,7 @@ def test_report_cli_writes_next_to_the_results(tmp_path, capsys):
     assert (tmp_path / "report.md").exists() and (tmp_path / "ab_attention.png").exists()
 
 
+@pytest.mark.slow
 def test_gpu_scripts_parse_and_the_test_runner_reports(tmp_path):
     """The lent-GPU scripts must not fail on a typo in the one call a session gets: both parse, and the test
     runner runs a file, writes its summary and hands back one archive."""

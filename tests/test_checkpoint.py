@@ -58,20 +58,21 @@ def test_corrupt_file_is_one_clear_error(ckpt_dir):
         checkpoint.load_model_state(ckpt_dir, 2, "cpu")
 
 
+@pytest.mark.slow
 def test_killed_mid_save_leaves_previous_checkpoint_loadable(ckpt_dir, tmp_path):
     """A process that dies halfway through writing step 2 leaves step 1 intact and step 2 absent."""
-    script = textwrap.dedent(f"""
+    script = textwrap.dedent("""
         import os, torch
         from train import checkpoint, paths
         d = paths.checkpoint_dir("d2")
-        checkpoint.save_checkpoint(d, 1, {{"w": torch.ones(64, 64)}}, {{"m": torch.ones(4)}}, {{"step": 1}})
+        checkpoint.save_checkpoint(d, 1, {"w": torch.ones(64, 64)}, {"m": torch.ones(4)}, {"step": 1})
         real_save = torch.save
         def dying_save(obj, f, *a, **k):
             f.write(b"partial bytes of a checkpoint")
             f.flush()
             os._exit(9)  # killed mid-write: no cleanup, no exception handlers
         torch.save = dying_save
-        checkpoint.save_checkpoint(d, 2, {{"w": torch.zeros(64, 64)}}, {{"m": torch.zeros(4)}}, {{"step": 2}})
+        checkpoint.save_checkpoint(d, 2, {"w": torch.zeros(64, 64)}, {"m": torch.zeros(4)}, {"step": 2})
     """)
     env = dict(os.environ, NANOCHAT_BASE_DIR=str(tmp_path), PYTHONPATH=os.getcwd())
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)

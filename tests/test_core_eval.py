@@ -264,6 +264,7 @@ def _dist_worker(rank, world, init_file, bundle, queue):
         torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_ranks_split_the_examples_and_sum_the_counts(bundle):
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
@@ -393,6 +394,7 @@ def run(module, args, base, **env):
                           cwd=REPO, timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_scores_a_checkpoint_and_a_bad_tag_is_one_line(tmp_path, monkeypatch):
     base = tmp_path / "base"
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base))
@@ -417,6 +419,7 @@ def test_cli_scores_a_checkpoint_and_a_bad_tag_is_one_line(tmp_path, monkeypatch
     assert proc.returncode == 2 and len(err) == 1 and "no checkpoints" in err[0], proc.stderr
 
 
+@pytest.mark.slow
 def test_pretrain_reports_core_and_fails_early_without_a_bundle(tmp_path, server):
     from train import dataset
     base = tmp_path / "base"

@@ -131,6 +131,7 @@ def cli(args, base):
                           text=True, cwd=REPO, timeout=120)
 
 
+@pytest.mark.slow
 def test_offline_download_is_one_clear_line(tmp_path):
     with socket.socket() as s:  # a port that nothing listens on
         s.bind(("127.0.0.1", 0))
@@ -176,6 +177,7 @@ def test_build_from_a_folder_is_deterministic_with_a_held_out_validation_shard(b
     assert sorted(p.name for p in (base / "data").iterdir()) == ["mine"]  # no staging folders left behind
 
 
+@pytest.mark.slow
 def test_build_without_sources_is_the_standard_library(base):
     proc = cli(["build"], base)
     assert proc.returncode == 0, proc.stderr
@@ -186,6 +188,7 @@ def test_build_without_sources_is_the_standard_library(base):
     assert all(pq.ParquetFile(p).metadata.num_row_groups >= 2 for p in shards)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case, message", [
     ("missing", "no such file"),
     ("empty", "no .txt"),
@@ -218,6 +221,7 @@ def test_bad_corpus_is_one_line_and_exit_2(tmp_path, case, message):
     assert not (tmp_path / "base" / "data" / "bad").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, message", [
     (["download", "--num-shards", "0"], "--num-shards"),
     (["download", "--name", "nope"], "invalid choice"),

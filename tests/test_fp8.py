@@ -276,6 +276,7 @@ def test_refusal_exits_2_with_one_line(capsys):
     assert err.count("\n") == 1 and "--fp8" in err
 
 
+@pytest.mark.slow
 def test_torchao_is_imported_only_for_fp8():
     code = ("import sys, train.fp8, train.pretrain, model.gpt; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torchao'))")

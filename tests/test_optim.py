@@ -415,6 +415,7 @@ def _check_distributed(rank, world):
         assert torch.equal(value, expected[name]), f"rank {rank} {name} differs after resume"
 
 
+@pytest.mark.slow
 def test_distributed_matches_single_and_round_trips():
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "store")

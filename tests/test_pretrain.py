@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # every test here runs the CLI in a subprocess
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--dataset", "tiny", "--depth", "2", "--aspect-ratio", "32", "--head-dim", "32", "--max-seq-len", "64",
         "--device-batch-size", "4", "--total-batch-size", "256", "--eval-tokens", "1024",
@@ -65,6 +66,7 @@ def test_tiny_run_loss_falls_and_ends_with_checkpoint_and_bpb(base):
     assert len(bpbs) == 3 and bpbs[-1] < bpbs[0]
     assert (base / "base_checkpoints" / "falls" / "step_000040_model.pt").exists()
     assert "val bpb" in proc.stdout
+    assert (base / "base_checkpoints" / "falls" / "metrics.png").stat().st_size > 10_000  # the run's curves
 
 
 def test_resume_continues_the_same_loss_curve(base):
@@ -114,7 +116,8 @@ def test_fp8_emulated_run_resumes_without_fp8(base):
     pytest.importorskip("torchao", reason="torchao is not installed (pip install -e .[fp8])")
     wide = [*TINY, "--aspect-ratio", "64", "--head-dim", "64", "--eval-every", "-1", "--model-tag", "fp8"]
     proc = run([*wide, "--num-iterations", "4", "--fp8", "--fp8-emulate"], base)
-    assert "converted 12 linear layers" in proc.stdout  # 2 layers x (c_q, c_k, c_v, c_proj, c_fc, mlp c_proj), proc.stdout[-2000:]
+    # 2 layers x (c_q, c_k, c_v, c_proj, c_fc, mlp c_proj)
+    assert "converted 12 linear layers" in proc.stdout, proc.stdout[-2000:]
     run([*wide, "--num-iterations", "6", "--resume-from-step", "4"], base)
     losses = step_losses(metrics(base, "fp8"))
     assert sorted(losses) == list(range(1, 7)) and all(v == v and v < 20 for v in losses.values())
@@ -236,12 +239,27 @@ def test_pretrain_ab_bad_variant_is_one_line(base):
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
-def wait_for_lines(path: Path, n: int, timeout: float = 120) -> None:
-    """Until a running job's metrics file has n lines (its first steps are done)."""
+def wait_for_lines(path: Path, n: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Until the running job proc has written n lines to its metrics file (its first steps are done); fails the
+    test, with the job's output, when the job ends or the time runs out first."""
     import time
     deadline = time.time() + timeout
-    while time.time() < deadline and not (path.exists() and len(path.read_text().splitlines()) >= n):
+    while not (path.exists() and len(path.read_text().splitlines()) >= n):
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            out, err = proc.communicate()
+            pytest.fail(f"{path} never reached {n} lines (job exit {proc.returncode}):\n{out[-2000:]}\n{err[-2000:]}")
         time.sleep(0.05)
+
+
+def test_waiting_for_a_job_that_died_fails_at_once(tmp_path):
+    import time
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; sys.exit(3)"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    t0 = time.time()
+    with pytest.raises(pytest.fail.Exception, match="job exit 3"):
+        wait_for_lines(tmp_path / "metrics.jsonl", 1, proc, timeout=60)
+    assert time.time() - t0 < 30
 
 
 def test_sigterm_saves_a_checkpoint_that_resumes_the_same_curve(base):
@@ -254,7 +272,7 @@ def test_sigterm_saves_a_checkpoint_that_resumes_the_same_curve(base):
     proc = subprocess.Popen([sys.executable, "-m", "train.pretrain", *TINY, *steps, "--model-tag", "sig"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
     log = base / "base_checkpoints" / "sig" / "metrics.jsonl"
-    wait_for_lines(log, 5)
+    wait_for_lines(log, 5, proc)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, (out[-2000:], err[-2000:])
@@ -277,9 +295,13 @@ def test_sigterm_to_torchrun_saves_every_ranks_shard(base):
                              "-m", "train.pretrain", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, cwd=REPO)
     ckpt = base / "base_checkpoints" / "sig2"
-    wait_for_lines(ckpt / "metrics.jsonl", 3)
+    wait_for_lines(ckpt / "metrics.jsonl", 3, proc)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
+    # torchrun itself ends with exit 1 and its own SignalException once it has forwarded the signal and its
+    # workers are done; the workers must have stopped cleanly: no traceback of ours
+    assert proc.returncode == 1 and "SignalException" in err, (proc.returncode, err[-3000:])
+    assert err.count("Traceback (most recent call last)") == 1 and "train/pretrain.py" not in err, err[-3000:]
     stopped = int(re.search(r"stopped by SIGTERM at step (\d+)", out).group(1))
     meta = json.loads((ckpt / f"step_{stopped:06d}_meta.json").read_text())
     assert meta["world_size"] == 2 and len(meta["dataloader"]) == 2

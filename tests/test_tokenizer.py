@@ -115,6 +115,7 @@ def cli(args, base):
                           text=True, cwd=REPO, timeout=120)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, message", [
     (["train", "--dataset", "mixed", "--vocab-size", "264"], "at least 265"),
     (["train", "--dataset", "absent"], "python -m train.dataset build --from PATH --name absent"),
@@ -150,6 +151,7 @@ def test_damaged_tokenizer_files_are_one_clear_error(trained, tmp_path):
     assert load_tokenizer(tmp_path / "tok").encode("ok") == tok.encode("ok")
 
 
+@pytest.mark.slow
 def test_cli_in_a_fresh_process(trained):
     proc = cli(["info", "hello 123"], trained[1])
     assert proc.returncode == 0 and "vocab 400" in proc.stdout, proc.stderr

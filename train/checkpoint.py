@@ -81,7 +81,7 @@ def load_meta(ckpt_dir: Path, step: int) -> dict:
     try:
         return json.loads(meta_path.read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"checkpoint meta {meta_path} is unreadable: {e}")
+        raise UserError(f"checkpoint meta {meta_path} is unreadable: {e}") from None
 
 
 def load_model_state(ckpt_dir: Path, step: int, device) -> dict:
@@ -101,4 +101,5 @@ def _load(path: Path, device) -> dict:
         # weights_only: a checkpoint file must not be able to run code
         return torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # corrupt or not a torch file
-        raise UserError(f"checkpoint file {path} cannot be loaded: {type(e).__name__}: {str(e).splitlines()[0]}")
+        raise UserError(f"checkpoint file {path} cannot be loaded: {type(e).__name__}: {str(e).splitlines()[0]}") \
+            from None

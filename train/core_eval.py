@@ -200,7 +200,8 @@ def crop_left(tokens, starts, ends, max_len: int):
 
 
 @torch.no_grad()
-def score_example(model, tokenizer, task: Task, idx: int, device, autocast=nullcontext()) -> bool:
+def score_example(model, tokenizer, task: Task, idx: int, device, autocast=None) -> bool:
+    autocast = nullcontext() if autocast is None else autocast
     item = task.examples[idx]
     prompts = render_prompts(task.kind, item, task.delimiter, fewshot_examples(task.examples, idx, task.num_fewshot))
     rows, starts, ends = continuation_spans(task.kind, tokenizer.encode(prompts, prepend_bos=True))
@@ -226,7 +227,7 @@ def centered(accuracy: float, baseline: float) -> float:
 
 
 @torch.no_grad()
-def evaluate_core(model, tokenizer, device, max_per_task: int = 500, autocast=nullcontext(),
+def evaluate_core(model, tokenizer, device, max_per_task: int = 500, autocast=None,
                   bundle_dir: Path | None = None) -> dict:
     """Per-task accuracy and centred accuracy, and their mean: {"results", "centered_results", "core_metric"}.
 

@@ -111,11 +111,10 @@ class DataLoader:
         A cut text that came out too short to tell is tokenized again whole.
         """
         keep = self.capacity + 1
-        encode = lambda batch: self.tokenizer.encode(batch, num_threads=self.num_threads)
         cuts = [cut_text(t, keep * CHARS_PER_TOKEN) for t in texts]
-        tokens = encode(cuts)
+        tokens = self.tokenizer.encode(cuts, num_threads=self.num_threads)
         redo = [i for i, (cut, ids) in enumerate(zip(cuts, tokens)) if len(ids) < keep and len(cut) < len(texts[i])]
-        for i, ids in zip(redo, encode([texts[i] for i in redo])):
+        for i, ids in zip(redo, self.tokenizer.encode([texts[i] for i in redo], num_threads=self.num_threads)):
             tokens[i] = ids
         return [[self.bos] + ids[:keep - 1] for ids in tokens]
 

@@ -17,7 +17,8 @@ import sysconfig
 import threading
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
-from typing import Iterator, NamedTuple
+from typing import NamedTuple
+from collections.abc import Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq

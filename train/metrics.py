@@ -20,7 +20,8 @@ def peak_bf16_flops(device_name: str) -> float | None:
     return None
 
 
-def mfu(flops_per_token: float, tokens_per_second: float, peak_flops: float | None, world_size: int = 1) -> float | None:
+def mfu(flops_per_token: float, tokens_per_second: float, peak_flops: float | None,
+        world_size: int = 1) -> float | None:
     """Model FLOPs utilisation in percent, or None where the peak is unknown."""
     if not peak_flops:
         return None
@@ -57,7 +58,7 @@ class MetricsLog:
                 import wandb
             except ImportError:
                 raise UserError("--run names a wandb run but wandb is not installed: pip install -e .[wandb], "
-                                "or pass --run dummy")
+                                "or pass --run dummy") from None
             self.wandb = wandb.init(project=project, name=run, config=config or {})
 
     def log(self, metrics: dict) -> None:

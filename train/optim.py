@@ -20,6 +20,7 @@ Schedules (lr_multiplier, muon_momentum, weight_decay_at) live here too; the tra
 group["lr"] = group["initial_lr"] * lr_multiplier(...), and for Muon groups (the ones with
 "initial_weight_decay") group["momentum"] and group["weight_decay"].
 """
+import functools
 import math
 from collections import defaultdict
 
@@ -113,14 +114,10 @@ def normuon_cautious_update_(update: Tensor, params: Tensor, second_moment: Tens
     params.sub_(lr * update + (lr * weight_decay) * params * mask)
 
 
-_compiled_fns = {}
-
-
+@functools.cache
 def _compiled(fn):
     """fn compiled once per process (a recompilation per tensor shape), as nanochat does."""
-    if fn not in _compiled_fns:
-        _compiled_fns[fn] = torch.compile(fn, dynamic=False, fullgraph=True)
-    return _compiled_fns[fn]
+    return torch.compile(fn, dynamic=False, fullgraph=True)
 
 
 def _orthogonalize(x: Tensor, steps: int) -> Tensor:
@@ -395,9 +392,9 @@ class DistMuonAdamW(MuonAdamW):
 
 def make_optimizer(groups: dict[str, list[torch.nn.Parameter]], *, matrix_lr: float = MATRIX_LR,
                    embedding_lr: float = EMBEDDING_LR, unembedding_lr: float = UNEMBEDDING_LR,
-                   scalar_lr: float = SCALAR_LR, adam_betas: tuple[float, float] = ADAM_BETAS, weight_decay: float = 0.0,
-                   lr_scale: float = 1.0, adam_width_scale: float = 1.0, distributed: bool = False,
-                   compile: bool | None = None) -> MuonAdamW:
+                   scalar_lr: float = SCALAR_LR, adam_betas: tuple[float, float] = ADAM_BETAS,
+                   weight_decay: float = 0.0, lr_scale: float = 1.0, adam_width_scale: float = 1.0,
+                   distributed: bool = False, compile: bool | None = None) -> MuonAdamW:
     """The optimizer for the model's param_groups() dict.
 
     lr_scale (sqrt(B / B_ref), the batch-size law) multiplies every learning rate.

@@ -175,7 +175,7 @@ def main(argv=None) -> None:
     try:
         train(args, plan, tokenizer, dist_info)
     except dispatch.KernelUnavailable as e:  # a forced kernel that cannot run here: one line, exit 2
-        raise UserError(str(e))
+        raise UserError(str(e)) from None
     except torch.OutOfMemoryError:  # a batch too large for this GPU is bad input: say what would fit
         recompute = choose_recompute_mlp(args.recompute_mlp, plan, dist_info.device)
         advice = memory_advice(plan, dist_info.device, recompute, ran_out=True)
@@ -245,6 +245,17 @@ def train(args, plan, tokenizer, dist_info) -> None:
     print0(f"done: val bpb {run.loop['val_bpb']}, min val bpb {run.loop['min_val_bpb']}, "
            f"training time {format_duration(run.loop['training_time'])}")
     run.log.close()
+    if run.dist.is_master:
+        plot_curves(run.ckpt_dir)
+
+
+def plot_curves(ckpt_dir) -> None:
+    """metrics.png next to the checkpoints; a plot that cannot be made costs a line, never the finished run."""
+    from train.plot import plot_runs
+    try:
+        print0(f"curves: {plot_runs([ckpt_dir], ckpt_dir / 'metrics.png')}")
+    except Exception as e:  # noqa: BLE001 - matplotlib missing or failing must not fail a run that is done
+        print0(f"no curves plotted: {e}")
 
 
 def start(args, plan, tokenizer, dist_info) -> Run:
@@ -296,7 +307,7 @@ def check_inputs(args, tokenizer, device) -> None:
         try:
             ensure_eval_bundle()
         except UserError as e:
-            raise UserError(f"{e} (or turn CORE off with --core-metric-every -1)")
+            raise UserError(f"{e} (or turn CORE off with --core-metric-every -1)") from None
 
 
 def resume_meta(args, plan, ckpt_dir) -> dict | None:
