@@ -69,3 +69,10 @@ def serve_folder():
     for srv in servers:
         srv.shutdown()
         srv.server_close()
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory):
+    """A base dir with the tiny dataset and tokenizer the CLI tests train on (tests copy it before changing it)."""
+    from helpers import make_tiny_base
+    return make_tiny_base(tmp_path_factory.mktemp("nanochat"))

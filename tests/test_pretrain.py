@@ -4,57 +4,21 @@ The corpus is a slice of the Python standard library (offline, on every machine)
 trained on it with a small vocabulary so that everything runs in seconds.
 """
 import json
-import os
 import re
 import shutil
 import subprocess
 import sys
-import sysconfig
-from pathlib import Path
 
 import pytest
 
+from helpers import REPO, TINY, cli_env, free_port, metrics, run, step_losses, torchrun, wait_for_lines
+
 pytestmark = pytest.mark.slow  # every test here runs the CLI in a subprocess
-REPO = Path(__file__).resolve().parents[1]
-TINY = ["--dataset", "tiny", "--depth", "2", "--aspect-ratio", "32", "--head-dim", "32", "--max-seq-len", "64",
-        "--device-batch-size", "4", "--total-batch-size", "256", "--eval-tokens", "1024",
-        "--sample-every", "-1", "--core-metric-every", "-1", "--device-type", "cpu"]
 
 
-def cli_env(base, **extra) -> dict:
-    """The environment of a CLI run: base dir, this checkout on the path, no GPU."""
-    return dict(os.environ, NANOCHAT_BASE_DIR=str(base), PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES="", **extra)
-
-
-def run(args, base, check=True, module="train.pretrain"):
-    env = cli_env(base)
-    proc = subprocess.run([sys.executable, "-m", module, *map(str, args)], env=env, capture_output=True,
-                          text=True, cwd=REPO, timeout=600)
-    if check:
-        assert proc.returncode == 0, f"{module} {args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    """A base dir with a tiny dataset (the stdlib's json and email packages) and a 512-token tokenizer."""
-    base = tmp_path_factory.mktemp("nanochat")
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    src = base / "src"
-    for pkg in ("json", "email", "logging"):
-        shutil.copytree(stdlib / pkg, src / pkg, ignore=shutil.ignore_patterns("__pycache__"))
-    run(["build", "--from", src, "--name", "tiny", "--docs-per-row-group", "8"], base, module="train.dataset")
-    run(["train", "--dataset", "tiny", "--vocab-size", "512"], base, module="train.tokenizer")
-    return base
-
-
-def metrics(base, tag):
-    lines = (Path(base) / "base_checkpoints" / tag / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines]
-
-
-def step_losses(records):
-    return {r["step"]: r["train/loss_step"] for r in records if "train/loss_step" in r}
+@pytest.fixture
+def base(tiny_base):
+    return tiny_base
 
 
 def test_tiny_run_loss_falls_and_ends_with_checkpoint_and_bpb(base):
@@ -74,8 +38,9 @@ def test_resume_continues_the_same_loss_curve(base):
     ckpts = base / "base_checkpoints"
     shutil.copytree(ckpts / "full", ckpts / "resumed")
     (ckpts / "resumed" / "metrics.jsonl").unlink()
-    run([*TINY, "--num-iterations", "12", "--save-every", "6", "--eval-every", "-1", "--model-tag", "resumed",
-         "--resume-from-step", "6"], base)
+    proc = run([*TINY, "--num-iterations", "12", "--save-every", "6", "--eval-every", "-1", "--model-tag", "resumed",
+                "--resume-from-step", "6"], base)
+    assert "other settings" not in proc.stdout  # nothing changed: nothing to say
     full, resumed = step_losses(metrics(base, "full")), step_losses(metrics(base, "resumed"))
     assert sorted(resumed) == list(range(7, 13))
     for s in range(7, 13):
@@ -94,11 +59,22 @@ def test_resume_continues_the_same_loss_curve(base):
     (["--kernel-attention", "fa3"], "fa3"),
     (["--kernel-attention", "nonsense"], "invalid choice"),
 ])
-def test_bad_flags_exit_2_with_one_line(base, args, message):
-    proc = run([*TINY, "--num-iterations", "2", *args], base, check=False)  # a later flag overrides TINY's
-    assert proc.returncode == 2, (proc.stdout[-2000:], proc.stderr[-2000:])
-    err = proc.stderr.strip().splitlines()
-    assert len(err) == 1 and "Traceback" not in proc.stderr, proc.stderr
+def test_bad_flags_exit_2_with_one_line(base, args, message, monkeypatch, capsys):
+    argv = [*TINY, "--num-iterations", "2", *args]  # a later flag overrides TINY's
+    if "fa3" in args:  # refused by the first forward pass: in a process of its own (the run's signal handlers)
+        proc = run(argv, base, check=False)
+        code, stderr = proc.returncode, proc.stderr
+    else:  # refused before any training starts: in this process, as `python -m train.pretrain` would run it
+        monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base))
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+        from train import pretrain
+        from train.errors import run_cli as run_main
+        with pytest.raises(SystemExit) as e:
+            run_main(pretrain.main, argv)
+        code, stderr = e.value.code, capsys.readouterr().err
+    assert code == 2, stderr[-2000:]
+    err = stderr.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in stderr, stderr
     assert re.search(message, err[0]), err[0]
 
 
@@ -133,17 +109,6 @@ def test_dry_run_needs_no_data_and_prints_the_plan_as_json(tmp_path):
     assert "estimated GPU memory" in proc.stdout
 
 
-def torchrun(args, base, nproc=2, check=True):
-    """train.pretrain under torchrun on the CPU: nproc gloo processes on this machine."""
-    env = cli_env(base, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "train.pretrain", *map(str, args)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO, timeout=600)
-    if check:
-        assert proc.returncode == 0, f"torchrun {args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc
-
-
 def test_torchrun_two_ranks_train_save_and_resume_exactly(base):
     """Two gloo ranks through torchrun: per-rank optimizer shards, val bpb over both ranks, and a resumed
     2-rank run continues the same loss curve; resuming that checkpoint on 1 process is one line, exit 2."""
@@ -172,13 +137,6 @@ def test_torchrun_two_ranks_train_save_and_resume_exactly(base):
     proc = run([*ddp, "--model-tag", "ddp", "--resume-from-step", "4"], base, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert "2 rank" in proc.stderr.strip().splitlines()[-1], proc.stderr
-
-
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_nodes_meet_through_torchruns_rendezvous(base):
@@ -237,19 +195,6 @@ def test_pretrain_ab_compares_runs_side_by_side(base, tmp_path):
 def test_pretrain_ab_bad_variant_is_one_line(base):
     proc = run(["--variant", "no colon here"], base, check=False, module="bench.pretrain_ab")
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-
-
-def wait_for_lines(path: Path, n: int, proc: subprocess.Popen, timeout: float = 120) -> None:
-    """Until the running job proc has written n lines to its metrics file (its first steps are done); fails the
-    test, with the job's output, when the job ends or the time runs out first."""
-    import time
-    deadline = time.time() + timeout
-    while not (path.exists() and len(path.read_text().splitlines()) >= n):
-        if proc.poll() is not None or time.time() > deadline:
-            proc.kill()
-            out, err = proc.communicate()
-            pytest.fail(f"{path} never reached {n} lines (job exit {proc.returncode}):\n{out[-2000:]}\n{err[-2000:]}")
-        time.sleep(0.05)
 
 
 def test_waiting_for_a_job_that_died_fails_at_once(tmp_path):
@@ -341,8 +286,10 @@ def test_a_failed_save_is_one_line_naming_the_last_good_checkpoint(base):
     proc = run([*TINY, "--num-iterations", "6", "--save-every", "2", "--eval-every", "-1", "--model-tag", "blocked"],
                base, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    assert "the last good one is step 2" in proc.stderr.strip().splitlines()[-1]
-    (base / "base_checkpoints" / "file-not-dir").write_text("")
-    proc = run([*TINY, "--num-iterations", "2", "--model-tag", "file-not-dir/x"], base, check=False)
+    assert "the last good checkpoint is step 2" in proc.stderr.strip().splitlines()[-1]
+    (base / "base_checkpoints" / "file-not-dir").write_text("")  # a file where the run's folder goes
+    proc = run([*TINY, "--num-iterations", "2", "--model-tag", "file-not-dir"], base, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    assert "cannot write the metrics file" in proc.stderr.strip().splitlines()[-1]
+    assert "cannot create" in proc.stderr.strip().splitlines()[-1]
+    proc = run([*TINY, "--num-iterations", "2", "--model-tag", "file-not-dir/x"], base, check=False)
+    assert proc.returncode == 2 and "bad --model-tag" in proc.stderr.strip().splitlines()[-1]

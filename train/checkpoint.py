@@ -1,31 +1,65 @@
-"""Checkpoints: atomic writes, weights-only loads, per-rank optimizer shards, resume state.
+"""Checkpoints: atomic writes with checksums, verified weights-only loads, per-rank optimizer shards, a lock.
 
 Layout under $NANOCHAT_BASE_DIR/base_checkpoints/{model_tag}/:
   step_{N}_model.pt                  model weights (plain tensors), written by rank 0
   step_{N}_optimizer_rank{r}.pt      rank r's optimizer state (sharded in the distributed optimizer)
-  step_{N}_meta.json                 config, flags, step, val bpb, dataloader and loop state
-Every file goes to a temporary name first and is renamed into place, and the meta file is written
-last: a step counts as saved only once its meta exists, so a crash mid-save leaves the previous
-checkpoint as the latest good one.
+  step_{N}_meta.json                 config, flags, step, val bpb, dataloader and loop state, and the size and
+                                     sha256 of every file above
+  .lock                              held (flock) by the run writing here; its host and pid inside
+Every file goes to a temporary name first and is renamed into place, and the meta file is written last: a step
+counts as saved only once its meta exists, so a crash mid-save leaves the previous checkpoint as the latest.
 """
+import fcntl
+import hashlib
 import json
+import os
 import re
+import socket
 from pathlib import Path
 
 import torch
 
 from train.errors import UserError
-from train.paths import atomic_write
+from train.paths import TEMP_MARK, atomic_write
+
+STEP_FILE = re.compile(r"step_(\d+)_(model\.pt|optimizer_rank\d+\.pt|meta\.json)")
 
 
-def atomic_torch_save(obj, path: Path) -> None:
-    with atomic_write(path) as f:
-        torch.save(obj, f)
+class CheckpointWriteError(OSError):
+    """A checkpoint file could not be written (disk full, quota, permissions): the step is not saved."""
+
+
+def first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
+def file_digest(path: Path) -> dict:
+    """{"bytes", "sha256"} of a file, read in 8 MiB pieces."""
+    h, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 23):
+            h.update(chunk)
+            size += len(chunk)
+    return {"bytes": size, "sha256": h.hexdigest()}
+
+
+def atomic_torch_save(obj, path: Path) -> dict:
+    """torch.save to path atomically; returns the file's digest. Any failure is a CheckpointWriteError."""
+    try:
+        with atomic_write(path) as f:
+            torch.save(obj, f)
+    except (OSError, RuntimeError) as e:  # torch reports a full disk as a RuntimeError of its zip writer
+        raise CheckpointWriteError(f"cannot write {path}: {first_line(e)}") from None
+    return file_digest(path)
 
 
 def atomic_json_save(obj, path: Path) -> None:
-    with atomic_write(path, "w") as f:
-        json.dump(obj, f, indent=2)
+    try:
+        with atomic_write(path, "w") as f:
+            json.dump(obj, f, indent=2, allow_nan=False)  # NaN is not JSON
+    except OSError as e:
+        raise CheckpointWriteError(f"cannot write {path}: {first_line(e)}") from None
 
 
 def _paths(ckpt_dir: Path, step: int, rank: int):
@@ -35,31 +69,33 @@ def _paths(ckpt_dir: Path, step: int, rank: int):
 
 
 def save_checkpoint(ckpt_dir: Path, step: int, model_state: dict, optimizer_state: dict | None,
-                    meta: dict, rank: int = 0, barrier=lambda: None) -> None:
-    """Every rank writes its optimizer shard; rank 0 writes the model, then (after all ranks) the meta."""
+                    meta: dict, rank: int = 0, gather=lambda obj: [obj]) -> None:
+    """Every rank writes its optimizer shard; rank 0 writes the model, then (once every rank has written) the
+    meta with every file's digest. gather(obj) -> every rank's obj (torch.distributed's all_gather_object);
+    a write that fails on any rank removes this step's files on every rank and raises CheckpointWriteError."""
     model_path, optim_path, meta_path = _paths(Path(ckpt_dir), step, rank)
-    if optimizer_state is not None:
-        atomic_torch_save(optimizer_state, optim_path)
-    if rank == 0:
-        atomic_torch_save(model_state, model_path)
-    barrier()
-    if rank == 0:
-        atomic_json_save(meta, meta_path)
-    barrier()
-
-
-def prune(ckpt_dir: Path, keep: int) -> list[int]:
-    """Delete all but the newest `keep` complete checkpoints (rank 0, after a save); returns the steps deleted.
-
-    Each goes meta file first, so an interrupted deletion leaves an incomplete step that nothing loads.
-    Files of steps without a meta (a save that crashed) are left alone: a later save may still complete them."""
-    steps = saved_steps(ckpt_dir)
-    doomed = steps[:-keep] if keep > 0 else []
-    for step in doomed:
-        (Path(ckpt_dir) / f"step_{step:06d}_meta.json").unlink(missing_ok=True)
-        for f in Path(ckpt_dir).glob(f"step_{step:06d}_*"):
-            f.unlink(missing_ok=True)
-    return doomed
+    digests, error = {}, None
+    try:
+        if optimizer_state is not None:
+            digests[optim_path.name] = atomic_torch_save(optimizer_state, optim_path)
+        if rank == 0:
+            digests[model_path.name] = atomic_torch_save(model_state, model_path)
+    except CheckpointWriteError as e:
+        error = str(e)
+    every = gather((digests, error))
+    error = next((err for _, err in every if err), None)  # the same on every rank
+    if error is None:  # then rank 0 writes the meta and tells every rank how that went
+        meta_error = None
+        if rank == 0:
+            try:
+                atomic_json_save(meta | {"files": {k: v for d, _ in every for k, v in d.items()}}, meta_path)
+            except (CheckpointWriteError, ValueError) as e:
+                meta_error = str(e)
+        error = gather(meta_error)[0]
+    if error is not None:
+        for name in digests:
+            (Path(ckpt_dir) / name).unlink(missing_ok=True)
+        raise CheckpointWriteError(error)
 
 
 def saved_steps(ckpt_dir: Path) -> list[int]:
@@ -79,27 +115,140 @@ def load_meta(ckpt_dir: Path, step: int) -> dict:
         raise UserError(f"no checkpoint at step {step} in {ckpt_dir}"
                         + (f" (saved steps: {', '.join(map(str, have))})" if have else " (no checkpoints there)"))
     try:
-        return json.loads(meta_path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"checkpoint meta {meta_path} is unreadable: {e}") from None
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
+        raise UserError(f"checkpoint meta {meta_path} is unreadable: {first_line(e)}") from None
+    if not isinstance(meta, dict) or meta.get("step") != step:
+        raise UserError(f"checkpoint meta {meta_path} is not the meta of step {step}")
+    return meta
+
+
+def damage(ckpt_dir: Path, step: int, ranks=None) -> str | None:
+    """Why the checkpoint of step can't be trusted (its meta, or a file it lists — all of them, or the model
+    and the optimizer shards of `ranks` — missing, of another size, or with another sha256), or None."""
+    try:
+        meta = load_meta(ckpt_dir, step)
+    except UserError as e:
+        return str(e)
+    files = meta.get("files")
+    if not isinstance(files, dict):
+        return None  # written before checksums: nothing to compare with
+    wanted = set(files) if ranks is None else {_paths(Path(ckpt_dir), step, r)[i].name for r in ranks for i in (0, 1)}
+    for name in sorted(wanted & set(files)):
+        path = Path(ckpt_dir) / name
+        if not path.is_file():
+            return f"{path} is missing"
+        found = file_digest(path)
+        if found["bytes"] != files[name].get("bytes"):
+            return f"{path} has {found['bytes']} bytes, the checkpoint wrote {files[name].get('bytes')}"
+        if found["sha256"] != files[name].get("sha256"):
+            return f"{path} is damaged (its sha256 differs from the one written with it)"
+    return None
+
+
+def newest_good_step(ckpt_dir: Path) -> tuple[int | None, list[tuple[int, str]]]:
+    """(the newest step whose checkpoint verifies, or None; the newer ones skipped, with why)."""
+    skipped = []
+    for step in reversed(saved_steps(ckpt_dir)):
+        why = damage(ckpt_dir, step)
+        if why is None:
+            return step, skipped
+        skipped.append((step, why))
+    return None, skipped
 
 
 def load_model_state(ckpt_dir: Path, step: int, device) -> dict:
     model_path, _, _ = _paths(Path(ckpt_dir), step, 0)
-    return _load(model_path, device)
+    return _load(ckpt_dir, step, model_path, device)
 
 
 def load_optimizer_state(ckpt_dir: Path, step: int, rank: int, device) -> dict:
     _, optim_path, _ = _paths(Path(ckpt_dir), step, rank)
-    return _load(optim_path, device)
+    return _load(ckpt_dir, step, optim_path, device)
 
 
-def _load(path: Path, device) -> dict:
+def _load(ckpt_dir: Path, step: int, path: Path, device) -> dict:
     if not path.exists():
         raise UserError(f"checkpoint file {path} is missing")
+    meta_path = _paths(Path(ckpt_dir), step, 0)[2]
+    if meta_path.exists():
+        files = load_meta(ckpt_dir, step).get("files")
+        if isinstance(files, dict) and path.name in files and file_digest(path) != files[path.name]:
+            raise UserError(f"checkpoint file {path} is damaged: its size or sha256 differs from the one written "
+                            "with it")
     try:
         # weights_only: a checkpoint file must not be able to run code
         return torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # corrupt or not a torch file
-        raise UserError(f"checkpoint file {path} cannot be loaded: {type(e).__name__}: {str(e).splitlines()[0]}") \
-            from None
+        raise UserError(f"checkpoint file {path} cannot be loaded: {type(e).__name__}: {first_line(e)}") from None
+
+
+def _step_files(ckpt_dir: Path) -> dict[int, list[Path]]:
+    out: dict[int, list[Path]] = {}
+    for p in Path(ckpt_dir).glob("step_*"):
+        m = STEP_FILE.fullmatch(p.name)
+        if m:
+            out.setdefault(int(m.group(1)), []).append(p)
+    return out
+
+
+def prune(ckpt_dir: Path, keep: int) -> list[int]:
+    """Delete all but the newest `keep` complete checkpoints (rank 0, after a save); returns the steps deleted.
+    Each goes meta file first, so an interrupted deletion leaves an incomplete step that nothing loads."""
+    steps = saved_steps(ckpt_dir)
+    doomed = steps[:-keep] if keep > 0 else []
+    files = _step_files(ckpt_dir)
+    for step in doomed:
+        (Path(ckpt_dir) / f"step_{step:06d}_meta.json").unlink(missing_ok=True)
+        for f in files.get(step, []):
+            f.unlink(missing_ok=True)
+    return doomed
+
+
+def remove_leftovers(ckpt_dir: Path) -> list[str]:
+    """Delete what killed saves leave behind: temporary files, and the files of steps that never got a meta.
+    For a run holding the folder's lock (no other run writes here); returns the names removed."""
+    removed = []
+    folder = Path(ckpt_dir)
+    if not folder.is_dir():
+        return removed
+    complete = set(saved_steps(folder))
+    leftovers = list(folder.glob(f".step_*{TEMP_MARK}*"))
+    leftovers += [p for step, paths in sorted(_step_files(folder).items()) if step not in complete for p in paths]
+    for p in leftovers:
+        if p.is_file():  # a folder in the way is the user's: a save there fails and says so
+            p.unlink(missing_ok=True)
+            removed.append(p.name)
+    return removed
+
+
+class FolderLock:
+    """An exclusive flock on the folder's .lock file, held until release() or the end of the process (the kernel
+    releases a killed process's lock). The file names its holder while held; a name found there by the next
+    run is a holder that ended without releasing it (killed): `previous`."""
+
+    def __init__(self, folder: Path):
+        self.path = Path(folder) / ".lock"
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise UserError(f"cannot create {self.path}: {e.strerror or e}") from None
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = self._read()
+            os.close(self.fd)
+            raise UserError(f"{folder} is in use by another run ({holder or 'its holder is not named'}): wait "
+                            "for it to end, or give this run another --model-tag") from None
+        self.previous = self._read()
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, f"host {socket.gethostname()} pid {os.getpid()}\n".encode())
+
+    def _read(self) -> str:
+        os.lseek(self.fd, 0, os.SEEK_SET)
+        return os.read(self.fd, 200).decode(errors="replace").strip()
+
+    def release(self) -> None:
+        os.ftruncate(self.fd, 0)
+        os.close(self.fd)  # closing the last descriptor releases the flock

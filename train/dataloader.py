@@ -81,6 +81,7 @@ class DataLoader:
                                 "ranks, or rebuild the dataset with a smaller --docs-per-row-group")
             self.rank, self.world_size = 0, 1  # too small to split: every rank evaluates on all of it
         self.buffer = []
+        self.batch_epoch = 1  # the latest epoch a document of a batch came from (a split read again: > 1)
         self._empty = 0  # row groups read in a row without a single document
         self.epoch, self.shard, self.row_group = self._seek(1, 0, 0)
         if state is not None:
@@ -170,6 +171,11 @@ class DataLoader:
     def __iter__(self):
         return self
 
+    @property
+    def passes_done(self) -> int:
+        """Complete passes over the split: every document of the passes before the oldest buffered one is used."""
+        return min((entry[1] for entry in self.buffer), default=self.epoch) - 1
+
     def next_with_state(self) -> tuple[torch.Tensor, torch.Tensor, "ResumePoint"]:
         """The next batch and where it came from: a loader built with state=that.to_dict() yields it again."""
         point = self._resume_point()
@@ -191,7 +197,8 @@ class DataLoader:
                     take = buffer[i][0]
                 else:  # nothing fits: crop the shortest (and oldest) to fill the row
                     i, take = 0, space
-                tokens = buffer.pop(i)[5]
+                _, epoch, _, _, _, tokens = buffer.pop(i)
+                self.batch_epoch = max(self.batch_epoch, epoch)
                 row[pos:pos + take] = tokens if take == len(tokens) else tokens[:take]
                 pos += take
         return self._to_device(rows)

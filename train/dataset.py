@@ -158,7 +158,10 @@ def download(name: str, num_shards: int, base_url: str | None = None, workers: i
         raise UserError(f"--retries must be at least 1, got {retries}")
     base = (base_url or os.environ.get("NANOCHAT_DATA_URL") or HUB_URL.format(repo=hub.repo)).rstrip("/")
     folder = data_dir(name)
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create {folder}: {e.strerror or e}") from None
     indices = list(range(num_shards)) + [hub.num_shards - 1]
     todo = [i for i in indices if not is_complete_parquet(folder / shard_name(i))]
     print(f"{name}: {len(indices) - len(todo)} of {len(indices)} shards already in {folder}, "
@@ -290,8 +293,8 @@ def build(sources: list[Path] | None = None, name: str | None = None, docs_per_r
 
     staging = out.parent / f".{name}.building-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
     try:
+        staging.mkdir(parents=True)
         for index, chunk in enumerate(tqdm(chunks, desc="writing", unit="shard", disable=None)):
             write_shard(staging / shard_name(index), chunk, docs_per_row_group)
         old = out.parent / f".{name}.old-{os.getpid()}"
@@ -299,6 +302,8 @@ def build(sources: list[Path] | None = None, name: str | None = None, docs_per_r
             os.replace(out, old)
         os.replace(staging, out)
         shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:  # read-only or full base dir: nothing half-written stays
+        raise UserError(f"cannot write the dataset to {out.parent}: {e.strerror or e}") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     chars = sum(map(len, docs))

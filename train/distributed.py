@@ -91,6 +91,10 @@ def all_gather_objects(obj) -> list:
     return out
 
 
+def is_rank0() -> bool:
+    return int(os.environ.get("RANK", 0)) == 0
+
+
 def print0(*args, **kwargs) -> None:
-    if int(os.environ.get("RANK", 0)) == 0:
+    if is_rank0():
         print(*args, **kwargs, flush=True)

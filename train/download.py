@@ -15,6 +15,14 @@ class DownloadError(Exception):
 def fetch(url: str, path: Path, is_complete, what: str, timeout: float = 30.0) -> None:
     """One attempt: stream url into a temporary file next to path, check it with is_complete(tmp_path), rename
     it into place. Any failure is a DownloadError (retry=False where trying again cannot help)."""
+
+    try:
+        _stream(url, path, is_complete, what, timeout)
+    except OSError as e:  # the local file (requests' own errors are DownloadErrors by now): retrying cannot help
+        raise DownloadError(f"cannot write {path}: {e.strerror or e}", retry=False) from None
+
+
+def _stream(url: str, path: Path, is_complete, what: str, timeout: float) -> None:
     import requests
 
     answered, written, expected = False, 0, None

@@ -1,4 +1,11 @@
-"""Console lines, wandb, the local metrics file, and the MFU arithmetic."""
+"""The local metrics file, wandb, and the MFU arithmetic."""
+import errno
+import json
+import os
+from pathlib import Path
+
+from train.errors import UserError
+from train.paths import atomic_write
 
 # Dense bf16 peak FLOP/s by device name (substring match, most specific first).
 # Unknown devices get None: we print no MFU rather than a wrong one.
@@ -31,40 +38,35 @@ def mfu(flops_per_token: float, tokens_per_second: float, peak_flops: float | No
 class MetricsLog:
     """Where metrics go: a JSONL file next to the checkpoints (always, on rank 0) and wandb (unless run == "dummy").
 
-    WANDB_MODE=offline is honoured by wandb itself; wandb is imported only when a run name is given.
+    WANDB_MODE=offline is honoured by wandb itself; wandb is imported only when a run name is given. A line
+    that cannot be written whole (disk full) is taken back and stops the run with one line.
     """
 
     def __init__(self, path, run: str = "dummy", config: dict | None = None, enabled: bool = True,
                  project: str = "nanopretrain"):
-        import json
-        from pathlib import Path
-
-        from train.errors import UserError
-
-        self._json = json
-        self.enabled = enabled
-        self.wandb = None
-        self.file = None
+        self.enabled, self.wandb, self.file = enabled, None, None
         if not enabled:
             return
         self.path = Path(path)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.file = open(self.path, "a", buffering=1)
+            self.file = open(self.path, "ab", buffering=0)
         except OSError as e:
             raise UserError(f"cannot write the metrics file {self.path}: {e.strerror or e}") from None
         if run != "dummy":
-            try:
-                import wandb
-            except ImportError:
-                raise UserError("--run names a wandb run but wandb is not installed: pip install -e .[wandb], "
-                                "or pass --run dummy") from None
-            self.wandb = wandb.init(project=project, name=run, config=config or {})
+            self.wandb = start_wandb(run, project, config or {})
 
     def log(self, metrics: dict) -> None:
         if not self.enabled:
             return
-        self.file.write(self._json.dumps(metrics) + "\n")
+        line = (json.dumps(metrics, allow_nan=False) + "\n").encode()
+        end = os.fstat(self.file.fileno()).st_size
+        try:
+            if self.file.write(line) != len(line):
+                raise OSError(errno.ENOSPC, "the line was written only in part")
+        except OSError as e:
+            os.ftruncate(self.file.fileno(), end)  # no half line left behind
+            raise UserError(f"cannot append to the metrics file {self.path}: {e.strerror or e} (disk full?)") from None
         if self.wandb is not None:
             self.wandb.log(metrics)
 
@@ -73,6 +75,48 @@ class MetricsLog:
             self.file.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def start_wandb(run: str, project: str, config: dict):
+    try:
+        import wandb
+    except ImportError:
+        raise UserError("--run names a wandb run but wandb is not installed: pip install -e .[wandb], "
+                        "or pass --run dummy") from None
+    try:
+        return wandb.init(project=project, name=run, config=config)
+    except Exception as e:  # noqa: BLE001 - wandb raises its own kinds: not logged in, offline, bad key
+        message = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"wandb could not start run {run!r} ({message}): `wandb login`, or WANDB_MODE=offline, "
+                        "or --run dummy") from None
+
+
+def continue_file(path, step: int | None) -> str | None:
+    """Make the metrics file continue at a resumed step: drop the records of later steps (a killed run had
+    logged them; the resumed run logs them again). On a fresh start (step None) an earlier run's file is moved
+    aside. Returns what was done, if anything."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    if step is None:
+        aside = path.with_name(f"metrics.previous-{int(path.stat().st_mtime)}.jsonl")
+        os.replace(path, aside)
+        return f"an earlier run's {path.name} was moved to {aside.name}"
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    kept = [line for line in lines if (s := _step_of(line)) is not None and s <= step]
+    dropped = len(lines) - len(kept)
+    if not dropped:
+        return None
+    with atomic_write(path, "w") as f:
+        f.write("".join(line + "\n" for line in kept))
+    return f"dropped {dropped} record(s) after step {step} from {path.name} (logged again from here)"
+
+
+def _step_of(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None  # a line cut short
 
 
 def format_duration(seconds: float) -> str:

@@ -224,8 +224,9 @@ class MuonAdamW(torch.optim.Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Restore exactly what state_dict() saved (state keeps its dtypes: fp32 moments stay fp32,
-        unlike torch's default load, which casts them to the param dtype)."""
+        """Restore the state state_dict() saved exactly (dtypes kept: fp32 moments stay fp32, unlike torch's
+        default load, which casts them to the param dtype). The groups keep the hyperparameters they were built
+        with, this run's flags: a resumed run with other learning rates, betas or weight decay uses its own."""
         saved_world = state_dict.get("world_size", 1)
         if saved_world != self.world_size:
             raise UserError(f"the optimizer checkpoint was written by {saved_world} rank(s) and this run has "
@@ -239,7 +240,6 @@ class MuonAdamW(torch.optim.Optimizer):
         index_to_param = {}
         for group, saved in zip(self.param_groups, saved_groups):
             index_to_param.update(zip(saved["params"], group["params"]))
-            group.update({k: v for k, v in saved.items() if k != "params"})
         self.state = defaultdict(dict)
         for index, saved_state in state_dict["state"].items():
             p = index_to_param[index]

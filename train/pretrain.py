@@ -20,15 +20,15 @@ import torch
 
 from kernels import dispatch
 from model import config as model_config
-from train import checkpoint, distributed, fp8, optim, scaling
+from train import checkpoint, distributed, fp8, metrics, optim, resume, scaling
 from train.builder import build_model_and_optimizer
 from train.dataloader import DataLoader
-from train.dataset import ensure_dataset
+from train.dataset import ensure_dataset, split_shards
 from train.errors import Parser, UserError, run_cli
 from train.evaluate import evaluate_bpb, sample
 from train.memory import choose_recompute_mlp, estimate_memory_gib, gpu_memory_gib, memory_advice
 from train.metrics import MetricsLog, format_duration, mfu, peak_bf16_flops
-from train.paths import checkpoint_dir, tokenizer_dir
+from train.paths import checkpoint_dir, plain_name, tokenizer_dir
 from train.scaling import make_plan
 from train.tokenizer import load_tokenizer
 
@@ -80,6 +80,8 @@ def build_parser() -> Parser:
     a("--model-tag", default=None, help="checkpoint folder name; default d{depth}")
     # beyond the spec's table
     a("--dataset", default="climbmix", help="folder of parquet shards under $NANOCHAT_BASE_DIR/data/")
+    a("--allow-data-change", action="store_true",
+      help="resume even though the dataset's name or training shards differ from the checkpoint's")
     a("--compile", action=argparse.BooleanOptionalAction, default=None,
       help="torch.compile the model (default: on for CUDA)")
     a("--seed", type=int, default=42, help="seed for the initial weights")
@@ -103,28 +105,62 @@ def resume_step(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"expected a step number or 'latest', got {text!r}") from None
 
 
+CADENCES = ("eval_every", "save_every", "sample_every", "core_metric_every")  # -1 turns one off
+LEARNING_RATES = ("matrix_lr", "embedding_lr", "unembedding_lr", "scalar_lr")
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise UserError(message)
+
+
 def validate(args) -> None:
-    """Checks of flags that the plan does not see (train.scaling.make_plan checks the rest)."""
+    """Range checks of the flags (train.scaling.make_plan checks the model's shape and the batch): 0 and
+    negative values mean something only where the spec gives -1 a meaning."""
     args.window_pattern = args.window_pattern.upper()
-    if not (0 <= args.warmup_ratio <= 1 and 0 <= args.warmdown_ratio <= 1
-            and args.warmup_ratio + args.warmdown_ratio <= 1):
-        raise UserError("--warmup-ratio and --warmdown-ratio must lie in [0, 1] and add up to at most 1")
-    if args.eval_tokens < 1:
-        raise UserError(f"--eval-tokens must be positive, got {args.eval_tokens}")
-    if args.keep_last == 0 or args.keep_last < -1:
-        raise UserError(f"--keep-last must be at least 1, or -1 to keep every checkpoint; got {args.keep_last}")
+    _require(0 <= args.warmup_ratio <= 1 and 0 <= args.warmdown_ratio <= 1
+             and args.warmup_ratio + args.warmdown_ratio <= 1,
+             "--warmup-ratio and --warmdown-ratio must lie in [0, 1] and add up to at most 1")
+    _require(0 <= args.final_lr_frac <= 1, f"--final-lr-frac must lie in [0, 1], got {args.final_lr_frac}")
+    for name in LEARNING_RATES + ("weight_decay",):
+        value = getattr(args, name)
+        _require(math.isfinite(value) and value >= 0, f"--{name.replace('_', '-')} must be a finite number >= 0, "
+                                                      f"got {value}")
+    for name in ("adam_beta1", "adam_beta2"):
+        _require(0 <= getattr(args, name) < 1, f"--{name.replace('_', '-')} must lie in [0, 1), got "
+                                               f"{getattr(args, name)}")
+    for name in CADENCES + ("num_iterations", "core_metric_max_per_task", "keep_last"):
+        value = getattr(args, name)
+        _require(value == -1 or value >= 1, f"--{name.replace('_', '-')} must be at least 1, or -1 "
+                                            f"({'off' if name in CADENCES else 'the default'}); got {value}")
+    _require(args.target_flops == -1 or (math.isfinite(args.target_flops) and args.target_flops > 0),
+             f"--target-flops must be a positive number, or -1; got {args.target_flops}")
+    _require(math.isfinite(args.target_param_data_ratio),
+             f"--target-param-data-ratio must be a finite number, got {args.target_param_data_ratio}")
+    _require(args.eval_tokens >= 1, f"--eval-tokens must be positive, got {args.eval_tokens}")
+    _require(args.resume_from_step == "latest" or args.resume_from_step >= -1,
+             f"--resume-from-step must be a step (>= 0), -1 (start fresh) or latest; got {args.resume_from_step}")
+    if args.model_tag is not None:
+        plain_name(args.model_tag, "--model-tag")
 
 
 class StopSignal:
-    """Remembers a SIGTERM or SIGUSR1 (what schedulers send before they stop a job) instead of dying at once."""
+    """Remembers SIGTERM or SIGUSR1 (what schedulers send before they stop a job), SIGINT (Ctrl-C) and SIGHUP
+    (a closed terminal) instead of dying at once: the run saves at the end of its step. A second Ctrl-C stops
+    at once (KeyboardInterrupt)."""
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP)
 
     def __init__(self):
         self.received: signal.Signals | None = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in self.SIGNALS:
             signal.signal(sig, self._receive)
 
     def _receive(self, number, frame) -> None:
-        self.received = signal.Signals(number)
+        if number == signal.SIGINT and self.received is not None:
+            raise KeyboardInterrupt
+        self.received = self.received or signal.Signals(number)
+        if number == signal.SIGINT:
+            print0(f"{signal.Signals(number).name}: saving at the end of this step (Ctrl-C again to stop now)")
 
 
 def load_tokenizer_or_none():
@@ -180,6 +216,9 @@ def main(argv=None) -> None:
         recompute = choose_recompute_mlp(args.recompute_mlp, plan, dist_info.device)
         advice = memory_advice(plan, dist_info.device, recompute, ran_out=True)
         raise UserError(f"out of GPU memory at --device-batch-size {args.device_batch_size}: {advice}") from None
+    except MemoryError:
+        raise UserError(f"out of CPU memory (--device-batch-size {args.device_batch_size}, --max-seq-len "
+                        f"{args.max_seq_len}): use a smaller batch or a machine with more RAM") from None
     finally:
         distributed.cleanup()
 
@@ -208,6 +247,7 @@ class Run:
     step: int = 0
     stop: StopSignal = field(default_factory=StopSignal)
     stop_at: int | None = None  # the step a stop signal ends the run at, once every rank knows of it
+    val_repeats_said: bool = False
 
     @property
     def device(self) -> torch.device:
@@ -223,7 +263,27 @@ class Run:
 
 
 def train(args, plan, tokenizer, dist_info) -> None:
-    run = start(args, plan, tokenizer, dist_info)
+    if dist_info.is_master:
+        print_plan(plan, None)
+    check_inputs(args, tokenizer, dist_info.device)
+    ckpt_dir = checkpoint_dir(args.model_tag or f"d{args.depth}")
+    lock = take_folder(ckpt_dir) if dist_info.is_master else None  # released however the run ends, but killed
+    try:
+        run = start(args, plan, tokenizer, dist_info, ckpt_dir)
+        try:
+            loop(run)
+        finally:
+            run.log.close()
+    finally:
+        if lock is not None:
+            lock.release()
+    if dist_info.is_master:
+        plot_curves(ckpt_dir)
+
+
+def loop(run: "Run") -> None:
+    """Until the last step: evaluate if due, save if due, stop if a signal came, one optimizer step, log."""
+    plan = run.plan
     while True:
         last, stopping = run.step == plan.num_iterations, run.step == run.stop_at
         if not stopping and (run.step > run.start_step or not run.resumed):  # not again what was done before
@@ -233,7 +293,6 @@ def train(args, plan, tokenizer, dist_info) -> None:
         if stopping:
             print0(f"stopped by {run.stop.received.name} at step {run.step}: "
                    f"resume with --resume-from-step {run.step}")
-            run.log.close()
             raise SystemExit(128 + run.stop.received)
         if last:
             break
@@ -244,9 +303,6 @@ def train(args, plan, tokenizer, dist_info) -> None:
         print0(f"peak memory {torch.cuda.max_memory_allocated(run.device) / 2**30:.2f} GiB")
     print0(f"done: val bpb {run.loop['val_bpb']}, min val bpb {run.loop['min_val_bpb']}, "
            f"training time {format_duration(run.loop['training_time'])}")
-    run.log.close()
-    if run.dist.is_master:
-        plot_curves(run.ckpt_dir)
 
 
 def plot_curves(ckpt_dir) -> None:
@@ -258,27 +314,27 @@ def plot_curves(ckpt_dir) -> None:
         print0(f"no curves plotted: {e}")
 
 
-def start(args, plan, tokenizer, dist_info) -> Run:
+def start(args, plan, tokenizer, dist_info, ckpt_dir) -> Run:
     """Check the inputs, find the checkpoint to resume, build model, optimizer, loader and metrics log."""
     device, rank, world = dist_info.device, dist_info.rank, dist_info.world_size
-    if dist_info.is_master:
-        print_plan(plan, None)
-    check_inputs(args, tokenizer, device)
     for op in dispatch.OPS:
         dispatch.force(op, getattr(args, f"kernel_{op}"))
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    ckpt_dir = checkpoint_dir(args.model_tag or f"d{args.depth}")
-    meta = resume_meta(args, plan, ckpt_dir)
+    meta = resume_meta(args, plan, tokenizer, ckpt_dir)
     start_step = meta["step"] if meta else 0
+    if dist_info.is_master:
+        said = metrics.continue_file(ckpt_dir / "metrics.jsonl", start_step if meta else None)
+        if said:
+            print0(f"metrics: {said}")
     model, optimizer, converted = build_model_and_optimizer(
         plan, args, device, choose_recompute_mlp(args.recompute_mlp, plan, device), dist_info.distributed,
         model_state=checkpoint.load_model_state(ckpt_dir, start_step, device) if meta else None)
     if meta:
         optimizer.load_state_dict(checkpoint.load_optimizer_state(ckpt_dir, start_step, rank, device))
     describe_model(args, plan, device, model, converted)
-    states = (meta or {}).get("dataloader")
+    states = (meta or {}).get("dataloader")  # absent: from the data's beginning
     state = (states[rank] if len(states) == world else states[0]) if states else None
     loader = DataLoader(tokenizer, args.device_batch_size, args.max_seq_len, split="train", dataset=args.dataset,
                         rank=rank, world_size=world, device=device, state=state)
@@ -292,6 +348,18 @@ def start(args, plan, tokenizer, dist_info) -> Run:
            f"compile={'on' if use_compile else 'off'}, checkpoints in {ckpt_dir}")
     return Run(args, plan, tokenizer, dist_info, ckpt_dir, model, compiled, optimizer, fp8 if args.fp8 else None,
                loader, loader.next_with_state(), log, loop, start_step, resumed=meta is not None, step=start_step)
+
+
+def take_folder(ckpt_dir) -> checkpoint.FolderLock:
+    """Rank 0 locks the run's folder (one run writes there at a time), then removes what killed saves left."""
+    lock = checkpoint.FolderLock(ckpt_dir)
+    if lock.previous:
+        print0(f"warning: took over the lock of {ckpt_dir}, left by a run that ended without releasing it "
+               f"({lock.previous})")
+    removed = checkpoint.remove_leftovers(ckpt_dir)
+    if removed:
+        print0(f"removed what unfinished saves left in {ckpt_dir}: {', '.join(removed)}")
+    return lock
 
 
 def check_inputs(args, tokenizer, device) -> None:
@@ -310,23 +378,20 @@ def check_inputs(args, tokenizer, device) -> None:
             raise UserError(f"{e} (or turn CORE off with --core-metric-every -1)") from None
 
 
-def resume_meta(args, plan, ckpt_dir) -> dict | None:
-    """The meta of the checkpoint to resume (checked against this model and tokenizer), or None."""
-    if args.resume_from_step == "latest":  # rank 0's view of the folder decides for every rank
-        saved = checkpoint.saved_steps(ckpt_dir)
-        args.resume_from_step = distributed.all_gather_objects(saved[-1] if saved else -1)[0]
-        found = (f"step {args.resume_from_step}" if args.resume_from_step >= 0
-                 else "no checkpoint yet, starting from scratch")
-        print0(f"--resume-from-step latest: {found} in {ckpt_dir}")
-    if args.resume_from_step < 0:
+def resume_meta(args, plan, tokenizer, ckpt_dir) -> dict | None:
+    """The meta of the checkpoint to resume, checked against this model, tokenizer and data, or None."""
+    step = resume.pick_step(args.resume_from_step, ckpt_dir, print0)
+    args.resume_from_step = step
+    if step < 0:
         return None
-    meta = checkpoint.load_meta(ckpt_dir, args.resume_from_step)
-    if meta["model_config"] != plan.config.to_dict():
-        if meta["model_config"].get("vocab_size") != plan.config.vocab_size:
-            raise UserError(f"the tokenizer's vocabulary ({plan.config.vocab_size}) does not match the "
-                            f"checkpoint's ({meta['model_config'].get('vocab_size')})")
-        raise UserError(f"checkpoint step {args.resume_from_step} in {ckpt_dir} is a different model: "
-                        f"{meta['model_config']} vs {plan.config.to_dict()}")
+    meta = checkpoint.load_meta(ckpt_dir, step)
+    if resume.check_meta(meta, args, plan, tokenizer, [p.name for p in split_shards(args.dataset, "train")],
+                         ckpt_dir):
+        print0(f"--allow-data-change: the data differs from step {step}'s; the loader starts at its beginning")
+        meta = {k: v for k, v in meta.items() if k != "dataloader"}
+    changed = resume.changed_flags(meta, args)
+    if changed:
+        print0(f"resuming step {step} with other settings than its run, in effect from here: {', '.join(changed)}")
     return meta
 
 
@@ -353,6 +418,8 @@ def evaluate_if_due(run: Run, last: bool) -> None:
     args, step = run.args, run.step
     if due(args.eval_every, step, last):
         bpb = val_bpb(run)
+        if not math.isfinite(bpb):
+            raise UserError(f"val bpb became {bpb} at step {step}; {resume.last_good(run.ckpt_dir)}")
         run.loop["val_bpb"] = bpb
         run.loop["min_val_bpb"] = bpb if run.loop["min_val_bpb"] is None else min(run.loop["min_val_bpb"], bpb)
         print0(f"step {step:05d} | val bpb {bpb:.4f}")
@@ -385,47 +452,73 @@ def evaluating(run: Run):
 def val_bpb(run: Run) -> float:
     """Bits per byte on the same validation tokens every time (the val split from its start)."""
     args, world = run.args, run.dist.world_size
-    batches = iter(DataLoader(run.tokenizer, args.device_batch_size, args.max_seq_len, split="val",
-                              dataset=args.dataset, rank=run.dist.rank, world_size=world, device=run.device))
+    batches = DataLoader(run.tokenizer, args.device_batch_size, args.max_seq_len, split="val",
+                         dataset=args.dataset, rank=run.dist.rank, world_size=world, device=run.device)
     steps = max(1, args.eval_tokens // (args.device_batch_size * args.max_seq_len * world))
     with evaluating(run):
-        return evaluate_bpb(run.orig_model, batches, steps, run.tokenizer.token_bytes.to(run.device), run.autocast)
+        bpb = evaluate_bpb(run.orig_model, batches, steps, run.tokenizer.token_bytes.to(run.device), run.autocast)
+    if batches.batch_epoch > 1 and not run.val_repeats_said:
+        run.val_repeats_said = True
+        print0(f"note: --eval-tokens {args.eval_tokens:,} is more than the val split of {args.dataset!r} holds: "
+               "a val pass reads some of its documents more than once")
+    return bpb
 
 
 def save(run: Run) -> None:
-    """Every rank's optimizer shard and loader position, rank 0's model and meta; --keep-last prunes after."""
-    step, world = run.step, run.dist.world_size
+    """Every rank's optimizer shard and loader position, rank 0's model and meta; --keep-last prunes after.
+    Nothing is saved when any rank holds a non-finite weight or optimizer state: the run stops instead."""
+    step = run.step
+    bad = [name for names in distributed.all_gather_objects(nonfinite(run)) for name in names]
+    if bad:
+        raise UserError(f"non-finite values at step {step} in {', '.join(bad[:3])}"
+                        f"{f' and {len(bad) - 3} more' if len(bad) > 3 else ''}: not saved; "
+                        f"{resume.last_good(run.ckpt_dir)}")
     meta = {"step": step, "model_config": run.plan.config.to_dict(), "user_config": vars(run.args),
-            "plan": run.plan.to_json(), "val_bpb": run.loop["val_bpb"], "world_size": world,
-            "dataloader": distributed.all_gather_objects(run.batch[2].to_dict()), "loop_state": run.loop}
+            "plan": run.plan.to_json(), "val_bpb": run.loop["val_bpb"], "world_size": run.dist.world_size,
+            "dataloader": distributed.all_gather_objects(run.batch[2].to_dict()), "loop_state": run.loop,
+            "tokenizer": run.tokenizer.fingerprint,
+            "dataset": {"name": run.args.dataset, "train_shards": [p.name for p in run.loader.paths]}}
     model_state = run.fp8.plain_state_dict(run.orig_model) if run.fp8 else run.orig_model.state_dict()
     try:
         checkpoint.save_checkpoint(run.ckpt_dir, step, model_state, run.optimizer.state_dict(), meta,
-                                   rank=run.dist.rank, barrier=distributed.barrier)
-    except OSError as e:  # disk full, quota, permissions: the previous checkpoint is still whole
-        have = checkpoint.saved_steps(run.ckpt_dir)
-        raise UserError(f"could not write the checkpoint of step {step} to {run.ckpt_dir} ({e.strerror or e}); "
-                        f"the last good one is " + (f"step {have[-1]}" if have else "none")) from None
+                                   rank=run.dist.rank, gather=distributed.all_gather_objects)
+    except checkpoint.CheckpointWriteError as e:  # disk full, quota, permissions: the previous one is whole
+        raise UserError(f"could not write the checkpoint of step {step} ({e}); {resume.last_good(run.ckpt_dir)}"
+                        ) from None
     print0(f"step {step:05d} | saved checkpoint to {run.ckpt_dir}")
     if run.args.keep_last > 0 and run.dist.is_master:
         for old in checkpoint.prune(run.ckpt_dir, run.args.keep_last):
             print0(f"step {step:05d} | deleted the checkpoint of step {old} (--keep-last {run.args.keep_last})")
 
 
+def nonfinite(run: Run) -> list[str]:
+    """Names of this rank's parameters and optimizer state tensors holding NaN or inf (one device sync)."""
+    named = [(n, p) for n, p in run.orig_model.named_parameters()]
+    names = {id(p): n for n, p in named}
+    for p, state in run.optimizer.state.items():
+        named += [(f"{names.get(id(p), '?')} ({k})", v) for k, v in state.items() if torch.is_tensor(v)
+                  and v.is_floating_point()]
+    if not named:
+        return []
+    finite = torch.stack([t.detach().isfinite().all() for _, t in named]).cpu()
+    return [n for (n, _), ok in zip(named, finite.tolist()) if not ok]
+
+
 def optimizer_step(run: Run) -> tuple[float, float, float]:
     """grad_accum micro-steps (the next batch fetched while the GPU works), then the optimizer with this step's
-    schedules; returns (the last micro-batch's loss, the LR multiplier, seconds)."""
+    schedules; returns (the mean loss of the micro-batches, the LR multiplier, seconds)."""
     args, N, step = run.args, run.plan.num_iterations, run.step
     grad_accum = run.plan.grad_accum_steps
     if run.device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.time()
+    train_loss = 0.0
     for _ in range(grad_accum):
         x, y, _ = run.batch
         with run.autocast:
-            loss = run.model(x, y)
-        train_loss = loss.detach()
-        (loss / grad_accum).backward()
+            loss = run.model(x, y) / grad_accum
+        train_loss = train_loss + loss.detach()
+        loss.backward()
         run.batch = run.loader.next_with_state()
     lrm = optim.lr_multiplier(step, N, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
     for group in run.optimizer.param_groups:
@@ -438,8 +531,12 @@ def optimizer_step(run: Run) -> tuple[float, float, float]:
     loss_value = train_loss.item()  # syncs the device
     dt = time.time() - t0
     if not math.isfinite(loss_value):
-        raise UserError(f"loss became {loss_value} at step {step}; the last good checkpoint is in {run.ckpt_dir}")
+        raise UserError(f"loss became {loss_value} at step {step}; {resume.last_good(run.ckpt_dir)}")
     run.step += 1
+    if run.loader.passes_done > run.loop.get("passes_done", 0):  # once per pass (the loop state is resumed)
+        run.loop["passes_done"] = run.loader.passes_done
+        print0(f"step {run.step:05d} | every document of the train split of {run.args.dataset!r} has been used "
+               f"{run.loop['passes_done']} time(s): the data repeats")
     return loss_value, lrm, dt
 
 

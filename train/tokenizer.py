@@ -8,6 +8,7 @@ Files in $NANOCHAT_BASE_DIR/tokenizer/ (plain text and a weights-only tensor; no
     token_bytes.pt       int32 tensor [vocab_size]: UTF-8 bytes of every token, 0 for special tokens (for bpb)
 """
 import base64
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -40,6 +41,15 @@ class Tokenizer:
         self.vocab_size = enc.n_vocab
         self.bos_id = enc.encode_single_token(BOS)
         self.special_ids = {name: enc.encode_single_token(name) for name in SPECIAL_TOKENS}
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of what decides every token id: the split pattern, the merges in rank order, the specials."""
+        h = hashlib.sha256(self.pattern.encode())
+        for i in range(self.vocab_size - len(SPECIAL_TOKENS)):
+            h.update(len(token := self.enc.decode_single_token_bytes(i)).to_bytes(2, "little") + token)
+        h.update(json.dumps(self.special_ids, sort_keys=True).encode())
+        return h.hexdigest()
 
     def get_bos_token_id(self) -> int:
         return self.bos_id
@@ -161,7 +171,10 @@ def train_tokenizer(dataset: str, vocab_size: int = 32768, max_chars: int = 2_00
     bpe.train_from_iterator(texts(), vocab_size - len(SPECIAL_TOKENS), pattern=SPLIT_PATTERN)
     tokenizer = make_tokenizer({bytes(token): rank for token, rank in bpe.get_mergeable_ranks()})
     out_dir = Path(out_dir) if out_dir is not None else tokenizer_dir()
-    tokenizer.save(out_dir)
+    try:
+        tokenizer.save(out_dir)
+    except OSError as e:
+        raise UserError(f"cannot write the tokenizer to {out_dir}: {e.strerror or e}") from None
     print(f"trained on {seen['docs']:,} documents ({seen['chars'] / 1e6:.1f}M characters) of {dataset!r} "
           f"in {time.time() - t0:.1f}s: vocab {tokenizer.vocab_size:,}, saved to {out_dir}")
     if tokenizer.vocab_size < vocab_size:

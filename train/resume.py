@@ -1,0 +1,75 @@
+"""What a run checks before it continues a checkpoint, and what it tells the user about it.
+
+- `latest` is the newest checkpoint whose meta and files verify (the newer ones skipped are named, with why);
+- the checkpoint must be of this model, this tokenizer (its fingerprint) and this dataset (its name and shards;
+  more shards after the old ones are fine, anything else needs --allow-data-change);
+- flags that shape the optimization (learning rates, betas, weight decay, batch, schedule) may differ from the
+  checkpoint's: they take effect from the resumed step, and the run says which changed.
+"""
+from pathlib import Path
+
+from train import checkpoint, distributed
+from train.errors import UserError
+
+META_KEYS = ("step", "model_config", "user_config", "world_size", "dataloader", "loop_state")
+OPTIMIZATION_FLAGS = ("matrix_lr", "embedding_lr", "unembedding_lr", "scalar_lr", "weight_decay", "adam_beta1",
+                      "adam_beta2", "warmup_ratio", "warmdown_ratio", "final_lr_frac", "total_batch_size",
+                      "num_iterations", "target_flops", "target_param_data_ratio")
+
+
+def last_good(ckpt_dir: Path) -> str:
+    """The sentence that tells a user where to resume from, after a run stopped on an error."""
+    step, _ = checkpoint.newest_good_step(ckpt_dir)
+    if step is None:
+        return f"there is no checkpoint to resume from in {ckpt_dir}"
+    return f"the last good checkpoint is step {step} in {ckpt_dir} (--resume-from-step {step})"
+
+
+def pick_step(requested, ckpt_dir: Path, print0) -> int:
+    """The step to resume (-1: none). `latest`: the newest good checkpoint by rank 0's view, said in a line."""
+    if requested != "latest":
+        return requested
+    step, skipped = checkpoint.newest_good_step(ckpt_dir) if distributed.is_rank0() else (None, [])
+    for bad, why in skipped:
+        print0(f"--resume-from-step latest: skipped step {bad}: {why}")
+    step = distributed.all_gather_objects(-1 if step is None else step)[0]
+    print0(f"--resume-from-step latest: {f'step {step}' if step >= 0 else 'no checkpoint yet, starting from scratch'}"
+           f" in {ckpt_dir}")
+    return step
+
+
+def check_meta(meta: dict, args, plan, tokenizer, shards: list[str], ckpt_dir: Path) -> bool:
+    """The checkpoint is of this model, tokenizer and data (one line says what differs); True when the data
+    differs and --allow-data-change lets it (the loader's saved position then means nothing)."""
+    step = meta.get("step")
+    missing = [k for k in META_KEYS if k not in meta]
+    if missing:
+        raise UserError(f"the meta of step {step} in {ckpt_dir} lacks {', '.join(missing)}: it was not written by "
+                        "train.pretrain")
+    if meta["model_config"] != plan.config.to_dict():
+        if meta["model_config"].get("vocab_size") != plan.config.vocab_size:
+            raise UserError(f"the tokenizer's vocabulary ({plan.config.vocab_size}) does not match the "
+                            f"checkpoint's ({meta['model_config'].get('vocab_size')})")
+        raise UserError(f"checkpoint step {step} in {ckpt_dir} is a different model: "
+                        f"{meta['model_config']} vs {plan.config.to_dict()}")
+    if meta.get("tokenizer") not in (None, tokenizer.fingerprint):
+        raise UserError(f"the tokenizer differs from the one checkpoint step {step} was trained with (the same "
+                        "vocabulary size, other merges): resume with that tokenizer, or start a new run")
+    data = meta.get("dataset")
+    if data is None:
+        return False  # written before the data was recorded
+    old = data.get("train_shards", [])
+    if data.get("name") == args.dataset and shards[:len(old)] == old:
+        return False
+    if not args.allow_data_change:
+        raise UserError(f"the data differs from checkpoint step {step}'s (dataset {data.get('name')!r} with "
+                        f"{len(old)} training shards; now {args.dataset!r} with {len(shards)}): resume with the "
+                        "same shards, or pass --allow-data-change")
+    return True
+
+
+def changed_flags(meta: dict, args) -> list[str]:
+    """'--flag old -> new' for each optimization flag this run sets otherwise than the checkpoint's run."""
+    before = meta.get("user_config", {})
+    return [f"--{k.replace('_', '-')} {before[k]} -> {getattr(args, k)}" for k in OPTIMIZATION_FLAGS
+            if k in before and before[k] != getattr(args, k)]
