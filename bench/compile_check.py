@@ -111,8 +111,8 @@ def attention_launches() -> list[Launch]:
         out, lse = torch.empty_like(q), torch.empty(B, H, T)
         name = {torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
         with recording(launches, "attention", f"{name} D={D}"):
-            at._forward_into(q, k, v, 1024, out, lse)
-            at._backward_into(out, q, k, v, out, lse, 1024, *(torch.empty_like(t) for t in (q, k, v)))
+            at._forward_into(q, k, v, 1024, 1.44 / D ** 0.5, out, lse)
+            at._backward_into(out, q, k, v, out, lse, 1024, 1.44 / D ** 0.5, *(torch.empty_like(t) for t in (q, k, v)))
     return launches
 
 

@@ -1,7 +1,7 @@
 """Causal sliding-window attention (FlashAttention-style), in the model's (B, T, H, D) layout.
 
 Key j is visible to query i iff j <= i and i - j <= window (window -1 = full causal; 0 = itself only).
-GQA: query head h reads kv head h // (Hq // Hkv). Softmax scale 1/sqrt(D).
+GQA: query head h reads kv head h // (Hq // Hkv). Softmax scale: `scale`, by default 1/sqrt(D).
 """
 import math
 
@@ -324,27 +324,32 @@ def heads_first(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     return q, k, v
 
 
+def default_scale(q: torch.Tensor) -> float:
+    return 1.0 / math.sqrt(q.size(-1))
+
+
 @register("attention", "torch")
-def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int = -1) -> torch.Tensor:
-    """softmax(q kᵀ/√D + mask) v in fp32 (fp64 for fp64 inputs) with an explicit T x T mask; q's dtype out."""
+def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int = -1,
+              scale: float | None = None) -> torch.Tensor:
+    """softmax(scale · q kᵀ + mask) v in fp32 (fp64 for fp64 inputs) with an explicit T x T mask; q's dtype out."""
     T = q.size(1)
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     qf, kf, vf = heads_first(*(t.to(dtype) for t in (q, k, v)))
     pos = torch.arange(T, device=q.device)
-    scores = (qf @ kf.transpose(-1, -2)) / math.sqrt(q.size(-1))
+    scores = (qf @ kf.transpose(-1, -2)) * (default_scale(q) if scale is None else scale)
     scores = scores.masked_fill(~visible(pos, pos, window), float("-inf"))
     return (scores.softmax(-1) @ vf).transpose(1, 2).to(q.dtype)
 
 
 @register("attention", "blocked")
-def blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int = -1,
+def blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int = -1, scale: float | None = None, *,
             block: int = CPU_BLOCK) -> torch.Tensor:
     """The portable path: full layers through SDPA(is_causal); windowed ones a block of queries at a time, each
     over its key range [start - window, end) with a mask of that block only (never T x T). Plain autograd."""
     T = q.size(1)
     q, k, v = heads_first(q, k, v)
     if full_window(window, T):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale).transpose(1, 2)
     pos = torch.arange(T, device=q.device)
     outs = []
     for start in range(0, T, block):
@@ -352,7 +357,7 @@ def blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int = -1,
         lo = max(0, start - window)
         mask = visible(pos[start:end], pos[lo:end], window)
         outs.append(F.scaled_dot_product_attention(q[:, :, start:end], k[:, :, lo:end], v[:, :, lo:end],
-                                                   attn_mask=mask))
+                                                   attn_mask=mask, scale=scale))
     return torch.cat(outs, dim=2).transpose(1, 2)
 
 
@@ -388,15 +393,15 @@ def _precision(q: torch.Tensor) -> str:
     return "ieee" if q.dtype == torch.float32 else "tf32"  # fp32 inputs: exact fp32 dots (no tf32)
 
 
-def _forward_into(q, k, v, window: int, out, lse) -> None:
+def _forward_into(q, k, v, window: int, scale: float, out, lse) -> None:
     """Forward kernel into out (B, T, Hq, D) and lse (B, Hq, T) fp32: base-2 logsumexp of the scaled scores."""
     B, T, Hq, D = q.shape
     args = (q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-            Hq, T, _window_arg(window, T), Hq // k.size(2), LOG2E / math.sqrt(D))
+            Hq, T, _window_arg(window, T), Hq // k.size(2), LOG2E * scale)
     _launch(_attn_fwd, _fwd_tuned, "fwd", T, B * Hq, args, dict(HEAD_DIM=D, PRECISION=_precision(q)))
 
 
-def _backward_into(dout, q, k, v, out, lse, window: int, dq, dk, dv) -> None:
+def _backward_into(dout, q, k, v, out, lse, window: int, scale: float, dq, dk, dv) -> None:
     """delta = rowsum(out·dout), then dk/dv per key block (summed over a GQA group), dq per query block."""
     B, T, Hq, D = q.shape
     Hkv = k.size(2)
@@ -404,7 +409,7 @@ def _backward_into(dout, q, k, v, out, lse, window: int, dq, dk, dv) -> None:
     pre_block = 32 if interpreting() else 128
     _attn_bwd_preprocess[(triton.cdiv(T, pre_block), B * Hq)](
         out, dout, delta, *_strides(out), *_strides(dout), Hq, T, HEAD_DIM=D, BLOCK_M=pre_block)
-    w, group, sm_scale = _window_arg(window, T), Hq // Hkv, 1.0 / math.sqrt(D)
+    w, group, sm_scale = _window_arg(window, T), Hq // Hkv, scale
     qk_scale, meta = sm_scale * LOG2E, dict(HEAD_DIM=D, PRECISION=_precision(q))
     _launch(_attn_bwd_dkdv, _dkdv_tuned, "dkdv", T, B * Hkv,
             (q, k, v, dout, dk, dv, lse, delta, *_strides(q), *_strides(k), *_strides(v), *_strides(dout),
@@ -433,49 +438,50 @@ def _for_kernels(*ts: torch.Tensor) -> list[torch.Tensor]:
 
 
 @torch.library.custom_op("nanochat::attention_forward", mutates_args=())
-def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
+                scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(out (B, T, Hq, D) in q's dtype, lse (B, Hq, T) fp32)."""
     qk, kk, vk = _for_kernels(q, k, v)
     B, T, Hq, _ = q.shape
     out, lse = _like(qk), _empty((B, Hq, T), torch.float32, q.device)
     if out.numel():
-        _forward_into(qk, kk, vk, window, out, lse)
+        _forward_into(qk, kk, vk, window, scale, out, lse)
     return out.to(q.dtype), lse
 
 
 @_forward_op.register_fake
-def _(q, k, v, window):
+def _(q, k, v, window, scale):
     B, T, Hq, _ = q.shape
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(B, Hq, T, dtype=torch.float32)
 
 
 @torch.library.custom_op("nanochat::attention_backward", mutates_args=())
 def _backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                 lse: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 lse: torch.Tensor, window: int, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) in the inputs' dtype, recomputing the scores from the saved lse."""
     dk_, qk, kk, vk, ok = _for_kernels(dout, q, k, v, out)
     dq, dk, dv = _like(qk), _like(kk), _like(vk)
     if q.numel():
-        _backward_into(dk_, qk, kk, vk, ok, lse, window, dq, dk, dv)
+        _backward_into(dk_, qk, kk, vk, ok, lse, window, scale, dq, dk, dv)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
 @_backward_op.register_fake
-def _(dout, q, k, v, out, lse, window):
+def _(dout, q, k, v, out, lse, window, scale):
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, window = inputs
+    q, k, v, window, scale = inputs
     out, lse = output
-    ctx.window = window
+    ctx.window, ctx.scale = window, scale
     ctx.save_for_backward(q, k, v, out, lse)
 
 
 def _backward(ctx, dout, _dlse):
     q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = _backward_op(dout, q, k, v, out, lse, ctx.window)
-    return dq, dk, dv, None
+    dq, dk, dv = _backward_op(dout, q, k, v, out, lse, ctx.window, ctx.scale)
+    return dq, dk, dv, None, None
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -487,13 +493,13 @@ def supports(q: torch.Tensor) -> bool:
 
 
 @register("attention", "triton")
-def _triton(q, k, v, window):
+def _triton(q, k, v, window, scale=None):
     if not triton_runs_on(q):
         raise KernelUnavailable("attention: impl 'triton' needs a CUDA tensor (or TRITON_INTERPRET=1 on CPU)")
     if not supports(q):
         raise KernelUnavailable(f"attention: impl 'triton' takes fp32/fp16/bf16 with head dim in {TRITON_HEAD_DIMS}, "
                                 f"got {q.dtype} and D = {q.size(-1)}")
-    return _forward_op(q, k, v, window)[0]
+    return _forward_op(q, k, v, window, default_scale(q) if scale is None else float(scale))[0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -510,13 +516,14 @@ def _check(q, k, v, window):
         raise ValueError(f"attention: window must be an int >= -1 (-1 = full), got {window!r}")
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int = -1,
-              impl: str = "auto") -> torch.Tensor:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int = -1, impl: str = "auto",
+              scale: float | None = None) -> torch.Tensor:
     """Causal attention with a sliding window. q (B, T, Hq, D), k and v (B, T, Hkv, D) -> (B, T, Hq, D).
 
-    window: previous tokens visible (-1 = all; 0 = only itself). impl: one of dispatch.IMPLS["attention"] or
-    "auto" (FA3 on Hopper with bf16 when installed, else ours on CUDA, else the blocked torch path).
+    window: previous tokens visible (-1 = all; 0 = only itself). scale: of q·k before the softmax (None:
+    1/sqrt(D)). impl: one of dispatch.IMPLS["attention"] or "auto" (FA3 on Hopper with bf16 when installed,
+    else ours on CUDA, else the blocked torch path). Every implementation is called as fn(q, k, v, window, scale).
     """
     _check(q, k, v, window)
     impl = choose("attention", impl, q, supports(q))
-    return implementation("attention", impl)(q, k, v, window)
+    return implementation("attention", impl)(q, k, v, window, default_scale(q) if scale is None else float(scale))

@@ -14,18 +14,19 @@ from kernels.dispatch import KernelUnavailable, register
 from kernels.newton_schulz import orthogonalize_reference
 
 # ----------------------------------------------------------------------------------------------
-# attention: q (B, T, Hq, D), k and v (B, T, Hkv, D), window (-1 = full) -> (B, T, Hq, D)
+# attention: q (B, T, Hq, D), k and v (B, T, Hkv, D), window (-1 = full), softmax scale -> (B, T, Hq, D)
 
 
 @register("attention", "sdpa")
-def sdpa_attention(q, k, v, window):
+def sdpa_attention(q, k, v, window, scale):
     """torch's SDPA: is_causal (flash / cuDNN backends) on full layers, an explicit T x T mask on windowed ones."""
     T = q.size(1)
     q, k, v = heads_first(q, k, v)
     if full_window(window, T):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale).transpose(1, 2)
     pos = torch.arange(T, device=q.device)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=visible(pos, pos, window)).transpose(1, 2)
+    mask = visible(pos, pos, window)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale).transpose(1, 2)
 
 
 BLOCK_MASKS_KEPT = 8
@@ -54,7 +55,7 @@ def compiled_flex_attention():
 
 
 @register("attention", "flex")
-def flex_attention(q, k, v, window):
+def flex_attention(q, k, v, window, scale):
     """FlexAttention with a sliding-window block mask (compiled; inside a compiled model, traced with it)."""
     try:
         from torch.nn.attention.flex_attention import flex_attention as eager_flex
@@ -65,7 +66,7 @@ def flex_attention(q, k, v, window):
     mask = flex_block_mask(q.size(1), window, q.device)
     fn = eager_flex if torch.compiler.is_compiling() else compiled_flex_attention()
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-    return fn(q, k, v, block_mask=mask, enable_gqa=q.size(1) != k.size(1)).transpose(1, 2)
+    return fn(q, k, v, block_mask=mask, scale=scale, enable_gqa=q.size(1) != k.size(1)).transpose(1, 2)
 
 
 @functools.cache
@@ -83,25 +84,25 @@ def _flash_window(window: int, T: int) -> tuple[int, int]:
 
 
 @register("attention", "fa3")
-def fa3_attention(q, k, v, window):
+def fa3_attention(q, k, v, window, scale):
     fa3 = fa3_module()
     if fa3 is None:
         raise KernelUnavailable("attention: impl 'fa3' needs FlashAttention-3 (flash_attn_interface, Hopper only)")
     if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
         raise KernelUnavailable("attention: impl 'fa3' needs fp16/bf16 CUDA tensors")
-    out = fa3.flash_attn_func(q, k, v, causal=True, window_size=_flash_window(window, q.size(1)))
+    out = fa3.flash_attn_func(q, k, v, softmax_scale=scale, causal=True, window_size=_flash_window(window, q.size(1)))
     return out[0] if isinstance(out, tuple) else out
 
 
 @register("attention", "fa2")
-def fa2_attention(q, k, v, window):
+def fa2_attention(q, k, v, window, scale):
     try:
         from flash_attn import flash_attn_func
     except ImportError:
         raise KernelUnavailable("attention: impl 'fa2' needs FlashAttention-2 (pip install flash-attn)") from None
     if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
         raise KernelUnavailable("attention: impl 'fa2' needs fp16/bf16 CUDA tensors")
-    return flash_attn_func(q, k, v, causal=True, window_size=_flash_window(window, q.size(1)))
+    return flash_attn_func(q, k, v, softmax_scale=scale, causal=True, window_size=_flash_window(window, q.size(1)))
 
 # ----------------------------------------------------------------------------------------------
 # linear cross-entropy: (h, weight, targets, softcap, ignore_index, reduction) -> fp32 loss

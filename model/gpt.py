@@ -1,7 +1,9 @@
 """The GPT: nanochat's architecture, its init, parameter groups, FLOP estimate and KV-cache sampling.
 
-token embedding -> rms_norm = x0; per layer: x = resid_lambda*x + x0_lambda*x0, x += attn(norm(x)),
-x += mlp(norm(x)); final norm; untied lm_head; logits soft-capped at 15.
+token embedding -> rms_norm -> smear (each position mixes in a gated share of the previous one) = x0;
+per layer: x = resid_lambda*x + x0_lambda*x0, x += attn(norm(x)), x += mlp(norm(x)); backout (minus a share of
+the residual stream after the middle layer); final norm; untied lm_head; logits soft-capped at 15.
+Attention: rotary, QK norm, then q and k each x1.2 (in the softmax scale), a sliding window per layer.
 
 Build on the meta device, then `to_empty(device)` + `init_weights()`: every real number is set in
 init_weights, so planning (parameter counts, FLOPs) for a big model costs no memory.
@@ -18,6 +20,9 @@ from kernels.cross_entropy import SOFTCAP, linear_cross_entropy, loss_from_logit
 from model.config import GPTConfig
 
 VE_GATE_CHANNELS = 12  # the value-embedding gate looks at the first 12 channels of the attention input
+SMEAR_CHANNELS = 24  # the smear gate looks at the first 24 channels of the normalised embedding
+QK_GAIN = 1.2  # q and k are each scaled by this after the QK norm: the softmax scale is QK_GAIN² / sqrt(D)
+BACKOUT_INIT = 0.2
 ROPE_BASE = 100_000
 
 
@@ -84,8 +89,12 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: 
     """
     Tq, Tk = q.size(1), k.size(1)
     mask = visible(torch.arange(Tk - Tq, Tk, device=q.device), torch.arange(Tk, device=q.device), window)
-    y = F.scaled_dot_product_attention(*heads_first(q, k, v), attn_mask=mask)
+    y = F.scaled_dot_product_attention(*heads_first(q, k, v), attn_mask=mask, scale=softmax_scale(q.size(-1)))
     return y.transpose(1, 2)
+
+
+def softmax_scale(head_dim: int) -> float:
+    return QK_GAIN ** 2 / math.sqrt(head_dim)
 
 
 class KVCache:
@@ -95,6 +104,7 @@ class KVCache:
         self.k: list[torch.Tensor | None] = [None] * n_layer
         self.v: list[torch.Tensor | None] = [None] * n_layer
         self.pos = 0  # positions already in the cache (advanced after the last layer)
+        self.last_embedding: torch.Tensor | None = None  # the last position's normalised embedding (for smear)
 
     def insert(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.k[layer] is not None:
@@ -133,7 +143,7 @@ class CausalSelfAttention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q, k, v = pre_norm(q).to(dtype), pre_norm(k).to(dtype), v.to(dtype)  # QK norm
         if kv_cache is None:
-            y = attention(q, k, v, window=window)
+            y = attention(q, k, v, window=window, scale=softmax_scale(self.head_dim))
         else:
             k, v = kv_cache.insert(self.layer, k, v)
             y = cached_attention(q, k, v, window)
@@ -188,6 +198,10 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(d, vocab, bias=False)
         self.resid_lambdas = nn.Parameter(torch.ones(L))
         self.x0_lambdas = nn.Parameter(torch.zeros(L))
+        self.smear_gate = nn.Linear(SMEAR_CHANNELS, 1, bias=False)
+        self.smear_lambda = nn.Parameter(torch.zeros(1))
+        self.backout_lambda = nn.Parameter(torch.zeros(1))
+        self.backout_layer = L // 2  # the residual stream after this block is what backout subtracts
         kv_dim = config.n_kv_head * config.head_dim
         self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(vocab, kv_dim)
                                            for i in range(L) if config.has_value_embedding(i)})
@@ -218,6 +232,9 @@ class GPT(nn.Module):
         frac = torch.arange(L, dtype=torch.float32, device=self.resid_lambdas.device) / max(L - 1, 1)
         self.resid_lambdas.copy_(1.15 - 0.10 * frac)
         self.x0_lambdas.copy_(0.20 - 0.15 * frac)
+        nn.init.uniform_(self.smear_gate.weight, 0.0, 0.02)
+        self.smear_lambda.fill_(0.0)  # smear starts off
+        self.backout_lambda.fill_(BACKOUT_INIT)
         cos, sin = rotary_tables(self.rotary_seq_len, cfg.head_dim, device=self.transformer.wte.weight.device)
         self.cos.copy_(cos)
         self.sin.copy_(sin)
@@ -241,6 +258,7 @@ class GPT(nn.Module):
             "value_embeds": list(self.value_embeds.parameters()),
             "resid_lambdas": [self.resid_lambdas],
             "x0_lambdas": [self.x0_lambdas],
+            "smear_backout": [self.smear_gate.weight, self.smear_lambda, self.backout_lambda],
         }
 
     def num_scaling_params(self) -> dict[str, int]:
@@ -253,7 +271,7 @@ class GPT(nn.Module):
             "value_embeds": count(groups["value_embeds"]),
             "lm_head": count(groups["lm_head"]),
             "transformer_matrices": count(groups["matrices"]),
-            "scalars": count(groups["resid_lambdas"]) + count(groups["x0_lambdas"]),
+            "scalars": count(groups["resid_lambdas"]) + count(groups["x0_lambdas"]) + count(groups["smear_backout"]),
         }
         out["total"] = sum(out.values())
         assert out["total"] == count(self.parameters())
@@ -277,12 +295,14 @@ class GPT(nn.Module):
         pos = kv_cache.pos if kv_cache is not None else 0
         assert pos + T <= self.rotary_seq_len, f"sequence of {pos + T} past the rotary table ({self.rotary_seq_len})"
         cos, sin = self.cos[:, pos:pos + T], self.sin[:, pos:pos + T]
-        x = x0 = norm(self.transformer.wte(idx))
+        x = x0 = self.smear(norm(self.transformer.wte(idx)), kv_cache)
         for i, block in enumerate(self.transformer.h):
             x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
             ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
             x = block(x, ve, cos, sin, self.window_sizes[i], kv_cache)
-        x = norm(x)
+            if i == self.backout_layer:
+                middle = x
+        x = norm(x - self.backout_lambda * middle)
         V = self.config.vocab_size
         if targets is None:
             return softcapped(self.lm_head(x)[..., :V].float(), SOFTCAP)
@@ -297,6 +317,19 @@ class GPT(nn.Module):
             loss = linear_cross_entropy(h, w, targets.reshape(-1), softcap=SOFTCAP, ignore_index=-1,
                                         reduction=loss_reduction)
         return loss.view(B, T) if loss_reduction == "none" else loss
+
+    def smear(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+        """x[t] += smear_lambda · sigmoid(smear_gate(x[t, :24])) · x[t-1] for t >= 1 (x: the normalised
+        embeddings, all on the right before the update). With a KV cache, x[-1] of the previous call is x[t-1]
+        of this call's first position."""
+        before = None if kv_cache is None else kv_cache.last_embedding
+        if kv_cache is not None:
+            kv_cache.last_embedding = x[:, -1:]
+        prev = x[:, :-1] if before is None else torch.cat([before, x[:, :-1]], dim=1)
+        first = x.size(1) - prev.size(1)  # 1: position 0 has no previous one; 0: the cache gave it
+        gate = torch.sigmoid(self.smear_gate(x[:, first:, :SMEAR_CHANNELS]))
+        smeared = x[:, first:] + self.smear_lambda * gate * prev
+        return torch.cat([x[:, :first], smeared], dim=1) if first else smeared
 
     @torch.no_grad()
     def generate(self, tokens: list[int], max_tokens: int) -> list[int]:

@@ -367,3 +367,15 @@ def test_gpu_scripts_parse_and_the_test_runner_reports(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "test_scaling: passed" in (tmp_path / "out" / "summary.txt").read_text()
     assert (tmp_path / "out" / "tests-run.tar.gz").exists() and (tmp_path / "tests-run" / "test_scaling.xml").exists()
+
+
+@pytest.mark.slow
+def test_crop_report_on_the_tiny_corpus(tiny_base):
+    """bench.crop: how much document text the packing crops, as one JSON line."""
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(tiny_base), PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, "-m", "bench.crop", "--dataset", "tiny", "--batches", "3", "--batch-size",
+                           "2", "--seq-len", "64"], env=env, capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["used_tokens"] == 3 * 2 * 65 and out["document_tokens"] >= out["used_tokens"]
+    assert 0 <= out["cropped_fraction"] < 1 and out["documents"] > 0

@@ -218,8 +218,28 @@ def test_accuracy_centering_and_core_on_a_partly_right_model(bundle):
     assert capped["results"] == pytest.approx(expected)
 
 
-def test_truncation_to_the_model_context_keeps_the_answers_scorable(tmp_path):
-    """With few-shot examples the prompts outgrow a 24-token context: the start is cut, the answers stay."""
+def test_prompts_longer_than_the_training_context_are_scored_whole(tmp_path):
+    """As nanochat: a row longer than the training context (24 here) reaches the model whole. A model that
+    knows the right prompts only from their first token gets every answer right only then."""
+    bundle = make_bundle(tmp_path / "fewshot", fewshot=(3, 3, 3))
+    tasks = load_tasks(bundle)
+    right = []
+    for t in tasks:
+        for i, ex in enumerate(t.examples):
+            prompts = render_prompts(t.kind, ex, t.delimiter, fewshot_examples(t.examples, i, t.num_fewshot))
+            right.append(prompts[1] if t.kind == "language_modeling" else prompts[ex["gold"]])
+    model = Oracle(right, sequence_len=24)
+    model.rotary_seq_len = 240  # what the model can take: 10x its training context, as our GPT
+    seen = []
+    forward = model.forward
+    model.forward = lambda idx: seen.append(idx.size(1)) or forward(idx)
+    out = evaluate_core(model, TOK, "cpu", bundle_dir=bundle)
+    assert max(seen) > 24 and out["cropped"] == 0
+    assert out["results"] == {"mc": 1.0, "schema": 1.0, "lm": 1.0}
+
+
+def test_truncation_to_what_the_model_can_take_keeps_the_answers_scorable(tmp_path):
+    """Rows longer than the model can take at all (24 positions here) lose their start; the answers stay."""
     bundle = make_bundle(tmp_path / "fewshot", fewshot=(3, 3, 3))
     tasks = load_tasks(bundle)
     longest = max(len(TOK.encode(p, prepend_bos=True)) for t in tasks for i, ex in enumerate(t.examples)
@@ -229,6 +249,7 @@ def test_truncation_to_the_model_context_keeps_the_answers_scorable(tmp_path):
     class LocalOracle(torch.nn.Module):
         """Knows the zero-shot answer texts by their last (up to) 12 tokens, wherever in the row they are."""
         config = SimpleNamespace(sequence_len=24)
+        rotary_seq_len = 24  # positions it can take
 
         def __init__(self, texts):
             super().__init__()
@@ -253,6 +274,7 @@ def test_truncation_to_the_model_context_keeps_the_answers_scorable(tmp_path):
     model = LocalOracle(answer_texts(range(4), range(4), range(5)))
     out = evaluate_core(model, TOK, "cpu", bundle_dir=bundle)
     assert out["results"] == {"mc": 1.0, "schema": 1.0, "lm": 1.0}
+    assert out["cropped"] > 0  # and said so
 
 
 def _dist_worker(rank, world, init_file, bundle, queue):

@@ -98,7 +98,7 @@ def test_rows_start_with_bos_and_hold_only_real_document_tokens(toy):
 def test_best_fit_takes_the_largest_document_that_fits_and_crops_the_shortest(toy):
     it = loader(toy, batch_size=2, buffer_size=1)  # refills only when the buffer is empty
     bos = toy[0].bos_id
-    it.buffer = sorted((n, 1, 0, 0, i, [bos] + [i] * (n - 1)) for i, n in enumerate([20, 13, 10, 5, 40, 12]))
+    it.buffer = sorted((n, 1, 0, 0, i, [bos] + [i] * (n - 1), None) for i, n in enumerate([20, 13, 10, 5, 40, 12]))
     x, y = next(it)
     rows = torch.cat([x, y[:, -1:]], dim=1).tolist()
     # row 1: 20 fits, then 13 (the largest of 13/12/10/5 that fits the 13 left): full without a crop
@@ -201,9 +201,46 @@ def test_cutting_long_texts_keeps_their_first_tokens(toy, text, per_token):
     it = loader(toy, seq_len=7)
     dl_chars, dl.CHARS_PER_TOKEN = dl.CHARS_PER_TOKEN, per_token  # 1: cuts too short, tokenized again whole
     try:
-        assert it._tokenize([text, text[::-1]]) == [[tok.bos_id] + ids[:8] for ids in tok.encode([text, text[::-1]])]
+        made = it._tokenize([text, text[::-1]])
+        assert [t for t, _, _ in made] == [[tok.bos_id] + ids[:8] for ids in tok.encode([text, text[::-1]])]
+        for t, (_, count, end) in zip([text, text[::-1]], made):  # what was counted is exact, up to `end`
+            assert count == 1 + len(tok.encode(t[:end])) and (end == len(t) or count >= 9)
     finally:
         dl.CHARS_PER_TOKEN = dl_chars
+
+
+def test_counting_on_a_long_document_ends_at_its_real_length(toy):
+    tok, _, truth = toy
+    it = loader(toy, seq_len=7, buffer_size=1)
+    dl_chars, dl.CHARS_PER_TOKEN = dl.CHARS_PER_TOKEN, 4  # small pieces: many steps of counting on
+    try:
+        for text in [t for t in (f"{w} " * 400 for w in ("alpha", "x=1;", "über δ")) if len(tok.encode(t)) > 20]:
+            it.buffer = []
+            it._add(1, 0, 0, [0], [text])
+            assert it.buffer[0][6] is not None  # not known yet
+            it._shortest_first()
+            assert it.buffer[0][6] is None and it.buffer[0][0] == 1 + len(tok.encode(text))
+    finally:
+        dl.CHARS_PER_TOKEN = dl_chars
+
+
+def test_the_crop_takes_the_truly_shortest_long_document(toy):
+    """Three documents longer than a row: the one with the fewest tokens is cropped, though it came last and
+    its first characters hold the most tokens (the buffer counts only the first few hundred characters)."""
+    tok = toy[0]
+    texts = ["beta gamma " * 150, "alpha " * 400, "x=1; " * 60]  # sparse and long, sparse and longer, dense
+    real = [1 + len(tok.encode(t)) for t in texts]
+    it = loader(toy, batch_size=1, buffer_size=1)
+    it.buffer = []
+    it._add(1, 0, 0, [0, 1, 2], texts)
+    assert all(entry[6] is not None for entry in it.buffer)  # no length known yet
+    first_counts = {entry[4]: entry[0] for entry in it.buffer}
+    shortest = min(range(3), key=lambda i: (real[i], i))
+    assert shortest == 2 and first_counts[2] > min(first_counts.values()), (real, first_counts)
+    x, y = next(it)
+    row = x[0].tolist() + [y[0, -1].item()]
+    assert row == [tok.bos_id] + tok.encode(texts[shortest])[:T]
+    assert sorted(entry[4] for entry in it.buffer) == [0, 1]  # the other two wait
 
 
 @pytest.mark.parametrize("kw, message", [

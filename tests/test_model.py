@@ -51,7 +51,8 @@ def test_loss_matches_logits_and_ignores_minus_one():
 def test_param_groups_cover_every_parameter_once():
     model = build()
     groups = model.param_groups()
-    assert set(groups) == {"matrices", "lm_head", "wte", "value_embeds", "resid_lambdas", "x0_lambdas"}
+    assert set(groups) == {"matrices", "lm_head", "wte", "value_embeds", "resid_lambdas", "x0_lambdas",
+                           "smear_backout"}
     ids = [id(p) for ps in groups.values() for p in ps]
     assert len(ids) == len(set(ids))
     assert set(ids) == {id(p) for p in model.parameters()}
@@ -64,7 +65,9 @@ def test_param_groups_cover_every_parameter_once():
     assert counts["transformer_matrices"] == matrices
     assert counts["lm_head"] == counts["wte"] == 320 * 64
     assert counts["value_embeds"] == 2 * 320 * 32
-    assert counts["scalars"] == 6
+    assert counts["scalars"] == 6 + 24 + 2  # resid and x0 lambdas, the smear gate (24 -> 1), smear and backout
+    assert {id(p) for p in groups["smear_backout"]} == {id(model.smear_gate.weight), id(model.smear_lambda),
+                                                        id(model.backout_lambda)}
     assert counts["scaling_params"] == matrices + 320 * 64
     assert counts["total"] == sum(p.numel() for p in model.parameters())
 
@@ -96,6 +99,9 @@ def test_init_statistics():
             assert g.min().item() >= 0 and g.max().item() <= 0.02 and g.std().item() > 0
     for ve in model.value_embeds.values():
         assert ve.weight.abs().max().item() <= s and ve.weight.std().item() == pytest.approx(s / math.sqrt(3), rel=0.03)
+    g = model.smear_gate.weight
+    assert g.shape == (1, 24) and g.min().item() >= 0 and g.max().item() <= 0.02 and g.std().item() > 0
+    assert model.smear_lambda.item() == 0.0 and model.backout_lambda.item() == pytest.approx(0.2)
     frac = torch.arange(4) / 3
     assert torch.allclose(model.resid_lambdas, 1.15 - 0.10 * frac)
     assert torch.allclose(model.x0_lambdas, 0.20 - 0.15 * frac)
@@ -180,12 +186,74 @@ def test_kv_cache_generation_equals_full_forward():
 def test_cached_logits_equal_full_forward_logits():
     from model.gpt import KVCache
     model = perturbed(seed=3)
+    assert model.smear_lambda.abs().item() > 0.01  # smear on: the cache must carry the previous embedding
     model.window_sizes = [2, 5, -1]
     idx = torch.randint(0, 300, (2, 16))
     full = model(idx)
     cache = KVCache(TINY.n_layer)
     parts = [model(idx[:, :7], kv_cache=cache)] + [model(idx[:, t:t + 1], kv_cache=cache) for t in range(7, 16)]
     assert torch.allclose(torch.cat(parts, dim=1), full, atol=1e-4, rtol=1e-4)
+
+
+def reference_forward(model, idx):
+    """The top of the model from the formulas, around the model's own blocks: smear, x0, the layers, backout,
+    norm, soft-capped logits."""
+    from model.gpt import norm
+    e = norm(model.transformer.wte(idx))
+    x = e.clone()
+    for t in range(1, e.size(1)):  # x[t] += smear_lambda * sigmoid(smear_gate(e[t, :24])) * e[t-1]
+        x[:, t] = e[:, t] + model.smear_lambda * torch.sigmoid(e[:, t, :24] @ model.smear_gate.weight.T) * e[:, t - 1]
+    x0, T = x, idx.size(1)
+    cos, sin = model.cos[:, :T], model.sin[:, :T]
+    for i, block in enumerate(model.transformer.h):
+        x = model.resid_lambdas[i] * x + model.x0_lambdas[i] * x0
+        ve = model.value_embeds[str(i)](idx) if str(i) in model.value_embeds else None
+        x = block(x, ve, cos, sin, model.window_sizes[i])
+        if i == model.config.n_layer // 2:
+            kept = x
+    x = norm(x - model.backout_lambda * kept)
+    logits = model.lm_head(x)[..., :model.config.vocab_size].float()  # fp32 logits, as the model's
+    return 15 * torch.tanh(logits / 15)
+
+
+def test_smear_and_backout_match_their_formulas_with_gradients():
+    model = perturbed(seed=4).double()  # float64: the two computations differ by rounding only
+    idx = torch.randint(0, 300, (2, 20))
+    params = [model.smear_gate.weight, model.smear_lambda, model.backout_lambda, model.transformer.wte.weight]
+    ours = model(idx)
+    ref = reference_forward(model, idx)
+    torch.testing.assert_close(ours, ref, atol=1e-6, rtol=1e-6)
+    weights = torch.randn_like(ours)
+    g_ours = torch.autograd.grad((ours * weights).sum(), params)
+    g_ref = torch.autograd.grad((ref * weights).sum(), params)
+    for a, b in zip(g_ours, g_ref):
+        assert a.abs().sum() > 0
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_attention_is_sharpened_by_1_2_on_q_and_k():
+    from kernels.attention import reference
+    from model.gpt import apply_rotary, norm
+    model = perturbed(seed=5)
+    attn = model.transformer.h[1].attn  # a layer without a value embedding
+    assert attn.ve_gate is None
+    x = torch.randn(2, 12, 64)
+    cos, sin = model.cos[:, :12], model.sin[:, :12]
+    q = attn.c_q(x).view(2, 12, 4, 16)
+    k, v = attn.c_k(x).view(2, 12, 2, 16), attn.c_v(x).view(2, 12, 2, 16)
+    q, k = norm(apply_rotary(q, cos, sin)) * 1.2, norm(apply_rotary(k, cos, sin)) * 1.2
+    expected = attn.c_proj(reference(q, k, v, 5).reshape(2, 12, 64))  # the default scale 1/sqrt(16)
+    torch.testing.assert_close(attn(x, None, cos, sin, 5), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_checkpoint_of_the_earlier_architecture_is_refused_in_one_line():
+    from train.builder import load_weights
+    from train.errors import UserError
+    old = {k: v for k, v in build().state_dict().items() if k not in ("smear_gate.weight", "smear_lambda",
+                                                                      "backout_lambda")}
+    with pytest.raises(UserError, match="earlier architecture .*cannot continue or evaluate it") as e:
+        load_weights(build(), old)
+    assert "\n" not in str(e.value)
 
 
 def test_windows_change_the_output():

@@ -35,12 +35,13 @@ class StandIn(nn.Module):
         self.lm_head = nn.Linear(DIM, VOCAB, bias=False)
         self.resid_lambdas = nn.Parameter(torch.linspace(1.15, 1.05, LAYERS))
         self.x0_lambdas = nn.Parameter(torch.linspace(0.2, 0.05, LAYERS))
+        self.backout_lambda = nn.Parameter(torch.full((1,), 0.2))
 
     def param_groups(self):
         blocks = [*self.attn.parameters(), *self.fc.parameters(), *self.proj.parameters()]
         return {"matrices": blocks, "lm_head": [self.lm_head.weight], "wte": [self.wte.weight],
                 "value_embeds": [self.value_embed.weight], "resid_lambdas": [self.resid_lambdas],
-                "x0_lambdas": [self.x0_lambdas]}
+                "x0_lambdas": [self.x0_lambdas], "smear_backout": [self.backout_lambda]}
 
     def forward(self, idx, targets):
         x = F.rms_norm(self.wte(idx).float(), (DIM,))
@@ -49,7 +50,7 @@ class StandIn(nn.Module):
             x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
             x = x + self.attn[i](F.rms_norm(x, (DIM,))) + self.value_embed(idx % (VOCAB // 2))
             x = x + self.proj[i](F.relu(self.fc[i](F.rms_norm(x, (DIM,)))).square())
-        logits = self.lm_head(F.rms_norm(x, (DIM,)))
+        logits = self.lm_head(F.rms_norm(x - self.backout_lambda * x0, (DIM,)))
         return F.cross_entropy(logits.view(-1, VOCAB), targets.reshape(-1))
 
 
@@ -73,7 +74,7 @@ def train_step(model, opt, x, y, step):
     model(x, y).backward()
     for group in opt.param_groups:
         if "initial_weight_decay" in group:
-            group["momentum"] = muon_momentum(step)
+            group["momentum"] = muon_momentum(step, 100, 0.5)
     opt.step()
     opt.zero_grad(set_to_none=True)
 
@@ -112,11 +113,19 @@ def test_lr_multiplier_boundaries():
     assert lr_multiplier(100, N, 0.0, 0.0, 0.0) == 1.0
 
 
-def test_muon_momentum_ramp():
-    assert muon_momentum(0) == pytest.approx(0.85)
-    assert muon_momentum(150) == pytest.approx(0.90)
-    assert muon_momentum(300) == pytest.approx(0.95)
-    assert muon_momentum(10_000) == pytest.approx(0.95)
+def test_muon_momentum_at_its_break_points():
+    """0.85 -> 0.97 over the first 400 steps, 0.97 until the warmdown starts, then linearly to 0.90 at step N."""
+    N, warmdown = 2000, 0.5  # the warmdown starts at step 1000
+    assert muon_momentum(0, N, warmdown) == pytest.approx(0.85)
+    assert muon_momentum(200, N, warmdown) == pytest.approx(0.91)
+    assert muon_momentum(400, N, warmdown) == pytest.approx(0.97)
+    assert muon_momentum(1000, N, warmdown) == pytest.approx(0.97)
+    assert muon_momentum(1500, N, warmdown) == pytest.approx(0.935)
+    assert muon_momentum(2000, N, warmdown) == pytest.approx(0.90)
+    assert muon_momentum(1500, N, 0.0) == pytest.approx(0.97)  # no warmdown: flat to the end
+    # a warmdown that starts inside the ramp goes from where the ramp had got to, to 0.90 at the end
+    assert muon_momentum(100, 200, 0.5) == pytest.approx(0.88)
+    assert muon_momentum(200, 200, 0.5) == pytest.approx(0.90)
 
 
 def test_weight_decay_cosine():
@@ -136,20 +145,23 @@ def test_group_lrs_and_scaling():
                          adam_width_scale=0.5)
     assert isinstance(opt, MuonAdamW) and not isinstance(opt, DistMuonAdamW)
     by_name = {g["name"]: g for g in opt.param_groups}
-    expect = {"lm_head": 0.004 * 2 * 0.5, "wte": 0.3 * 2 * 0.5, "value_embeds": 0.3 * 0.5 * 2 * 0.5,
-              "resid_lambdas": 0.5 * 0.01 * 2, "x0_lambdas": 0.5 * 2}
-    for name, lr in expect.items():
+    # (lr, betas, decoupled weight decay) as the spec gives them: LRs x batch scale (2), embeddings x width (0.5)
+    expect = {"lm_head": (0.004 * 2 * 0.5, (0.7, 0.9), 0.01), "wte": (0.3 * 2 * 0.5, (0.7, 0.9), 0.001),
+              "value_embeds": (0.3 * 0.5 * 2 * 0.5, (0.7, 0.9), 0.01),
+              "resid_lambdas": (0.5 * 0.01 * 2, (0.7, 0.9), 0.05), "x0_lambdas": (0.5 * 2, (0.96, 0.9), 0.0),
+              "smear_backout": (0.2, (0.8, 0.95), 0.0)}
+    for name, (lr, betas, wd) in expect.items():
         g = by_name[name]
         assert g["kind"] == "adamw"
         assert g["lr"] == pytest.approx(lr) and g["initial_lr"] == pytest.approx(lr)
-        assert g["betas"] == (0.7, 0.9) and g["eps"] == 1e-10 and g["weight_decay"] == 0.0
+        assert g["betas"] == betas and g["eps"] == 1e-10 and g["weight_decay"] == wd, name
         assert "initial_weight_decay" not in g  # the train loop tells Muon groups by this key
     muon = [g for g in opt.param_groups if g["kind"] == "muon"]
     assert {g["name"] for g in muon} == {"matrices 16x16", "matrices 32x16", "matrices 16x32"}
     for g in muon:  # one stack per shape, the lr before the per-shape factor
         assert len(g["params"]) == LAYERS and len({p.shape for p in g["params"]}) == 1
         assert g["initial_lr"] == pytest.approx(0.04)
-        assert g["initial_weight_decay"] == 0.2 and g["beta2"] == 0.95 and g["ns_steps"] == 5
+        assert g["initial_weight_decay"] == 0.2 and g["beta2"] == 0.9 and g["ns_steps"] == 5
     assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
 
 
@@ -161,17 +173,18 @@ def test_adamw_first_step_moves_lr_times_sign():
     model(*batch(0)).backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     opt.step()
-    lrs = {id(p): g["lr"] for g in opt.param_groups if g["kind"] == "adamw" for p in g["params"]}
+    settings = {id(p): (g["lr"], g["weight_decay"]) for g in opt.param_groups if g["kind"] == "adamw"
+                for p in g["params"]}
     checked = 0
     for n, p in model.named_parameters():
-        if id(p) not in lrs:
+        if id(p) not in settings:
             continue
-        g = grads[n]
-        expected = before[n] - lrs[id(p)] * g / (g.abs() + 1e-10)
+        g, (lr, wd) = grads[n], settings[id(p)]
+        expected = before[n] * (1 - lr * wd) - lr * g / (g.abs() + 1e-10)  # decoupled decay, then the step
         torch.testing.assert_close(p.detach(), expected, rtol=1e-6, atol=1e-7)
         assert not torch.equal(p.detach(), before[n])
         checked += 1
-    assert checked == 5
+    assert checked == 6
 
 
 def test_adamw_bf16_param_keeps_fp32_state():
@@ -199,8 +212,28 @@ def _muon_only(shape, k, lr=0.01, wd=0.0, seed=0, cond=1e3):
         v, _ = torch.linalg.qr(torch.randn(shape[1], s, generator=g))
         p.grad = u @ torch.diag(torch.logspace(0, -math.log10(cond), s)) @ v.T
     groups = {"matrices": params, "lm_head": [], "wte": [], "value_embeds": [], "resid_lambdas": [],
-              "x0_lambdas": []}
+              "x0_lambdas": [], "smear_backout": []}
     return params, make_optimizer(groups, matrix_lr=lr, weight_decay=wd)
+
+
+def muon_eq_ref(X):
+    """From the formula, one row at a time: row *= (||X||_F / sqrt(rows)) / max(||row||, 1e-6)."""
+    out = X.clone()
+    for k in range(X.size(0)):
+        mean_norm = X[k].norm() / X.size(1) ** 0.5
+        for r in range(X.size(1)):
+            out[k, r] = X[k, r] * mean_norm / max(X[k, r].norm(), 1e-6)
+    return out
+
+
+def muon_plus_ref(X):
+    """From the formula: each matrix to Frobenius norm sqrt(min(rows, cols))."""
+    return torch.stack([x * min(x.shape) ** 0.5 / x.norm() for x in X])
+
+
+def muon_direction(G):
+    """What Muon does to a (k, m, n) stack before NorMuon: MuonEq, Polar Express, Muon+."""
+    return muon_plus_ref(orthogonalize(muon_eq_ref(G)))
 
 
 @pytest.mark.parametrize("shape", [(24, 12), (12, 24), (16, 16)])
@@ -218,11 +251,12 @@ def test_muon_update_is_orthogonalized_and_normuon_scaled(shape):
     assert state["second_moment"].shape == ((k, rows, 1) if tall else (k, 1, cols))
     for p, p0, g in zip(params, before, grads):
         delta = (p0 - p.detach()) / lr_eff
-        # the direction is the orthogonalized gradient (Nesterov on a zero buffer only scales g) ...
+        # the direction is the equilibrated, orthogonalized, renormed gradient (Nesterov on a zero buffer only
+        # scales g) ...
         sv = torch.linalg.svdvals(delta)
         assert torch.linalg.svdvals(g)[0] / torch.linalg.svdvals(g)[-1] > 500
         assert sv.max() / sv.min() < 3.0, sv
-        o = orthogonalize(g.unsqueeze(0)).squeeze(0)
+        o = muon_direction(g.unsqueeze(0)).squeeze(0)
         # ... rescaled per row (tall) / per column (wide) only: each row/column stays parallel ...
         dim = 1 if tall else 0
         cos = F.cosine_similarity(delta, o, dim=dim)
@@ -230,10 +264,10 @@ def test_muon_update_is_orthogonalized_and_normuon_scaled(shape):
         # ... to equal row/column norms on the first step (NorMuon), with the Frobenius norm kept.
         norms = delta.norm(dim=dim)
         torch.testing.assert_close(norms, norms.mean().expand_as(norms), rtol=1e-4, atol=0)
-        torch.testing.assert_close(delta.norm(), o.norm(), rtol=1e-4, atol=0)
+        torch.testing.assert_close(delta.norm(), torch.tensor(min(shape) ** 0.5), rtol=1e-4, atol=0)  # Muon+
     # the factored second moment after one step: (1 - beta2) x the mean square per row / column
-    o = orthogonalize(torch.stack(grads))
-    expected_v = (1 - 0.95) * o.square().mean(dim=-1 if tall else -2, keepdim=True)
+    o = muon_direction(torch.stack(grads))
+    expected_v = (1 - 0.9) * o.square().mean(dim=-1 if tall else -2, keepdim=True)
     torch.testing.assert_close(state["second_moment"], expected_v, rtol=1e-4, atol=0)
 
 
@@ -243,7 +277,7 @@ def test_muon_lr_scales_with_sqrt_aspect():
     for shape in [(48, 12), (12, 48)]:
         params, opt = _muon_only(shape, 1, lr=0.01)
         p0 = params[0].detach().clone()
-        o = orthogonalize(params[0].grad.unsqueeze(0)).squeeze(0)
+        o = muon_direction(params[0].grad.unsqueeze(0)).squeeze(0)
         opt.step()
         moved[shape] = ((p0 - params[0].detach()).norm() / o.norm()).item()
     assert moved[(48, 12)] == pytest.approx(0.01 * 2.0, rel=1e-4)
@@ -284,8 +318,8 @@ def test_muon_second_step_uses_nesterov_momentum():
     for p, g in zip(params, g2):
         p.grad = g.clone()
     buf2 = m * state["momentum_buffer"] + (1 - m) * g2
-    expected = orthogonalize((1 - m) * g2 + m * buf2)
-    stale = orthogonalize(buf2)
+    expected = muon_direction((1 - m) * g2 + m * buf2)
+    stale = muon_direction(buf2)
     before = torch.stack([p.detach().clone() for p in params])
     opt.step()
     delta = before - torch.stack([p.detach() for p in params])
@@ -293,6 +327,50 @@ def test_muon_second_step_uses_nesterov_momentum():
     assert not torch.all(F.cosine_similarity(delta, stale, dim=-1) > 1 - 1e-3)
     torch.testing.assert_close(state["momentum_buffer"], buf2)
     assert not torch.equal(state["second_moment"], v1)
+
+def test_muon_eq_and_muon_plus_against_their_formulas():
+    from train.optim import muon_eq, muon_plus
+    g = torch.Generator().manual_seed(3)
+    for shape in [(3, 20, 12), (2, 12, 20), (1, 9, 9)]:
+        X = torch.randn(*shape, generator=g, dtype=torch.float64) * torch.logspace(-2, 1, shape[1],
+                                                                                  dtype=torch.float64)[:, None]
+        eq = muon_eq(X)
+        torch.testing.assert_close(eq, muon_eq_ref(X))
+        torch.testing.assert_close(eq.norm(dim=-1), (X.norm(dim=(-2, -1)) / shape[1] ** 0.5)[:, None].expand(
+            shape[0], shape[1]))  # every row at the mean row norm
+        torch.testing.assert_close(muon_plus(X), muon_plus_ref(X))
+    # a rank-1 update: Polar Express leaves one singular value near 1; Muon+ brings the norm to sqrt(min(m, n))
+    u, v = torch.randn(2, 24, 1, generator=g), torch.randn(2, 1, 16, generator=g)
+    o = orthogonalize(muon_eq(u @ v))
+    assert torch.all(o.norm(dim=(-2, -1)) < 1.3)
+    torch.testing.assert_close(muon_plus(o).norm(dim=(-2, -1)), torch.full((2,), 4.0))
+
+
+def test_muon_closes_a_rank_one_gap_where_plain_muon_is_slow(monkeypatch):
+    """A matrix pulled toward a fixed target by a rank-1 difference: with Muon+ the step has the norm of a full
+    orthogonal matrix (4 here), without it that of one singular direction (about 1)."""
+    import train.optim as optim_module
+
+    def distance_after(steps):
+        g = torch.Generator().manual_seed(7)
+        target = torch.randn(32, 16, generator=g)
+        gap = 4.0 * F.normalize(torch.randn(32, 1, generator=g), dim=0) @ F.normalize(
+            torch.randn(1, 16, generator=g), dim=1)
+        w = nn.Parameter(target + gap)
+        groups = {"matrices": [w], "lm_head": [], "wte": [], "value_embeds": [], "resid_lambdas": [],
+                  "x0_lambdas": [], "smear_backout": []}
+        opt = make_optimizer(groups, matrix_lr=0.02)
+        for step in range(steps):
+            w.grad = 2 * (w.detach() - target)
+            opt.param_groups[0]["momentum"] = muon_momentum(step, 1000, 0.5)
+            opt.step()
+        return (w.detach() - target).norm().item(), gap.norm().item()
+    ours, start = distance_after(50)
+    assert ours < start / 2, (ours, start)
+    monkeypatch.setattr(optim_module, "muon_plus", lambda X: X)
+    monkeypatch.setattr(optim_module, "muon_eq", lambda X: X)
+    plain, _ = distance_after(50)
+    assert plain > start / 2, (plain, start)
 
 # -----------------------------------------------------------------------------
 # checkpoints

@@ -19,7 +19,8 @@ def hand_counts(model_dim: int, n_layer: int, n_head: int):
     matrices = n_layer * (attn + mlp) + len(ve_layers) * ve_gate
     lm_head = VOCAB * model_dim
     scaling = matrices + lm_head
-    total = scaling + VOCAB * model_dim + len(ve_layers) * VOCAB * model_dim + 2 * n_layer
+    scalars = 2 * n_layer + 24 + 2                    # resid and x0 lambdas; smear gate (24 -> 1), smear, backout
+    total = scaling + VOCAB * model_dim + len(ve_layers) * VOCAB * model_dim + scalars
     # SSSL tiled, last layer L; S = 1024 at T = 2048
     windows = [T if (i % 4 == 3 or i == n_layer - 1) else 1024 for i in range(n_layer)]
     flops = 6 * scaling + sum(12 * n_head * 128 * w for w in windows)

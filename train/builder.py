@@ -8,6 +8,7 @@ import torch
 from kernels import dispatch
 from model.config import GPTConfig
 from model.gpt import GPT
+from train.errors import UserError
 from train.optim import make_optimizer
 
 
@@ -44,7 +45,7 @@ def build_model_and_optimizer(plan, args, device, recompute_mlp: bool, distribut
     then FP8 when args.fp8, then the optimizer. args carries train.pretrain's flags (its parser's defaults)."""
     model = build_model(plan.config, device, seed=args.seed, recompute_mlp=recompute_mlp)
     if model_state is not None:
-        model.load_state_dict(model_state)
+        load_weights(model, model_state)
     converted = convert_to_fp8(model, args.fp8_recipe, emulate=args.fp8_emulate) if args.fp8 else []
     return model, build_optimizer(model, plan, args, distributed), converted
 
@@ -54,5 +55,18 @@ def model_from_checkpoint(ckpt_dir, step: int, device) -> tuple[GPT, dict]:
     from train import checkpoint
     meta = checkpoint.load_meta(ckpt_dir, step)
     model = build_model(GPTConfig(**meta["model_config"]), device)
-    model.load_state_dict(checkpoint.load_model_state(ckpt_dir, step, device))
+    load_weights(model, checkpoint.load_model_state(ckpt_dir, step, device))
     return model.eval(), meta
+
+
+def load_weights(model: GPT, state: dict) -> None:
+    """The checkpoint's weights into model; one line when they are of another architecture (an earlier
+    version's model has no smear and backout, and its attention was not sharpened: it cannot continue here)."""
+    missing, unexpected = set(model.state_dict()) - set(state), set(state) - set(model.state_dict())
+    if missing or unexpected:
+        earlier = {"smear_gate.weight", "smear_lambda", "backout_lambda"} <= missing and not unexpected
+        raise UserError("the checkpoint is of an earlier architecture (before smear, backout and the sharper "
+                        "attention): this version cannot continue or evaluate it; use the version that wrote it"
+                        if earlier else f"the checkpoint's weights are not this model's: missing "
+                        f"{sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
+    model.load_state_dict(state)

@@ -190,8 +190,14 @@ def continuation_spans(kind: str, tokens: list[list[int]]) -> tuple[list[list[in
     return [with_], [min(common_length(tokens), len(with_) - 1)], [len(with_)]
 
 
+def positions_limit(model) -> int:
+    """The longest row the model can take: its rotary table's length (10x the training context for our GPT);
+    rows longer than the training context are fed whole, as nanochat does."""
+    return getattr(model, "rotary_seq_len", model.config.sequence_len)
+
+
 def crop_left(tokens, starts, ends, max_len: int):
-    """Rows longer than the context lose tokens at the start (the oldest few-shot text goes first)."""
+    """Rows longer than max_len lose tokens at the start (the oldest few-shot text goes first)."""
     cuts = [max(0, len(t) - max_len) for t in tokens]
     tokens = [t[cut:] for t, cut in zip(tokens, cuts)]
     starts = [max(1, s - cut) for s, cut in zip(starts, cuts)]  # token 0 is never predicted: it cannot be scored
@@ -200,12 +206,17 @@ def crop_left(tokens, starts, ends, max_len: int):
 
 
 @torch.no_grad()
-def score_example(model, tokenizer, task: Task, idx: int, device, autocast=None) -> bool:
+def score_example(model, tokenizer, task: Task, idx: int, device, autocast=None, crops: list | None = None) -> bool:
+    """Whether the model gets example idx right; crops, when given, gets the example's index if a row had to be
+    cropped (longer than positions_limit(model))."""
     autocast = nullcontext() if autocast is None else autocast
     item = task.examples[idx]
     prompts = render_prompts(task.kind, item, task.delimiter, fewshot_examples(task.examples, idx, task.num_fewshot))
     rows, starts, ends = continuation_spans(task.kind, tokenizer.encode(prompts, prepend_bos=True))
-    rows, starts, ends = crop_left(rows, starts, ends, model.config.sequence_len)
+    limit = positions_limit(model)
+    if crops is not None and max(map(len, rows)) > limit:
+        crops.append(idx)
+    rows, starts, ends = crop_left(rows, starts, ends, limit)
     ids = torch.full((len(rows), max(map(len, rows))), tokenizer.bos_id, dtype=torch.long)  # BOS pads (causal: unseen)
     for i, row in enumerate(rows):
         ids[i, :len(row)] = torch.tensor(row)
@@ -229,7 +240,8 @@ def centered(accuracy: float, baseline: float) -> float:
 @torch.no_grad()
 def evaluate_core(model, tokenizer, device, max_per_task: int = 500, autocast=None,
                   bundle_dir: Path | None = None) -> dict:
-    """Per-task accuracy and centred accuracy, and their mean: {"results", "centered_results", "core_metric"}.
+    """Per-task accuracy and centred accuracy, and their mean: {"results", "centered_results", "core_metric",
+    "cropped"}: cropped counts the examples with a row longer than the model can take (cut at its start).
 
     Under torchrun rank r scores examples r, r + W, ... of every task and the counts are summed.
     """
@@ -237,15 +249,18 @@ def evaluate_core(model, tokenizer, device, max_per_task: int = 500, autocast=No
 
     tasks = load_tasks(Path(bundle_dir or ensure_eval_bundle()), max_per_task)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    correct = torch.zeros(len(tasks), dtype=torch.long, device=device)
+    correct = torch.zeros(len(tasks) + 1, dtype=torch.long, device=device)  # the last: examples cropped
     for t, task in enumerate(tasks):
-        correct[t] = sum(score_example(model, tokenizer, task, i, device, autocast)
+        crops: list = []
+        correct[t] = sum(score_example(model, tokenizer, task, i, device, autocast, crops)
                          for i in range(rank, len(task.examples), world))
+        correct[-1] += len(crops)
     all_reduce_sum(correct)
     results = {task.label: correct[t].item() / len(task.examples) for t, task in enumerate(tasks)}
     centered_results = {task.label: centered(results[task.label], task.baseline) for task in tasks}
     core = sum(centered_results.values()) / len(centered_results)
-    return {"results": results, "centered_results": centered_results, "core_metric": core}
+    return {"results": results, "centered_results": centered_results, "core_metric": core,
+            "cropped": correct[-1].item()}
 
 
 # -----------------------------------------------------------------------------
@@ -286,6 +301,9 @@ def main(argv=None) -> None:
         for label, acc in out["results"].items():
             print0(f"{label:<40} accuracy {acc:.4f} | centered {out['centered_results'][label]:+.4f}")
         print0(f"CORE {out['core_metric']:.4f}")
+        if out["cropped"]:
+            print0(f"note: {out['cropped']} example(s) had a row longer than the model can take "
+                   f"({positions_limit(model)} tokens): their oldest few-shot text was cut")
     finally:
         distributed.cleanup()
 

@@ -2,9 +2,14 @@
 
 Every row holds max_seq_len + 1 tokens and starts with BOS at the start of a document. Documents
 (each with its BOS) wait in a buffer; to fill a row we repeatedly take the largest buffered
-document that fits the space left, and when none fits we crop the shortest one to fill the row
-exactly. So no padding is ever trained on and every token is document text; the price is the
-cropped tails (about a third of the tokens at 2048, as in nanochat).
+document that fits the space left, and when none fits we crop the shortest one (by its real length in
+tokens, ties to the oldest) to fill the row exactly. So no padding is ever trained on and every token is
+document text; the price is the cropped tails.
+
+A document longer than a row is tokenized only as far as a row needs (cut before tokenizing, at a point where
+the tokens before the cut are those of the whole text). Its real length matters only when every buffered
+document is such a long one and the shortest is to be cropped; then the long ones are counted on, piece by
+safe piece, only until the shortest is certain.
 
 Sharding: row groups are the unit. Rank r of W reads row groups r, r+W, r+2W, ... of every shard of
 its split, shard after shard, and starts over forever, counting epochs (from 1).
@@ -48,10 +53,11 @@ def cut_text(text: str, min_chars: int, search: int = 256) -> str:
 class DataLoader:
     """Iterator of (inputs, targets), each int64 [batch_size, seq_len] on device; targets are inputs shifted by one.
 
-    Buffer entries are tuples (length, epoch, shard, row_group, index, tokens): sorted, they put documents
-    in order of length and then of arrival, which is what makes best-fit choices reproducible on resume.
-    A document's tokens are kept only up to seq_len + 2: any longer one can never fit a row and only
-    ever gets cropped, so the rest would be dead weight.
+    Buffer entries are tuples (length, epoch, shard, row_group, index, tokens, rest): sorted, they put
+    documents in order of length and then of arrival, which is what makes best-fit choices reproducible on
+    resume. A document's tokens are kept only up to seq_len + 2: any longer one can never fit a row and only
+    ever gets cropped. For such a long one `length` may be a lower bound, the tokens counted so far, with
+    rest = (text, characters counted) to count on when its real length decides the crop; else rest is None.
     """
 
     def __init__(self, tokenizer, batch_size: int, seq_len: int, split: str = "train", dataset: str = "climbmix",
@@ -105,10 +111,11 @@ class DataLoader:
             self._open = (shard, open_shard(self.paths[shard]))
         return read_texts(self._open[1], row_group, self.paths[shard])
 
-    def _tokenize(self, texts: list[str]) -> list[list[int]]:
-        """BOS + tokens of each text, at most capacity + 1 in all (one more can never fit a row anyway).
+    def _tokenize(self, texts: list[str]) -> list[tuple[list[int], int, int]]:
+        """Per text: (BOS + its first tokens, at most capacity + 1 of them; the number of tokens, BOS included, of
+        its first `end` characters; end). end < len(text): the text is longer than a row, its length not known yet.
 
-        Long texts are cut (safely) before tokenizing: the tokens past the capacity would be thrown away.
+        Long texts are cut (safely) before tokenizing: only the tokens a row can use are made here.
         A cut text that came out too short to tell is tokenized again whole.
         """
         keep = self.capacity + 1
@@ -116,12 +123,26 @@ class DataLoader:
         tokens = self.tokenizer.encode(cuts, num_threads=self.num_threads)
         redo = [i for i, (cut, ids) in enumerate(zip(cuts, tokens)) if len(ids) < keep and len(cut) < len(texts[i])]
         for i, ids in zip(redo, self.tokenizer.encode([texts[i] for i in redo], num_threads=self.num_threads)):
-            tokens[i] = ids
-        return [[self.bos] + ids[:keep - 1] for ids in tokens]
+            tokens[i], cuts[i] = ids, texts[i]
+        return [([self.bos] + ids[:keep - 1], 1 + len(ids), len(cut)) for ids, cut in zip(tokens, cuts)]
 
     def _add(self, epoch: int, shard: int, row_group: int, indices, texts: list[str]) -> None:
-        self.buffer.extend((len(t), epoch, shard, row_group, i, t) for i, t in zip(indices, self._tokenize(texts)))
+        for i, text, (tokens, count, end) in zip(indices, texts, self._tokenize(texts)):
+            rest = (text, end) if end < len(text) else None
+            self.buffer.append((count, epoch, shard, row_group, i, tokens, rest))
         self.buffer.sort()
+
+    def _shortest_first(self) -> None:
+        """Until buffer[0] is the truly shortest document: while the first is one whose length is only known to be
+        at least its count, count on through its next piece (at a safe cut, so counts add up exactly) and move it
+        to its new place. Only as much of a long text is tokenized as it takes to tell it is not the shortest."""
+        while self.buffer[0][6] is not None:
+            count, epoch, shard, row_group, index, tokens, (text, end) = self.buffer.pop(0)
+            piece = cut_text(text[end:], self.capacity * CHARS_PER_TOKEN)
+            count += len(self.tokenizer.encode(piece))
+            end += len(piece)
+            bisect.insort(self.buffer, (count, epoch, shard, row_group, index, tokens,
+                                        (text, end) if end < len(text) else None))
 
     def _refill(self) -> None:
         """Tokenize the next row group of this rank into the buffer and move on."""
@@ -196,8 +217,9 @@ class DataLoader:
                     i = bisect.bisect_left(buffer, (buffer[i][0],))  # ... the oldest of that length
                     take = buffer[i][0]
                 else:  # nothing fits: crop the shortest (and oldest) to fill the row
+                    self._shortest_first()
                     i, take = 0, space
-                _, epoch, _, _, _, tokens = buffer.pop(i)
+                _, epoch, _, _, _, tokens, _ = buffer.pop(i)
                 self.batch_epoch = max(self.batch_epoch, epoch)
                 row[pos:pos + take] = tokens if take == len(tokens) else tokens[:take]
                 pos += take
@@ -230,7 +252,7 @@ class ResumePoint:
 
     def to_dict(self) -> dict:
         groups = {}
-        for _, epoch, shard, row_group, index, _ in self.buffer:
+        for _, epoch, shard, row_group, index, *_ in self.buffer:
             groups.setdefault((epoch, shard, row_group), []).append(index)
         return {"epoch": self.epoch, "shard": self.shard, "row_group": self.row_group, "rank": self.rank,
                 "world_size": self.world_size,

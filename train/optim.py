@@ -6,15 +6,12 @@ Two versions with the same math and the same param groups:
                  updates only its share (and keeps optimizer state only for it), then all-gathers weights.
 
 Muon, per shape (all matrices of one shape are stacked and updated as one batch):
-  Nesterov momentum -> Polar Express orthogonalization (kernels.newton_schulz) -> NorMuon per-row
-  (tall) / per-column (wide) second-moment normalisation -> cautious weight decay + update, with the
-  lr multiplied by sqrt(max(1, rows / cols)).
-AdamW: decoupled weight decay (0 here, as nanochat), bias-corrected moments, eps 1e-10, fp32 math
-and fp32 state even for bf16 parameters.
-
-The math follows nanochat's optim.py (karpathy/nanochat) without its two optional extras
-(MuonEq row equilibration before, and Muon+ norm snapping after, the orthogonalization): the spec
-asks for exactly the four steps above.
+  Nesterov momentum -> MuonEq (each row rescaled to the matrix's mean row norm) -> Polar Express
+  orthogonalization (kernels.newton_schulz) -> Muon+ (each matrix rescaled to Frobenius norm
+  sqrt(min(rows, cols)), that of an exactly semi-orthogonal one) -> NorMuon per-row (tall) / per-column
+  (wide) second-moment normalisation -> cautious weight decay + update, the lr times sqrt(max(1, rows / cols)).
+AdamW: decoupled weight decay per group, bias-corrected moments, eps 1e-10, fp32 math and fp32 state even
+for bf16 parameters. The groups and their settings: ADAMW_GROUPS.
 
 Schedules (lr_multiplier, muon_momentum, weight_decay_at) live here too; the train loop sets
 group["lr"] = group["initial_lr"] * lr_multiplier(...), and for Muon groups (the ones with
@@ -38,7 +35,10 @@ UNEMBEDDING_LR = 0.004
 SCALAR_LR = 0.5
 ADAM_BETAS = (0.8, 0.95)
 ADAMW_EPS = 1e-10
-MUON_BETA2 = 0.95
+MUON_BETA2 = 0.9
+MUON_MOMENTUM = (0.85, 0.97, 0.90)  # at step 0, from step MUON_MOMENTUM_RAMP until the warmdown, at the last step
+MUON_MOMENTUM_RAMP = 400
+SMEAR_BACKOUT_LR = 0.2  # the smear and backout parameters: not rescaled by batch or width
 MUON_NS_STEPS = 5
 SHARD_MIN_NUMEL = 1024  # distributed AdamW: smaller tensors are all-reduced and updated whole
 
@@ -59,10 +59,15 @@ def lr_multiplier(step: int, num_iterations: int, warmup_ratio: float, warmdown_
     return progress + (1 - progress) * final_lr_frac
 
 
-def muon_momentum(step: int) -> float:
-    """Muon momentum ramps linearly from 0.85 to 0.95 over the first 300 steps."""
-    frac = min(step / 300, 1.0)
-    return (1 - frac) * 0.85 + frac * 0.95
+def muon_momentum(step: int, num_iterations: int, warmdown_ratio: float) -> float:
+    """0.85 -> 0.97 linearly over the first 400 steps, then 0.97 until the LR warmdown starts, then linearly to
+    0.90 at the last step (from where the ramp had got to, when the warmdown starts earlier)."""
+    start, peak, end = MUON_MOMENTUM
+    momentum = start + (peak - start) * min(step / MUON_MOMENTUM_RAMP, 1.0)
+    warmdown_start = num_iterations - round(warmdown_ratio * num_iterations)
+    if step > warmdown_start:
+        momentum += (end - momentum) * (step - warmdown_start) / (num_iterations - warmdown_start)
+    return momentum
 
 
 def weight_decay_at(step: int, num_iterations: int, weight_decay: float) -> float:
@@ -96,6 +101,20 @@ def nesterov_(grads: Tensor, momentum_buffer: Tensor, momentum) -> Tensor:
     """buf <- m buf + (1 - m) g; returns (1 - m) g + m buf, written into grads (our own stack)."""
     momentum_buffer.lerp_(grads, 1 - momentum)
     return grads.lerp_(momentum_buffer, momentum)
+
+
+def muon_eq(X: Tensor) -> Tensor:
+    """MuonEq: every row of each matrix of the (k, rows, cols) stack rescaled to the matrix's mean row norm,
+    row *= (||X||_F / sqrt(rows)) / max(||row||, 1e-6)."""
+    row_norms = X.norm(dim=-1, keepdim=True)
+    mean_norm = X.norm(dim=(-2, -1), keepdim=True) / math.sqrt(X.size(-2))
+    return X * (mean_norm / row_norms.clamp_min(1e-6))
+
+
+def muon_plus(X: Tensor) -> Tensor:
+    """Muon+: each matrix of the stack rescaled to Frobenius norm sqrt(min(rows, cols))."""
+    target = math.sqrt(min(X.size(-2), X.size(-1)))
+    return X * (target / X.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-12))
 
 
 def normuon_cautious_update_(update: Tensor, params: Tensor, second_moment: Tensor,
@@ -194,9 +213,10 @@ class MuonAdamW(torch.optim.Optimizer):
         s = self._values(params, momentum=group["momentum"], lr=lr, wd=group["weight_decay"],
                          beta2=group["beta2"])
         g = self._fn(nesterov_, params)(grads, state["momentum_buffer"][:k], s["momentum"])
-        g = _orthogonalize(g, group["ns_steps"])
-        self._fn(normuon_cautious_update_, params)(g, params, state["second_moment"][:k], s["lr"], s["wd"],
-                                                   s["beta2"], -1 if tall else -2)
+        g = _orthogonalize(self._fn(muon_eq, params)(g), group["ns_steps"])
+        self._fn(normuon_cautious_update_, params)(self._fn(muon_plus, params)(g), params,
+                                                   state["second_moment"][:k], s["lr"], s["wd"], s["beta2"],
+                                                   -1 if tall else -2)
 
     # --- the step
 
@@ -390,6 +410,34 @@ class DistMuonAdamW(MuonAdamW):
 # -----------------------------------------------------------------------------
 
 
+# (group, its LR's flag or a fixed LR, the LR's factor, scaled by width too, betas (None: --adam-beta1/2),
+# decoupled weight decay)
+ADAMW_GROUPS = (
+    ("lm_head", "unembedding_lr", 1.0, True, None, 0.01),
+    ("wte", "embedding_lr", 1.0, True, None, 0.001),
+    ("value_embeds", "embedding_lr", 0.5, True, None, 0.01),
+    ("resid_lambdas", "scalar_lr", 0.01, False, None, 0.05),
+    ("x0_lambdas", "scalar_lr", 1.0, False, (0.96, None), 0.0),
+    ("smear_backout", None, 1.0, None, (0.8, 0.95), 0.0),
+)
+
+
+def adamw_settings(lrs: dict, adam_betas: tuple[float, float], lr_scale: float, adam_width_scale: float) -> list:
+    """(name, lr, betas, weight decay) of every AdamW group. lrs: the flags' {matrix_lr, embedding_lr, ...};
+    lr_scale (sqrt(B / B_ref), the batch-size law) scales every LR but smear/backout's, adam_width_scale
+    ((model_dim / 768)^-0.5, muP-style) those of lm_head, wte and value_embeds too, as nanochat does."""
+    out = []
+    for name, flag, factor, by_width, betas, weight_decay in ADAMW_GROUPS:
+        if flag is None:
+            lr = SMEAR_BACKOUT_LR
+        else:
+            lr = lrs[flag] * factor * lr_scale * (adam_width_scale if by_width else 1.0)
+        b1, b2 = betas or (None, None)
+        out.append((name, lr, (adam_betas[0] if b1 is None else b1, adam_betas[1] if b2 is None else b2),
+                    weight_decay))
+    return out
+
+
 def make_optimizer(groups: dict[str, list[torch.nn.Parameter]], *, matrix_lr: float = MATRIX_LR,
                    embedding_lr: float = EMBEDDING_LR, unembedding_lr: float = UNEMBEDDING_LR,
                    scalar_lr: float = SCALAR_LR, adam_betas: tuple[float, float] = ADAM_BETAS,
@@ -397,30 +445,19 @@ def make_optimizer(groups: dict[str, list[torch.nn.Parameter]], *, matrix_lr: fl
                    distributed: bool = False, compile: bool | None = None) -> MuonAdamW:
     """The optimizer for the model's param_groups() dict.
 
-    lr_scale (sqrt(B / B_ref), the batch-size law) multiplies every learning rate.
-    adam_width_scale ((model_dim / 768)^-0.5, muP-style) multiplies the embedding and unembedding
-    AdamW lrs (lm_head, wte, value_embeds) but not the scalars', as nanochat's setup_optimizer does:
-    the per-layer scalars do not grow with width.
-    weight_decay is the Muon decay at step 0 (weight_decay_at() anneals it); AdamW groups have none.
-    compile: None compiles the update math for CUDA tensors only.
+    AdamW groups: adamw_settings(). Muon: matrix_lr x lr_scale; weight_decay is its decay at step 0
+    (weight_decay_at() anneals it). compile: None compiles the update math for CUDA tensors only.
     Each group carries "initial_lr" (and Muon groups "initial_weight_decay") for the schedules.
     """
-    expected = {"matrices", "lm_head", "wte", "value_embeds", "resid_lambdas", "x0_lambdas"}
+    expected = {"matrices"} | {name for name, *_ in ADAMW_GROUPS}
     if set(groups) != expected:
         raise ValueError(f"param groups must be exactly {sorted(expected)}, got {sorted(groups)}")
-    width = lr_scale * adam_width_scale
-    adamw = [
-        ("lm_head", unembedding_lr * width),
-        ("wte", embedding_lr * width),
-        ("value_embeds", embedding_lr * 0.5 * width),
-        ("resid_lambdas", scalar_lr * 0.01 * lr_scale),
-        ("x0_lambdas", scalar_lr * lr_scale),
-    ]
+    lrs = dict(embedding_lr=embedding_lr, unembedding_lr=unembedding_lr, scalar_lr=scalar_lr)
     param_groups = []
-    for name, lr in adamw:
+    for name, lr, betas, wd in adamw_settings(lrs, adam_betas, lr_scale, adam_width_scale):
         if groups[name]:
             param_groups.append(dict(kind="adamw", name=name, params=list(groups[name]), lr=lr, initial_lr=lr,
-                                     betas=tuple(adam_betas), eps=ADAMW_EPS, weight_decay=0.0))
+                                     betas=betas, eps=ADAMW_EPS, weight_decay=wd))
     matrices = list(groups["matrices"])
     for p in matrices:
         if p.ndim != 2:
@@ -429,7 +466,7 @@ def make_optimizer(groups: dict[str, list[torch.nn.Parameter]], *, matrix_lr: fl
     for shape in sorted({tuple(p.shape) for p in matrices}):
         params = [p for p in matrices if tuple(p.shape) == shape]
         param_groups.append(dict(kind="muon", name=f"matrices {shape[0]}x{shape[1]}", params=params,
-                                 lr=lr, initial_lr=lr, momentum=muon_momentum(0), ns_steps=MUON_NS_STEPS,
+                                 lr=lr, initial_lr=lr, momentum=MUON_MOMENTUM[0], ns_steps=MUON_NS_STEPS,
                                  beta2=MUON_BETA2, weight_decay=weight_decay, initial_weight_decay=weight_decay))
     seen = [id(p) for g in param_groups for p in g["params"]]
     if len(seen) != len(set(seen)):

@@ -179,7 +179,19 @@ def plan_of(args, tokenizer):
                      world_size=int(os.environ.get("WORLD_SIZE", 1)))
 
 
-def print_plan(plan, memory_gib) -> None:
+def optimizer_groups(plan, args) -> list[dict]:
+    """Every optimizer group's peak LR, betas and weight decay as the plan sets them (AdamW's decay is constant
+    and decoupled; Muon's LR is also x sqrt(max(1, rows / cols)) per shape, its decay a cosine to 0)."""
+    lrs = {k: getattr(args, k) for k in ("embedding_lr", "unembedding_lr", "scalar_lr")}
+    groups = [{"group": name, "optimizer": "adamw", "lr": lr, "betas": list(betas), "weight_decay": wd}
+              for name, lr, betas, wd in optim.adamw_settings(lrs, (args.adam_beta1, args.adam_beta2),
+                                                             plan.lr_scale, plan.adam_width_scale)]
+    momentum = "->".join(map(str, optim.MUON_MOMENTUM))
+    return groups + [{"group": "matrices", "optimizer": "muon", "lr": args.matrix_lr * plan.lr_scale,
+                      "momentum": momentum, "beta2": optim.MUON_BETA2, "weight_decay": plan.weight_decay}]
+
+
+def print_plan(plan, args, memory_gib) -> None:
     print(f"depth {plan.config.n_layer}: model_dim {plan.model_dim}, n_head {plan.n_head}, "
           f"head_dim {plan.config.head_dim}, vocab {plan.config.vocab_size} (padded {plan.config.padded_vocab_size}), "
           f"windows {plan.config.window_sizes()}")
@@ -192,6 +204,11 @@ def print_plan(plan, memory_gib) -> None:
           f"Muon weight decay {plan.weight_decay:.5f}")
     print(f"FLOPs per token {plan.flops_per_token:.4e} | total FLOPs "
           f"{plan.flops_per_token * plan.total_batch_size * plan.num_iterations:.4e}")
+    for g in optimizer_groups(plan, args):
+        more = (f"betas {tuple(g['betas'])}" if g["optimizer"] == "adamw" else
+                f"momentum {g['momentum']}, beta2 {g['beta2']}")
+        print(f"  {g['optimizer']:>5} {g['group']:>14}: lr {g['lr']:.5g} | {more} | "
+              f"weight decay {g['weight_decay']:.4g}")
     if memory_gib is not None:
         print(f"estimated GPU memory per device: {memory_gib:.1f} GiB, or "
               f"{estimate_memory_gib(plan, recompute_mlp=True):.1f} GiB with relu² recomputed "
@@ -204,8 +221,8 @@ def main(argv=None) -> None:
     tokenizer = load_tokenizer_or_none()
     plan = plan_of(args, tokenizer)
     if args.dry_run:
-        print_plan(plan, estimate_memory_gib(plan, recompute_mlp=False))
-        print(json.dumps(plan.to_json()))
+        print_plan(plan, args, estimate_memory_gib(plan, recompute_mlp=False))
+        print(json.dumps(plan.to_json() | {"optimizer_groups": optimizer_groups(plan, args)}))
         return
     dist_info = distributed.setup(args.device_type)
     try:
@@ -264,7 +281,7 @@ class Run:
 
 def train(args, plan, tokenizer, dist_info) -> None:
     if dist_info.is_master:
-        print_plan(plan, None)
+        print_plan(plan, args, None)
     check_inputs(args, tokenizer, dist_info.device)
     ckpt_dir = checkpoint_dir(args.model_tag or f"d{args.depth}")
     lock = take_folder(ckpt_dir) if dist_info.is_master else None  # released however the run ends, but killed
@@ -430,7 +447,8 @@ def evaluate_if_due(run: Run, last: bool) -> None:
             core = evaluate_core(run.orig_model, run.tokenizer, run.device, args.core_metric_max_per_task,
                                  run.autocast)
         run.loop["core_metric"] = core["core_metric"]
-        print0(f"step {step:05d} | CORE {core['core_metric']:.4f}")
+        print0(f"step {step:05d} | CORE {core['core_metric']:.4f}"
+               + (f" ({core['cropped']} example(s) cropped to what the model can take)" if core["cropped"] else ""))
         run.log.log({"step": step, "core_metric": core["core_metric"]})
     if due(args.sample_every, step, last) and (last or step > 0) and run.dist.is_master:
         with evaluating(run):
@@ -524,7 +542,7 @@ def optimizer_step(run: Run) -> tuple[float, float, float]:
     for group in run.optimizer.param_groups:
         group["lr"] = group["initial_lr"] * lrm
         if "initial_weight_decay" in group:
-            group["momentum"] = optim.muon_momentum(step)
+            group["momentum"] = optim.muon_momentum(step, N, args.warmdown_ratio)
             group["weight_decay"] = optim.weight_decay_at(step, N, group["initial_weight_decay"])
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
