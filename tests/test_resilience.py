@@ -4,6 +4,7 @@ another tokenizer or dataset refused, a lock per run folder, leftovers cleaned, 
 line and exit 2 for every error a user can cause."""
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -267,8 +268,8 @@ def test_epochs_are_announced_and_a_resume_logs_no_step_twice(tiny_base):
     proc = run([*args, "--eval-tokens", "40960", "--eval-every", "12"], tiny_base)  # the val split: 34K tokens
 
     def passes(out):  # (step, passes) of each "the data repeats" line
-        return [(int(line[5:10]), int(line.split("has been used ")[1].split(" ")[0])) for line in out.splitlines()
-                if "every document of the train split of 'tiny' has been used" in line]
+        return [(int(m[1]), int(m[2])) for m in re.finditer(r"step (\d+) \| the train split of 'tiny' is being read "
+                                                            r"again \(pass (\d+)\)", out)]
     said = passes(proc.stdout)
     assert said and [n for _, n in said] == sorted({n for _, n in said}), said  # each pass once, in order
     assert proc.stdout.count("more than the val split") == 1

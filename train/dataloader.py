@@ -194,8 +194,10 @@ class DataLoader:
 
     @property
     def passes_done(self) -> int:
-        """Complete passes over the split: every document of the passes before the oldest buffered one is used."""
-        return min((entry[1] for entry in self.buffer), default=self.epoch) - 1
+        """Passes over the split read before the latest document put in a batch (its epoch - 1): > 0 once a batch
+        repeats data. Not "passes whose every document was used": a long document that is never the shortest can
+        stay buffered for the whole run, and that count would never move."""
+        return self.batch_epoch - 1
 
     def next_with_state(self) -> tuple[torch.Tensor, torch.Tensor, "ResumePoint"]:
         """The next batch and where it came from: a loader built with state=that.to_dict() yields it again."""

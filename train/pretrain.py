@@ -553,8 +553,8 @@ def optimizer_step(run: Run) -> tuple[float, float, float]:
     run.step += 1
     if run.loader.passes_done > run.loop.get("passes_done", 0):  # once per pass (the loop state is resumed)
         run.loop["passes_done"] = run.loader.passes_done
-        print0(f"step {run.step:05d} | every document of the train split of {run.args.dataset!r} has been used "
-               f"{run.loop['passes_done']} time(s): the data repeats")
+        print0(f"step {run.step:05d} | the train split of {run.args.dataset!r} is being read again "
+               f"(pass {run.loop['passes_done'] + 1}): the data repeats")
     return loss_value, lrm, dt
 
 
