@@ -3,6 +3,7 @@
     python -m bench.mfu --depth 20                 # tok/s, FLOPs per token, TFLOP/s, MFU
     python -m bench.mfu --depth 20 --compare       # and again with every kernel, then each one, forced to torch
     python -m bench.mfu --depth 20 --compare newton_schulz   # only Muon's orthogonalization in torch, against ours
+    python -m bench.mfu --depth 20 --compare nanochat --profile prof.json   # against the torch-only path, profiled
     python -m bench.mfu --depth 20 --fp8           # FP8 linears (torchao)
     python -m bench.mfu --depth 2 --seq-len 64 --device-batch-size 2 --steps 3   # on a CPU
 
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from bench import timing
+from bench import step_profile, timing
 from kernels import dispatch
 from train.errors import Parser, UserError, run_cli
 from train.fp8 import RECIPES as FP8_RECIPES
@@ -30,6 +31,7 @@ from train.metrics import H100_PEAK_BF16, mfu, peak_bf16_flops
 # "Its torch version" per op, for --compare. Attention's plain reference is fp32 with a dense T x T mask
 # (it would need ~100 GB at d20), so attention falls back to torch's own SDPA, as nanochat does without FA3.
 TORCH_VERSIONS = {"attention": "sdpa", "cross_entropy": "torch", "newton_schulz": "torch"}
+NANOCHAT = "torch only (nanochat without FA3)"  # every op in torch: SDPA (window masks), CE and NS compiled with it
 
 
 @dataclass
@@ -64,7 +66,7 @@ class Trainer:
 def build_trainer(depth: int, device, device_batch_size: int, seq_len: int, grad_accum: int = 1,
                   compile: bool = True, fp8: str | None = None, vocab_size: int = 32768,
                   window_pattern: str = "SSSL", seed: int = 0, n_batches: int = 4,
-                  recompute_mlp: bool | None = None) -> Trainer:
+                  recompute_mlp: bool | None = None, fp8_emulate: bool = False) -> Trainer:
     """The model, optimizer and random batches of one depth, built as train.pretrain builds them (its flags'
     defaults for everything not given here)."""
     from train.builder import build_model_and_optimizer
@@ -76,10 +78,11 @@ def build_trainer(depth: int, device, device_batch_size: int, seq_len: int, grad
     plan = make_plan(depth, max_seq_len=seq_len, vocab_size=vocab_size, window_pattern=window_pattern,
                      device_batch_size=device_batch_size, total_batch_size=device_batch_size * seq_len * grad_accum,
                      num_iterations=1000, world_size=1)
-    args = build_parser().parse_args(["--seed", str(seed)] + (["--fp8", "--fp8-recipe", fp8] if fp8 else []))
+    fp8_flags = ["--fp8", "--fp8-recipe", fp8] + ["--fp8-emulate"] * fp8_emulate if fp8 else []
+    args = build_parser().parse_args(["--seed", str(seed)] + fp8_flags)
     if fp8:
         from train import fp8 as fp8_training
-        fp8_training.check_fp8_available(device, emulate=False)
+        fp8_training.check_fp8_available(device, emulate=fp8_emulate)
     recompute = choose_recompute_mlp(recompute_mlp, plan, device)  # as train.pretrain decides it
     orig, optimizer, _ = build_model_and_optimizer(plan, args, device, recompute)
     model = torch.compile(orig, dynamic=False) if compile else orig
@@ -125,9 +128,11 @@ def free(device) -> None:
 
 def variants(compare: str | None, suffix: str = "") -> list[tuple[str, dict]]:
     """(name, forced impls): the default dispatch first (the baseline); with --compare all ops in torch,
-    then each op alone; with --compare OP,... only those ops, each alone."""
+    then each op alone; --compare nanochat all ops in torch only; with --compare OP,... only those ops, each alone."""
     out = [("default", {})]
-    if compare == "all":
+    if compare == "nanochat":
+        out.append((NANOCHAT, dict(TORCH_VERSIONS)))
+    elif compare == "all":
         out.append(("torch (all)", dict(TORCH_VERSIONS)))
         out += [(f"torch {op}", {op: impl}) for op, impl in TORCH_VERSIONS.items()]
     elif compare:
@@ -135,23 +140,50 @@ def variants(compare: str | None, suffix: str = "") -> list[tuple[str, dict]]:
     return [(name + suffix, forced) for name, forced in out]
 
 
-def run_variant(args, forced: dict) -> dict:
+def run_variant(args, forced: dict, first: bool = False) -> dict:
     trainer = None
     try:
         with dispatch.forced(**{op: forced.get(op) for op in dispatch.OPS}):
             trainer = build_trainer(args.depth, args.device, args.device_batch_size, args.seq_len, args.grad_accum,
                                     compile=args.compile, fp8=args.fp8_recipe if args.fp8 else None,
                                     vocab_size=args.vocab_size, window_pattern=args.window_pattern,
-                                    recompute_mlp=args.recompute_mlp)
-            if torch.device(args.device).type == "cuda":
+                                    recompute_mlp=args.recompute_mlp, fp8_emulate=args.fp8_emulate)
+            on_cuda = torch.device(args.device).type == "cuda"
+            if on_cuda:
                 torch.cuda.reset_peak_memory_stats()
-            result = time_steps(trainer, args.steps, args.warmup)
-            if torch.device(args.device).type == "cuda":
+            t0 = time.perf_counter()
+            trainer.step()  # compiles (model and kernels) and autotunes
+            timing.synchronize(trainer.device)
+            result = {"first_step_s": time.perf_counter() - t0}
+            result |= time_steps(trainer, args.steps, max(args.warmup - 1, 0))
+            if on_cuda:
                 result["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
+            if first and args.tuned_out and on_cuda:
+                result["tuned_table"] = str(save_tuned(args.tuned_out))
+            if first and args.profile:
+                save_profile(args.profile, step_profile.profile_steps(trainer.step, trainer.device))
             return result | {"recompute_mlp": trainer.recompute_mlp}
     finally:
         del trainer
         free(args.device)
+
+
+def save_tuned(folder) -> Path:
+    """The autotuners' choices so far, as this GPU's tuned-config table in folder (kernels/tuned.py)."""
+    from bench.tune import choices, write_table
+    from kernels import tuned
+    name = torch.cuda.get_device_name()
+    path = Path(folder) / f"{tuned.device_slug(name)}.json"
+    write_table(path, name, choices(), timing.git_commit())
+    return path
+
+
+def save_profile(path, doc: dict) -> None:
+    print(step_profile.table(doc))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"kind": "profile", "device": timing.device_info(), **doc}, indent=1))
+    print(f"profile: {path}")
 
 
 def build_parser() -> Parser:
@@ -171,9 +203,14 @@ def build_parser() -> Parser:
       help="recompute relu² in the backward (default: as train.pretrain decides, by the memory estimate)")
     a("--fp8", action="store_true", help="FP8 linears through torchao (train/fp8.py)")
     a("--fp8-recipe", default=FP8_RECIPES[0], choices=FP8_RECIPES)
+    a("--fp8-emulate", action="store_true", help="allow --fp8 without FP8 hardware (torchao emulation; smoke tests)")
     a("--compare", nargs="?", const="all", default=None, metavar="OP,...",
       help="also run with every kernel forced to its torch version, then each one alone, and print the deltas; "
-           "with OPs (e.g. newton_schulz) only those, each alone")
+           "with OPs (e.g. newton_schulz) only those, each alone; 'nanochat': all in torch at once only")
+    a("--profile", default=None, metavar="FILE.json",
+      help="profile a few steps of the first variant after its timing: time per category and the top kernels")
+    a("--tuned-out", default=None, metavar="DIR",
+      help="CUDA: write the autotuners' choices after the first variant as DIR/<device>.json (kernels/tuned.py)")
     a("--device", default=None, help="cuda or cpu (default: cuda when available)")
     a("--json", default=None, help="write the results here (rewritten after every run)")
     return p
@@ -193,7 +230,7 @@ def validate(args) -> None:
     for name in ("depth", "device_batch_size", "seq_len", "grad_accum", "steps", "vocab_size"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.compare not in (None, "all"):
+    if args.compare not in (None, "all", "nanochat"):
         unknown = [op for op in args.compare.split(",") if op not in TORCH_VERSIONS]
         if unknown:
             raise UserError(f"--compare takes ops among {', '.join(TORCH_VERSIONS)}, got {', '.join(unknown)}")
@@ -204,7 +241,7 @@ def validate(args) -> None:
     args.window_pattern = args.window_pattern.upper()
     if args.fp8:
         from train import fp8
-        fp8.check_fp8_available(torch.device(args.device), emulate=False)  # before building anything
+        fp8.check_fp8_available(torch.device(args.device), emulate=args.fp8_emulate)  # before building anything
 
 
 def precision(args) -> str:
@@ -244,10 +281,10 @@ def main(argv=None) -> None:
     print(f"FLOPs per token {plan.flops_per_token:.4e}")
     doc = {"kind": "mfu", "device": info, "args": vars(args), "depth": args.depth,
            "flops_per_token": plan.flops_per_token, "results": []}
-    for name, forced in variants(args.compare, f" + fp8 {args.fp8_recipe}" if args.fp8 else ""):
+    for i, (name, forced) in enumerate(variants(args.compare, f" + fp8 {args.fp8_recipe}" if args.fp8 else "")):
         row = {"variant": name, "forced": forced, "status": "ok", "reason": None}
         try:
-            row |= run_variant(args, forced)
+            row |= run_variant(args, forced, first=i == 0)
         except UserError:
             raise
         except torch.OutOfMemoryError:

@@ -8,6 +8,7 @@ FLOPs and the minimal bytes moved, and an independent high-precision reference f
 import functools
 import math
 import re
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -444,7 +445,10 @@ def _run_case(row, op, shape, mode, impl, device, dtype, timed, warmup, rep) -> 
         torch._dynamo.reset()  # a fresh static-shape graph per shape, never a recompile-limit fallback
         _last_compiled = (op.name, impl, shape.id)
     inputs = op.make_inputs(shape, dtype, device, backward, seed=0)
+    t0 = time.perf_counter()
     outs = op.run(impl, inputs, backward)  # the first call also compiles and autotunes
+    timing.synchronize(device)
+    row["first_call_s"] = time.perf_counter() - t0
     row["rel_error"] = op.compare(outs, cached_reference(op, shape, mode, inputs, dtype, device))
     row["ok"] = row["rel_error"] <= row["tol"]
     del outs

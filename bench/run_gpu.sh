@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Everything we measure on a lent GPU, in two parts that each fit one call of ten minutes:
+# The long form of bench/gpu_check.sh (which fits one call of 8 minutes): everything we measure on a lent GPU,
+# in two parts that each fit one call of ten minutes:
 #   PARTS=ab   the kernel A/B of every op (bench.ab)
 #   PARTS=mfu  training-step MFU (bench.mfu): d20 against the torch Newton-Schulz, d20 at device batch 32,
 #              d12 against every torch version, d20 with FP8
@@ -12,7 +13,7 @@
 # the whole script a deadline (TOTAL, default 580 s, the report included): a step gets what is left, or
 # is not run. A step that fails or runs out of time is logged and the next one runs.
 # STEPS: timed optimizer steps per bench.mfu run. Peers (Liger, cut-cross-entropy, torchao) are installed
-# from .whl/ when it was carried along and they are missing.
+# from .whl/ when it was carried along (bench/steps.sh).
 #
 #   bash bench/run_gpu.sh
 #   PARTS=ab bash bench/run_gpu.sh; PARTS=mfu RESULTS=bench/results/<that stamp> bash bench/run_gpu.sh
@@ -21,58 +22,14 @@ cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python}
 dir=${RESULTS:-bench/results/$(date -u +%Y%m%d-%H%M%S)}
-stamp=$(basename "$dir")
 PARTS=${PARTS:-"ab mfu"}
 mkdir -p "$dir"
-summary="$dir/summary.txt"
-echo "--- PARTS=$PARTS, $(date -u +%H:%M:%S) UTC" >> "$summary"  # a second part appends
+echo "--- PARTS=$PARTS, $(date -u +%H:%M:%S) UTC" >> "$dir/summary.txt"  # a second part appends
 t_start=$(date +%s)
 deadline=$(( t_start + ${TOTAL:-580} ))
-REPORT_RESERVE=25
-
-publish() {  # copy what we have so far to $OUT
-    if [ -n "${OUT:-}" ]; then
-        mkdir -p "$OUT/results/$stamp" && cp -r "$dir"/. "$OUT/results/$stamp/"
-    fi
-}
-
-step() {  # step NAME LIMIT_S command...: run under a time limit, log, record the outcome, never abort
-    local name=$1 limit=$2
-    shift 2
-    local left=$(( deadline - $(date +%s) - REPORT_RESERVE ))
-    [ "$name" = report ] && left=$(( deadline - $(date +%s) ))
-    [ "$left" -lt "$limit" ] && limit=$left
-    if [ "$limit" -lt 10 ]; then
-        printf '%-17s %5ss  %s\n' "$name" 0 "NOT RUN (out of time)" | tee -a "$summary"
-        return
-    fi
-    local t0=$(date +%s)
-    echo "=== $name (limit ${limit}s): $*"
-    # SIGINT first, so Python stops cleanly (its JSON is already written); SIGKILL 15 s later
-    timeout --signal=INT --kill-after=15 "$limit" "$@" > "$dir/$name.log" 2>&1
-    local rc=$?
-    local secs=$(( $(date +%s) - t0 ))
-    local outcome="ok"
-    case $rc in
-        0) ;;
-        124|130|137) outcome="TIMED OUT (partial results kept)";;
-        1) outcome="finished with failures or wrong results (see $name.log)";;
-        *) outcome="FAILED rc=$rc (see $name.log)";;
-    esac
-    printf '%-17s %5ss  %s\n' "$name" "$secs" "$outcome" | tee -a "$summary"
-    tail -n 30 "$dir/$name.log"
-    publish
-}
-
-# Peers for the A/B from the local wheels, when present and not installed (the machine has no internet).
-if ls .whl/*.whl > /dev/null 2>&1; then
-    for pkg in liger_kernel cut_cross_entropy torchao; do
-        if ! $PY -c "import $pkg" > /dev/null 2>&1; then
-            whl=$(ls .whl/${pkg}-*.whl 2> /dev/null | head -n 1)
-            [ -n "$whl" ] && $PY -m pip install -q --no-deps "$whl" > /dev/null 2>&1 && echo "installed $whl"
-        fi
-    done
-fi
+RESERVE=25  # for the report
+source bench/steps.sh
+install_wheels
 
 step env 60 $PY -c "
 import json, torch
@@ -95,11 +52,12 @@ step mfu_d20_b32 "${TIME_D20_B32:-80}" $PY -m bench.mfu --depth 20 --warmup 2 --
 step mfu_d12 "${TIME_D12:-180}"  $PY -m bench.mfu --depth 12 --compare --warmup 2 --steps "${STEPS:-8}" --json "$dir/mfu_d12.json"
 step mfu_d20_fp8 "${TIME_FP8:-80}" $PY -m bench.mfu --depth 20 --device-batch-size 16 --fp8 --warmup 2 --steps "${STEPS:-8}" --json "$dir/mfu_d20_fp8.json"
 fi
-step report "$REPORT_RESERVE" $PY -m bench.report "$dir"
+RESERVE=0
+step report 25 $PY -m bench.report "$dir"
 
 echo
 echo "=== summary ($(( $(date +%s) - t_start ))s in all), results in $dir"
-cat "$summary"
+cat "$dir/summary.txt"
 for f in "$dir"/ab_*.log "$dir"/mfu_*.log; do
     [ -f "$f" ] || continue
     echo "--- $(basename "$f" .log)"

@@ -5,6 +5,7 @@ inputs rotate among enough copies that together they exceed twice the L2 cache, 
 left in cache by the previous one. CPU: a perf_counter median. Plus peak memory and a record of the machine.
 """
 import datetime
+import hashlib
 import math
 import os
 import platform
@@ -131,15 +132,36 @@ def _run(cmd: list[str]) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
+SOURCE_DIRS = ("kernels", "model", "train", "bench", "tests")
+
+
+def source_hash(root: Path = REPO) -> str:
+    """sha256 (16 hex digits) of the project's own code: every .py and .sh under SOURCE_DIRS and pyproject.toml,
+    by relative path. The same on any copy of the same tree, .git or not."""
+    h = hashlib.sha256()
+    files = [root / "pyproject.toml"] + sorted(p for d in SOURCE_DIRS for ext in ("*.py", "*.sh")
+                                                for p in (root / d).rglob(ext) if "__pycache__" not in p.parts)
+    for path in files:
+        if path.is_file():
+            h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def commit_stamp() -> str | None:
+    """'<HEAD hash>[+dirty]:<source hash>' here, for GIT_COMMIT on a machine that gets the tree without .git."""
+    sha = git_commit()
+    return f"{sha}:{source_hash()}" if sha else None
+
+
 def git_commit() -> str | None:
-    """HEAD's hash, with '+dirty' when tracked files differ from it; $GIT_COMMIT where there is no .git
-    (a copy of the tree sent to a GPU machine)."""
+    """HEAD's hash, with '+dirty' when tracked files differ from it. Without .git (a copy of the tree sent to a GPU
+    machine): $GIT_COMMIT when it is a commit_stamp() of this very tree (its source hash matches), else None, so
+    a stale or forced commit never lands in a results file."""
     sha = _run(["git", "rev-parse", "HEAD"])
-    if not sha:
-        return os.environ.get("GIT_COMMIT") or None
-    if sha and _run(["git", "status", "--porcelain", "--untracked-files=no"]):
-        sha += "+dirty"
-    return sha
+    if sha:
+        return sha + "+dirty" if _run(["git", "status", "--porcelain", "--untracked-files=no"]) else sha
+    given, _, tree = os.environ.get("GIT_COMMIT", "").rpartition(":")
+    return given if given and tree == source_hash() else None
 
 
 def device_info(device=None) -> dict:
@@ -152,6 +174,7 @@ def device_info(device=None) -> dict:
     info = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "git_commit": git_commit(),
+        "source_hash": source_hash(),
         "torch": torch.__version__,
         "triton": triton_version,
         "python": platform.python_version(),
@@ -175,3 +198,15 @@ def device_info(device=None) -> dict:
     else:
         info.update({"device": "cpu", "driver": None, "cuda": None})
     return info
+
+
+if __name__ == "__main__":  # python -m bench.timing [--stamp | --json FILE]: the commit stamp, or this machine's record
+    import json
+    import sys
+    if sys.argv[1:2] == ["--stamp"]:
+        print(commit_stamp())
+    else:
+        doc = json.dumps(device_info(), indent=1)
+        print(doc)
+        if sys.argv[1:2] == ["--json"]:
+            Path(sys.argv[2]).write_text(doc)

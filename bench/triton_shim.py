@@ -71,3 +71,17 @@ def compile_for(fn, args: tuple, kwargs: dict, arch: int):
     finally:
         knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile = saved
     return kernel, log.getvalue()
+
+
+def autotune_choices(autotuner) -> list[tuple[dict, dict]]:
+    """What an autotuner chose: (its key as {key name: value, "dtype": first tensor's dtype}, the config as
+    {"kwargs", "num_warps", "num_stages"}) for every key it has tuned. Autotuner.cache maps (key values...,
+    dtypes of the tensor arguments...) to the chosen triton.Config."""
+    out = []
+    for key, config in autotuner.cache.items():
+        values = dict(zip(autotuner.keys, key))
+        dtypes = key[len(autotuner.keys):]
+        values["dtype"] = str(dtypes[0]).removeprefix("torch.") if dtypes else None
+        out.append((values, {"kwargs": dict(config.kwargs), "num_warps": config.num_warps,
+                             "num_stages": config.num_stages}))
+    return out

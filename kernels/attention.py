@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from kernels.dispatch import KernelUnavailable, choose, implementation, interpreting, register, triton_runs_on
+from kernels import tuned
 
 CPU_BLOCK = 256  # query rows per block on the CPU path
 
@@ -295,9 +296,9 @@ _FWD_CONFIGS = _configs((128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128
 _DKDV_CONFIGS = _configs((32, 128, 4, 3), (32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3))
 _DQ_CONFIGS = _configs((128, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 3), (64, 32, 4, 3), (64, 64, 4, 3))
 _TUNE_KEY = ["T", "window", "HEAD_DIM"]
-_fwd_tuned = triton.autotune(_FWD_CONFIGS, key=_TUNE_KEY)(_attn_fwd)
-_dkdv_tuned = triton.autotune(_DKDV_CONFIGS, key=_TUNE_KEY)(_attn_bwd_dkdv)
-_dq_tuned = triton.autotune(_DQ_CONFIGS, key=_TUNE_KEY)(_attn_bwd_dq)
+tuned.register("attention.fwd", triton.autotune(_FWD_CONFIGS, key=_TUNE_KEY)(_attn_fwd))
+tuned.register("attention.dkdv", triton.autotune(_DKDV_CONFIGS, key=_TUNE_KEY)(_attn_bwd_dkdv))
+tuned.register("attention.dq", triton.autotune(_DQ_CONFIGS, key=_TUNE_KEY)(_attn_bwd_dq))
 # (BLOCK_M, BLOCK_N) without autotuning: under the interpreter, and for fp32 inputs on a GPU (exact dots on CUDA
 # cores, where larger blocks spill registers: `python -m bench.compile_check` shows how much).
 SMALL_BLOCKS = {"fwd": (32, 16), "dkdv": (16, 32), "dq": (32, 16)}
@@ -372,9 +373,10 @@ def _strides(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)  # (B, T, H) strides of a (B, T, H, D) tensor
 
 
-def _launch(kernel, tuned, name, T, heads, args, kwargs):
-    """One program per (block of T, head): autotuned on a GPU for fp16/bf16; SMALL_BLOCKS for exact fp32 dots
-    on a GPU (a correctness path: no tensor cores) and under the interpreter.
+def _launch(kernel, name, T, window, heads, args, kwargs, q):
+    """One program per (block of T, head): on a GPU for fp16/bf16 the tuned table's config (kernels/tuned.py) or
+    autotuned; SMALL_BLOCKS for exact fp32 dots on a GPU (a correctness path: no tensor cores) and under the
+    interpreter.
     The forward and dq kernels block the queries (BLOCK_M), the dk/dv kernel the keys (BLOCK_N)."""
     block = "BLOCK_N" if name == "dkdv" else "BLOCK_M"
     if interpreting() or kwargs["PRECISION"] == "ieee":
@@ -382,7 +384,9 @@ def _launch(kernel, tuned, name, T, heads, args, kwargs):
         kernel[(triton.cdiv(T, sizes[block]), heads)](*args, **kwargs, **sizes, num_warps=4,
                                                       num_stages=1 if interpreting() else 2)
     else:
-        tuned[lambda meta: (triton.cdiv(T, meta[block]), heads)](*args, **kwargs)
+        key = dict(T=T, window=window, HEAD_DIM=kwargs["HEAD_DIM"], dtype=q.dtype)
+        tuned.launch(f"attention.{name}", kernel, lambda meta: (triton.cdiv(T, meta[block]), heads), args, kwargs,
+                     key, q.device)
 
 
 def _window_arg(window: int, T: int) -> int:
@@ -398,7 +402,7 @@ def _forward_into(q, k, v, window: int, scale: float, out, lse) -> None:
     B, T, Hq, D = q.shape
     args = (q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
             Hq, T, _window_arg(window, T), Hq // k.size(2), LOG2E * scale)
-    _launch(_attn_fwd, _fwd_tuned, "fwd", T, B * Hq, args, dict(HEAD_DIM=D, PRECISION=_precision(q)))
+    _launch(_attn_fwd, "fwd", T, _window_arg(window, T), B * Hq, args, dict(HEAD_DIM=D, PRECISION=_precision(q)), q)
 
 
 def _backward_into(dout, q, k, v, out, lse, window: int, scale: float, dq, dk, dv) -> None:
@@ -411,12 +415,12 @@ def _backward_into(dout, q, k, v, out, lse, window: int, scale: float, dq, dk, d
         out, dout, delta, *_strides(out), *_strides(dout), Hq, T, HEAD_DIM=D, BLOCK_M=pre_block)
     w, group, sm_scale = _window_arg(window, T), Hq // Hkv, scale
     qk_scale, meta = sm_scale * LOG2E, dict(HEAD_DIM=D, PRECISION=_precision(q))
-    _launch(_attn_bwd_dkdv, _dkdv_tuned, "dkdv", T, B * Hkv,
+    _launch(_attn_bwd_dkdv, "dkdv", T, w, B * Hkv,
             (q, k, v, dout, dk, dv, lse, delta, *_strides(q), *_strides(k), *_strides(v), *_strides(dout),
-             *_strides(dk), *_strides(dv), Hq, Hkv, T, w, group, qk_scale, sm_scale), meta)
-    _launch(_attn_bwd_dq, _dq_tuned, "dq", T, B * Hq,
+             *_strides(dk), *_strides(dv), Hq, Hkv, T, w, group, qk_scale, sm_scale), meta, q)
+    _launch(_attn_bwd_dq, "dq", T, w, B * Hq,
             (q, k, v, dout, dq, lse, delta, *_strides(q), *_strides(k), *_strides(v), *_strides(dout),
-             *_strides(dq), Hq, T, w, group, qk_scale, sm_scale), meta)
+             *_strides(dq), Hq, T, w, group, qk_scale, sm_scale), meta, q)
 
 
 def _empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -521,9 +525,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int = -
     """Causal attention with a sliding window. q (B, T, Hq, D), k and v (B, T, Hkv, D) -> (B, T, Hq, D).
 
     window: previous tokens visible (-1 = all; 0 = only itself). scale: of q·k before the softmax (None:
-    1/sqrt(D)). impl: one of dispatch.IMPLS["attention"] or "auto" (FA3 on Hopper with bf16 when installed,
-    else ours on CUDA, else the blocked torch path). Every implementation is called as fn(q, k, v, window, scale).
+    1/sqrt(D)). impl: one of dispatch.IMPLS["attention"] or "auto" (on CUDA for bf16: FA3 on Hopper when
+    installed, else SDPA's flash on full layers and ours on windowed ones; ours for other dtypes; elsewhere the
+    blocked torch path). Every implementation is called as fn(q, k, v, window, scale).
     """
     _check(q, k, v, window)
-    impl = choose("attention", impl, q, supports(q))
+    impl = choose("attention", impl, q, supports(q), full=full_window(window, q.size(1)))
     return implementation("attention", impl)(q, k, v, window, default_scale(q) if scale is None else float(scale))

@@ -19,6 +19,9 @@ IMPLS = {
 }
 OPS = tuple(IMPLS)
 OURS = {"attention": "triton", "cross_entropy": "triton", "newton_schulz": "triton_full"}  # auto on CUDA
+# auto on CUDA for bf16 attention over the whole causal context: SDPA's flash backend beats our kernel there at every
+# d12/d20/d26 shape, fwd and fwd+bwd (H100, bench/results/20261124-113712/ab_attention.json); ours wins windowed.
+FULL_CAUSAL_BF16 = "sdpa"
 PORTABLE = {"attention": "blocked", "cross_entropy": "torch", "newton_schulz": "torch"}  # auto elsewhere
 
 log = logging.getLogger("kernels")
@@ -79,21 +82,22 @@ def requested(op: str, impl: str = "auto") -> str:
     return _forced.get(op) or os.environ.get(f"KERNEL_{op.upper()}", "auto") or "auto"
 
 
-def choose(op: str, impl: str, x: torch.Tensor, supported: bool) -> str:
+def choose(op: str, impl: str, x: torch.Tensor, supported: bool, full: bool = False) -> str:
     """The implementation to run for op on input x: the one asked for (checked), or what "auto" picks.
-    supported: our kernel takes x (its dtype and shape)."""
+    supported: our kernel takes x (its dtype and shape); full: attention over the whole causal context."""
     impl = requested(op, impl)
     if impl != "auto" and impl not in IMPLS[op]:
         raise KernelUnavailable(f"{op}: unknown impl {impl!r}; choose from {', '.join(choices(op))}")
     if impl == "auto":
-        impl = auto(op, x.is_cuda, x.device.index or 0, x.dtype == torch.bfloat16, supported)
+        impl = auto(op, x.is_cuda, x.device.index or 0, x.dtype == torch.bfloat16, supported, full)
     return impl
 
 
-def auto(op: str, on_cuda: bool, device_index: int, bf16: bool, supported: bool) -> str:
-    """The one rule: on CUDA for inputs our kernel takes, ours, except FlashAttention-3 for bf16 attention
-    on Hopper when it is installed (said once, in the log); elsewhere the portable torch path."""
-    return _auto(op, on_cuda, device_index, bf16, supported)
+def auto(op: str, on_cuda: bool, device_index: int, bf16: bool, supported: bool, full: bool = False) -> str:
+    """The one rule: on CUDA for inputs our kernel takes, ours, except for bf16 attention FlashAttention-3 on
+    Hopper when it is installed (said once, in the log), else SDPA's flash on full (not windowed) layers;
+    elsewhere the portable torch path."""
+    return _auto(op, on_cuda, device_index, bf16, supported, full)
 
 
 # torch.compile calls auto while it traces and keeps the answer as a constant (no graph break for the probe and
@@ -102,12 +106,16 @@ auto._dynamo_marked_constant = True
 
 
 @functools.cache  # once per kind of input
-def _auto(op: str, on_cuda: bool, device_index: int, bf16: bool, supported: bool) -> str:
+def _auto(op: str, on_cuda: bool, device_index: int, bf16: bool, supported: bool, full: bool) -> str:
     if not (on_cuda and supported):
         return PORTABLE[op]
-    if op == "attention" and bf16 and _fa3_fits(device_index):
-        log.warning("kernels: attention 'auto' runs FlashAttention-3 (fa3) instead of ours: installed, Hopper, bf16")
-        return "fa3"
+    if op == "attention" and bf16:
+        if _fa3_fits(device_index):
+            log.warning("kernels: attention 'auto' runs FlashAttention-3 (fa3) instead of ours: installed, Hopper, "
+                        "bf16")
+            return "fa3"
+        if full:
+            return FULL_CAUSAL_BF16
     return OURS[op]
 
 

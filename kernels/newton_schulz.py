@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import tuned
 from kernels.dispatch import KernelUnavailable, choose, implementation, interpreting, register, triton_runs_on
 
 # Polar Express coefficients (a, b, c), one triple per iteration (Amsel et al. 2025, as in nanochat).
@@ -138,16 +139,18 @@ MM_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 64}, num_w
               for bm, bn, w, s in [(128, 128, 8, 3), (128, 128, 8, 4), (128, 256, 8, 3), (64, 128, 4, 4)]]
 INTERPRETER_SYM = {"BLOCK": 32, "BLOCK_K": 16}
 INTERPRETER_MM = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16}
-_symmetric_tuned = triton.autotune(configs=SYM_CONFIGS, key=["m", "n", "POLY"])(_symmetric_kernel)
-_update_tuned = triton.autotune(configs=MM_CONFIGS, key=["m", "n"])(_update_kernel)
+tuned.register("newton_schulz.symmetric",
+               triton.autotune(configs=SYM_CONFIGS, key=["m", "n", "POLY"])(_symmetric_kernel))
+tuned.register("newton_schulz.update", triton.autotune(configs=MM_CONFIGS, key=["m", "n"])(_update_kernel))
 
 
-def _launch(kernel, tuned, small: dict, grid, args, kwargs) -> None:
-    """kernel over grid(block sizes): autotuned on a GPU, with the one small config under the interpreter."""
+def _launch(name: str, kernel, small: dict, grid, args, kwargs, key: dict, like: torch.Tensor) -> None:
+    """kernel over grid(block sizes): the tuned table's config or autotuned on a GPU (kernels/tuned.py), the one
+    small config under the interpreter."""
     if interpreting():
         kernel[grid(small)](*args, **kwargs, **small, num_warps=4, num_stages=1)
     else:
-        tuned[grid](*args, **kwargs)
+        tuned.launch(name, kernel, grid, args, kwargs, key | {"dtype": like.dtype}, like.device)
 
 # ----------------------------------------------------------------------------------------------------
 # plain-PyTorch reference
@@ -190,17 +193,19 @@ def _n_lower_tiles(m: int, block: int) -> int:
 def _gram(X: torch.Tensor, A: torch.Tensor, precision: str, upcast: bool) -> None:
     """A = X Xᵀ."""
     K, m, n = X.shape
-    _launch(_symmetric_kernel, _symmetric_tuned, INTERPRETER_SYM, lambda meta: (_n_lower_tiles(m, meta["BLOCK"]), K),
+    _launch("newton_schulz.symmetric", _symmetric_kernel, INTERPRETER_SYM,
+            lambda meta: (_n_lower_tiles(m, meta["BLOCK"]), K),
             (X, A, m, n, 0.0, 0.0, *X.stride(), X.stride(2), X.stride(1), *A.stride()),
-            dict(POLY=False, PRECISION=precision, UPCAST=upcast))
+            dict(POLY=False, PRECISION=precision, UPCAST=upcast), dict(m=m, n=n, POLY=False), X)
 
 
 def _poly(A: torch.Tensor, B: torch.Tensor, b: float, c: float, precision: str, upcast: bool) -> None:
     """B = b·A + c·A·A."""
     K, m, _ = A.shape
-    _launch(_symmetric_kernel, _symmetric_tuned, INTERPRETER_SYM, lambda meta: (_n_lower_tiles(m, meta["BLOCK"]), K),
+    _launch("newton_schulz.symmetric", _symmetric_kernel, INTERPRETER_SYM,
+            lambda meta: (_n_lower_tiles(m, meta["BLOCK"]), K),
             (A, B, m, m, b, c, *A.stride(), A.stride(1), A.stride(2), *B.stride()),
-            dict(POLY=True, PRECISION=precision, UPCAST=upcast))
+            dict(POLY=True, PRECISION=precision, UPCAST=upcast), dict(m=m, n=m, POLY=True), A)
 
 
 def _update(B: torch.Tensor, X: torch.Tensor, out: torch.Tensor, a: float, precision: str, upcast: bool,
@@ -209,9 +214,10 @@ def _update(B: torch.Tensor, X: torch.Tensor, out: torch.Tensor, a: float, preci
         torch.baddbmm(X, B, X, beta=a, out=out)
         return
     K, m, n = X.shape
-    _launch(_update_kernel, _update_tuned, INTERPRETER_MM,
+    _launch("newton_schulz.update", _update_kernel, INTERPRETER_MM,
             lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), K),
-            (B, X, out, m, n, a, *B.stride(), *X.stride(), *out.stride()), dict(PRECISION=precision, UPCAST=upcast))
+            (B, X, out, m, n, a, *B.stride(), *X.stride(), *out.stride()), dict(PRECISION=precision, UPCAST=upcast),
+            dict(m=m, n=n), B)
 
 
 def _buffer(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:

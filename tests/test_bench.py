@@ -358,7 +358,7 @@ def test_report_cli_writes_next_to_the_results(tmp_path, capsys):
 def test_gpu_scripts_parse_and_the_test_runner_reports(tmp_path):
     """The lent-GPU scripts must not fail on a typo in the one call a session gets: both parse, and the test
     runner runs a file, writes its summary and hands back one archive."""
-    for script in ("bench/run_gpu.sh", "bench/run_gpu_tests.sh"):
+    for script in ("bench/run_gpu.sh", "bench/run_gpu_tests.sh", "bench/gpu_check.sh", "bench/steps.sh"):
         assert subprocess.run(["bash", "-n", script], cwd=REPO).returncode == 0, script
     env = dict(os.environ, FILES="tests/test_scaling.py", TOTAL="120", OUT=str(tmp_path / "out"),
                RESULTS=str(tmp_path / "tests-run"), PYTHON=sys.executable)

@@ -43,6 +43,14 @@ def test_auto_picks_fa3_on_hopper_and_says_so_once(monkeypatch, caplog, fresh_au
     assert dispatch.auto("attention", True, 0, False, True) == "triton"  # fp16/fp32: ours
 
 
+def test_auto_sends_full_bf16_layers_to_sdpa_and_windowed_ones_to_ours(fresh_auto):
+    assert dispatch.auto("attention", True, 0, True, True, full=True) == "sdpa"
+    assert dispatch.auto("attention", True, 0, True, True, full=False) == "triton"
+    assert dispatch.auto("attention", True, 0, False, True, full=True) == "triton"  # fp16/fp32: as measured, ours
+    assert dispatch.auto("attention", False, 0, True, True, full=True) == "blocked"
+    assert dispatch.auto("cross_entropy", True, 0, True, True, full=True) == "triton"
+
+
 def test_forcing_and_unknown_names():
     x = torch.zeros(2)
     with dispatch.forced(newton_schulz="torch"):
@@ -54,7 +62,7 @@ def test_forcing_and_unknown_names():
 
 def test_auto_is_decided_while_compiling_without_a_graph_break(monkeypatch, fresh_auto, capsys):
     """On a GPU auto probes for FlashAttention-3 and may log: torch.compile must run it, not trace it."""
-    def probing(op, on_cuda, device_index, bf16, supported):
+    def probing(op, on_cuda, device_index, bf16, supported, full):
         print("probing")  # a side effect dynamo cannot trace: fullgraph fails unless auto is a constant
         return "torch"
     monkeypatch.setattr(dispatch, "_auto", probing)

@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Everything a lent GPU should measure, in one call of at most 8 minutes (TOTAL, default 450 s, wheel install and
+# every compile included), most valuable first:
+#   env         device, driver, torch, triton, commit
+#   d20         d20 training step at device batch 32 x 2048: our kernels (auto) against the torch-only path of a
+#               nanochat user without FA3 (SDPA with window masks, torch CE and Newton-Schulz, compiled with the
+#               model), same seed and batches; then a profile of our step (time per category, top 15 kernels) and
+#               this GPU's tuned-config table (tuned/<device>.json: commit it to kernels/tuned/)
+#   fp8         the same step with --fp8 tensorwise (against d20's bf16 number)
+#   ab_*        the three kernels' A/B at the d20 shapes, peers included where installed; each row's error
+#               against an fp32 reference is the native bf16 correctness check
+#   fp8_rowwise if time is left
+# After every step check.json and check.md are rebuilt (bench.check) and, with $OUT set, everything is copied to
+# $OUT/results/<stamp>/. A step that runs out of time is marked so; what it wrote stays.
+#
+#   bash bench/gpu_check.sh           # on the GPU; RESULTS=DIR to choose the folder (default bench/results/<stamp>)
+#   bash bench/gpu_check.sh --cpu     # the same pipeline at tiny shapes on the CPU (CI runs it)
+# Without .git on the GPU machine, pass GIT_COMMIT="$(python -m bench.timing --stamp)" (checked against the tree).
+set -u
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+MODE=gpu
+[ "${1:-}" = "--cpu" ] && MODE=cpu
+dir=${RESULTS:-bench/results/$(date -u +%Y%m%d-%H%M%S)}
+mkdir -p "$dir"
+t_start=$(date +%s)
+deadline=$(( t_start + ${TOTAL:-450} ))
+RESERVE=10  # for the last check.json
+source bench/steps.sh
+
+check() { $PY -m bench.check "$dir" --mode "$MODE" > /dev/null || echo "bench.check failed"; publish; }
+
+if [ "$MODE" = gpu ]; then
+    install_wheels
+    D20=(--depth 20 --device-batch-size 32 --seq-len 2048 --warmup 2 --steps 8)
+    AB_NS=(--shape d20-all)
+    AB_CE=(--shape 65536x1280x32768)
+    AB_ATTN=(--shape 32x2048x10x128:w1024 --shape 32x2048x10x128:full)
+    DEVICE=(--device cuda)
+    FP8=(--fp8)
+else  # tiny shapes, torch paths, FP8 emulated by torchao
+    D20=(--depth 2 --device-batch-size 2 --seq-len 64 --warmup 1 --steps 2)
+    AB_NS=(--small); AB_CE=(--small); AB_ATTN=(--small)
+    DEVICE=(--device cpu)
+    FP8=(--fp8 --fp8-emulate)
+fi
+
+step env 30 $PY -m bench.timing --json "$dir/env.json"
+check
+step d20 "${TIME_D20:-210}" $PY -m bench.mfu "${D20[@]}" "${DEVICE[@]}" --compare nanochat \
+    --profile "$dir/profile.json" --tuned-out "$dir/tuned" --json "$dir/d20.json"
+check
+step fp8 "${TIME_FP8:-80}" $PY -m bench.mfu "${D20[@]}" "${DEVICE[@]}" "${FP8[@]}" --fp8-recipe tensorwise \
+    --json "$dir/fp8.json"
+check
+step ab_newton_schulz "${TIME_NS:-40}" $PY -m bench.ab newton_schulz "${AB_NS[@]}" "${DEVICE[@]}" --rep 50 \
+    --json "$dir/ab_newton_schulz.json"
+check
+step ab_cross_entropy "${TIME_CE:-40}" $PY -m bench.ab cross_entropy "${AB_CE[@]}" "${DEVICE[@]}" --rep 50 \
+    --json "$dir/ab_cross_entropy.json"
+check
+step ab_attention "${TIME_ATTN:-100}" $PY -m bench.ab attention "${AB_ATTN[@]}" "${DEVICE[@]}" --rep 50 \
+    --json "$dir/ab_attention.json"
+check
+step fp8_rowwise "${TIME_ROWWISE:-60}" $PY -m bench.mfu "${D20[@]}" "${DEVICE[@]}" "${FP8[@]}" --fp8-recipe rowwise \
+    --json "$dir/fp8_rowwise.json"
+RESERVE=0
+check
+$PY -m bench.check "$dir" --mode "$MODE" --print
+echo "=== $(( $(date +%s) - t_start ))s in all; results in $dir"
