@@ -102,7 +102,8 @@ def cross_entropy_launches() -> list[Launch]:
 
 
 def attention_launches() -> list[Launch]:
-    """Forward and backward at T 2048 with window 1024: bf16 at D 128 and 64 (tensor cores), fp32 at D 128."""
+    """Forward and backward (both variants) at T 2048 with window 1024: bf16 at D 128 and 64 (tensor cores), fp32 at
+    D 128."""
     from kernels import attention as at
     launches: list = []
     for dtype, D in ((torch.bfloat16, 128), (torch.bfloat16, 64), (torch.float32, 128)):
@@ -113,6 +114,9 @@ def attention_launches() -> list[Launch]:
         with recording(launches, "attention", f"{name} D={D}"):
             at._forward_into(q, k, v, 1024, 1.44 / D ** 0.5, out, lse)
             at._backward_into(out, q, k, v, out, lse, 1024, 1.44 / D ** 0.5, *(torch.empty_like(t) for t in (q, k, v)))
+        with recording(launches, "attention", f"{name} D={D} fused dq"):  # the one-kernel backward's dk/dv/dq
+            at._backward_into(out, q, k, v, out, lse, 1024, 1.44 / D ** 0.5, *(torch.empty_like(t) for t in (q, k, v)),
+                              fused_dq=True)
     return launches
 
 

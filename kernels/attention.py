@@ -156,9 +156,9 @@ def _attn_bwd_preprocess(O, DO, DELTA, stride_ob, stride_ot, stride_oh, stride_d
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, cols, offs_d,
-                start, stop, T, window, qk_scale,
-                MASKED: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr):
+def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qt, stride_dot, stride_dqt,
+                cols, offs_d, start, stop, T, window, qk_scale, sm_scale,
+                MASKED: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr, FUSED_DQ: tl.constexpr):
     offs_m = tl.arange(0, BLOCK_M)
     for start_m in range(start, stop, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
@@ -183,17 +183,24 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, 
         dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         dsT = pT * (dpT - delta[None, :])
         dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=PRECISION)
+        if FUSED_DQ:  # this key block's share of dq, added into the fp32 accumulator (FlashAttention-2's way)
+            dq = tl.dot(tl.trans(dsT.to(k.dtype)), k, input_precision=PRECISION) * sm_scale
+            tl.atomic_add(dq_base + rows[:, None] * stride_dqt + offs_d[None, :], dq, mask=rows[:, None] < T,
+                          sem="relaxed")
     return dk, dv
 
 
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA,
+def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, DQ,
                    stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
                    stride_vb, stride_vt, stride_vh, stride_dob, stride_dot, stride_doh,
                    stride_dkb, stride_dkt, stride_dkh, stride_dvb, stride_dvt, stride_dvh,
+                   stride_dqb, stride_dqt, stride_dqh,
                    Hq, Hkv, T, window, group, qk_scale, sm_scale,
-                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
-    """dk, dv of one block of keys of one kv head, summed over the query heads of its GQA group."""
+                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+                   FUSED_DQ: tl.constexpr):
+    """dk, dv of one block of keys of one kv head, summed over the query heads of its GQA group. FUSED_DQ: also
+    this block's share of each query head's dq, atomically added to DQ (fp32, zeroed): no dq kernel then."""
     tl.static_assert(BLOCK_N % BLOCK_M == 0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // Hkv).to(tl.int64)
@@ -216,12 +223,16 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA,
         do_base = DO + b * stride_dob + h * stride_doh
         lse_base = LSE + (b * Hq + h) * T
         delta_base = DELTA + (b * Hq + h) * T
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, cols,
-                             offs_d, n0, diag_end, T, window, qk_scale, True, BLOCK_M, PRECISION)
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, cols,
-                             offs_d, diag_end, mid_end, T, window, qk_scale, False, BLOCK_M, PRECISION)
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, cols,
-                             offs_d, mid_end, q_end, T, window, qk_scale, True, BLOCK_M, PRECISION)
+        dq_base = DQ + b * stride_dqb + h * stride_dqh
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qt, stride_dot,
+                             stride_dqt, cols, offs_d, n0, diag_end, T, window, qk_scale, sm_scale,
+                             True, BLOCK_M, PRECISION, FUSED_DQ)
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qt, stride_dot,
+                             stride_dqt, cols, offs_d, diag_end, mid_end, T, window, qk_scale, sm_scale,
+                             False, BLOCK_M, PRECISION, FUSED_DQ)
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qt, stride_dot,
+                             stride_dqt, cols, offs_d, mid_end, q_end, T, window, qk_scale, sm_scale,
+                             True, BLOCK_M, PRECISION, FUSED_DQ)
 
     kv_mask = cols[:, None] < T
     tl.store(DV + b * stride_dvb + hk * stride_dvh + cols[:, None] * stride_dvt + offs_d[None, :],
@@ -294,10 +305,13 @@ def _configs(*specs):
 
 _FWD_CONFIGS = _configs((128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3))
 _DKDV_CONFIGS = _configs((32, 128, 4, 3), (32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3))
+# the fused-dq backward at D 128: only 8 warps keep its registers from spilling (bench.compile_check)
+_DKDV_FUSED_CONFIGS = _configs((32, 128, 8, 3), (32, 128, 8, 2), (32, 64, 8, 3), (64, 64, 8, 3), (32, 64, 4, 3))
 _DQ_CONFIGS = _configs((128, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 3), (64, 32, 4, 3), (64, 64, 4, 3))
 _TUNE_KEY = ["T", "window", "HEAD_DIM"]
 tuned.register("attention.fwd", triton.autotune(_FWD_CONFIGS, key=_TUNE_KEY)(_attn_fwd))
 tuned.register("attention.dkdv", triton.autotune(_DKDV_CONFIGS, key=_TUNE_KEY)(_attn_bwd_dkdv))
+tuned.register("attention.dkdv_fused", triton.autotune(_DKDV_FUSED_CONFIGS, key=_TUNE_KEY)(_attn_bwd_dkdv))
 tuned.register("attention.dq", triton.autotune(_DQ_CONFIGS, key=_TUNE_KEY)(_attn_bwd_dq))
 # (BLOCK_M, BLOCK_N) without autotuning: under the interpreter, and for fp32 inputs on a GPU (exact dots on CUDA
 # cores, where larger blocks spill registers: `python -m bench.compile_check` shows how much).
@@ -378,9 +392,10 @@ def _launch(kernel, name, T, window, heads, args, kwargs, q):
     autotuned; SMALL_BLOCKS for exact fp32 dots on a GPU (a correctness path: no tensor cores) and under the
     interpreter.
     The forward and dq kernels block the queries (BLOCK_M), the dk/dv kernel the keys (BLOCK_N)."""
-    block = "BLOCK_N" if name == "dkdv" else "BLOCK_M"
+    kind = "dkdv" if name.startswith("dkdv") else name  # dkdv_fused: the same kernel, FUSED_DQ on
+    block = "BLOCK_N" if kind == "dkdv" else "BLOCK_M"
     if interpreting() or kwargs["PRECISION"] == "ieee":
-        sizes = dict(zip(("BLOCK_M", "BLOCK_N"), SMALL_BLOCKS[name]))
+        sizes = dict(zip(("BLOCK_M", "BLOCK_N"), SMALL_BLOCKS[kind]))
         kernel[(triton.cdiv(T, sizes[block]), heads)](*args, **kwargs, **sizes, num_warps=4,
                                                       num_stages=1 if interpreting() else 2)
     else:
@@ -405,8 +420,9 @@ def _forward_into(q, k, v, window: int, scale: float, out, lse) -> None:
     _launch(_attn_fwd, "fwd", T, _window_arg(window, T), B * Hq, args, dict(HEAD_DIM=D, PRECISION=_precision(q)), q)
 
 
-def _backward_into(dout, q, k, v, out, lse, window: int, scale: float, dq, dk, dv) -> None:
-    """delta = rowsum(out·dout), then dk/dv per key block (summed over a GQA group), dq per query block."""
+def _backward_into(dout, q, k, v, out, lse, window: int, scale: float, dq, dk, dv, fused_dq: bool = False) -> None:
+    """delta = rowsum(out·dout), then dk/dv per key block (summed over a GQA group), dq per query block; fused_dq:
+    dq accumulated in fp32 by the dk/dv kernel instead (one kernel, atomics: summation order not fixed)."""
     B, T, Hq, D = q.shape
     Hkv = k.size(2)
     delta = _empty((B, Hq, T), torch.float32, q.device)
@@ -415,9 +431,14 @@ def _backward_into(dout, q, k, v, out, lse, window: int, scale: float, dq, dk, d
         out, dout, delta, *_strides(out), *_strides(dout), Hq, T, HEAD_DIM=D, BLOCK_M=pre_block)
     w, group, sm_scale = _window_arg(window, T), Hq // Hkv, scale
     qk_scale, meta = sm_scale * LOG2E, dict(HEAD_DIM=D, PRECISION=_precision(q))
-    _launch(_attn_bwd_dkdv, "dkdv", T, w, B * Hkv,
-            (q, k, v, dout, dk, dv, lse, delta, *_strides(q), *_strides(k), *_strides(v), *_strides(dout),
-             *_strides(dk), *_strides(dv), Hq, Hkv, T, w, group, qk_scale, sm_scale), meta, q)
+    dq_acc = torch.zeros(dq.shape, dtype=torch.float32, device=dq.device) if fused_dq else dq
+    _launch(_attn_bwd_dkdv, "dkdv_fused" if fused_dq else "dkdv", T, w, B * Hkv,
+            (q, k, v, dout, dk, dv, lse, delta, dq_acc, *_strides(q), *_strides(k), *_strides(v), *_strides(dout),
+             *_strides(dk), *_strides(dv), *_strides(dq_acc), Hq, Hkv, T, w, group, qk_scale, sm_scale),
+            meta | dict(FUSED_DQ=fused_dq), q)
+    if fused_dq:
+        dq.copy_(dq_acc)
+        return
     _launch(_attn_bwd_dq, "dq", T, w, B * Hq,
             (q, k, v, dout, dq, lse, delta, *_strides(q), *_strides(k), *_strides(v), *_strides(dout),
              *_strides(dq), Hq, T, w, group, qk_scale, sm_scale), meta, q)
@@ -442,9 +463,9 @@ def _for_kernels(*ts: torch.Tensor) -> list[torch.Tensor]:
 
 
 @torch.library.custom_op("nanochat::attention_forward", mutates_args=())
-def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
-                scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out (B, T, Hq, D) in q's dtype, lse (B, Hq, T) fp32)."""
+def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, scale: float,
+                fused_dq: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out (B, T, Hq, D) in q's dtype, lse (B, Hq, T) fp32). fused_dq: which backward (_backward_into)."""
     qk, kk, vk = _for_kernels(q, k, v)
     B, T, Hq, _ = q.shape
     out, lse = _like(qk), _empty((B, Hq, T), torch.float32, q.device)
@@ -454,38 +475,39 @@ def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
 
 
 @_forward_op.register_fake
-def _(q, k, v, window, scale):
+def _(q, k, v, window, scale, fused_dq=False):
     B, T, Hq, _ = q.shape
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(B, Hq, T, dtype=torch.float32)
 
 
 @torch.library.custom_op("nanochat::attention_backward", mutates_args=())
 def _backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                 lse: torch.Tensor, window: int, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 lse: torch.Tensor, window: int, scale: float,
+                 fused_dq: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) in the inputs' dtype, recomputing the scores from the saved lse."""
     dk_, qk, kk, vk, ok = _for_kernels(dout, q, k, v, out)
     dq, dk, dv = _like(qk), _like(kk), _like(vk)
     if q.numel():
-        _backward_into(dk_, qk, kk, vk, ok, lse, window, scale, dq, dk, dv)
+        _backward_into(dk_, qk, kk, vk, ok, lse, window, scale, dq, dk, dv, fused_dq)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
 @_backward_op.register_fake
-def _(dout, q, k, v, out, lse, window, scale):
+def _(dout, q, k, v, out, lse, window, scale, fused_dq):
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, window, scale = inputs
+    q, k, v, window, scale, fused_dq = inputs
     out, lse = output
-    ctx.window, ctx.scale = window, scale
+    ctx.window, ctx.scale, ctx.fused_dq = window, scale, fused_dq
     ctx.save_for_backward(q, k, v, out, lse)
 
 
 def _backward(ctx, dout, _dlse):
     q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = _backward_op(dout, q, k, v, out, lse, ctx.window, ctx.scale)
-    return dq, dk, dv, None, None
+    dq, dk, dv = _backward_op(dout, q, k, v, out, lse, ctx.window, ctx.scale, ctx.fused_dq)
+    return dq, dk, dv, None, None, None
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -496,14 +518,24 @@ def supports(q: torch.Tensor) -> bool:
     return q.dtype in (torch.float32, torch.float16, torch.bfloat16) and q.size(-1) in TRITON_HEAD_DIMS
 
 
+def _run_triton(q, k, v, window, scale, name: str, fused_dq: bool):
+    if not triton_runs_on(q):
+        raise KernelUnavailable(f"attention: impl {name!r} needs a CUDA tensor (or TRITON_INTERPRET=1 on CPU)")
+    if not supports(q):
+        raise KernelUnavailable(f"attention: impl {name!r} takes fp32/fp16/bf16 with head dim in {TRITON_HEAD_DIMS}, "
+                                f"got {q.dtype} and D = {q.size(-1)}")
+    return _forward_op(q, k, v, window, default_scale(q) if scale is None else float(scale), fused_dq)[0]
+
+
 @register("attention", "triton")
 def _triton(q, k, v, window, scale=None):
-    if not triton_runs_on(q):
-        raise KernelUnavailable("attention: impl 'triton' needs a CUDA tensor (or TRITON_INTERPRET=1 on CPU)")
-    if not supports(q):
-        raise KernelUnavailable(f"attention: impl 'triton' takes fp32/fp16/bf16 with head dim in {TRITON_HEAD_DIMS}, "
-                                f"got {q.dtype} and D = {q.size(-1)}")
-    return _forward_op(q, k, v, window, default_scale(q) if scale is None else float(scale))[0]
+    return _run_triton(q, k, v, window, scale, "triton", False)
+
+
+@register("attention", "triton_fused_bwd")
+def _triton_fused_bwd(q, k, v, window, scale=None):
+    """Ours with the one-kernel backward (dq by fp32 atomics); selectable, not auto, until a GPU shows it faster."""
+    return _run_triton(q, k, v, window, scale, "triton_fused_bwd", True)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import torch
 
 # Every implementation name of every op: the flags' choices (with "auto"), the dispatch and the bench read these.
 IMPLS = {
-    "attention": ("triton", "blocked", "sdpa", "flex", "fa3", "fa2", "torch"),
+    "attention": ("triton", "triton_fused_bwd", "blocked", "sdpa", "flex", "fa3", "fa2", "torch"),
     "cross_entropy": ("triton", "torch", "compile", "liger", "cce"),
     "newton_schulz": ("triton", "triton_full", "torch", "compile"),
 }

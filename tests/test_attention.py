@@ -55,8 +55,11 @@ def poison(monkeypatch):
                                                                                  device=device))
 
 
-def triton_attention(q, k, v, window):
-    return attention(q, k, v, window=window, impl="triton")
+def triton_attention(q, k, v, window, impl="triton"):
+    return attention(q, k, v, window=window, impl=impl)
+
+
+TRITON_IMPLS = ("triton", "triton_fused_bwd")  # ours, and ours with the one-kernel backward (dq by atomics)
 
 
 # (B, T, Hq, Hkv, D, window, dtype)
@@ -71,30 +74,34 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("impl", TRITON_IMPLS)
 @pytest.mark.parametrize("B,T,Hq,Hkv,D,window,dtype", CASES)
-def test_triton_matches_reference(poison, B, T, Hq, Hkv, D, window, dtype):
+def test_triton_matches_reference(poison, B, T, Hq, Hkv, D, window, dtype, impl):
     q, k, v, dout = make(B, T, Hq, Hkv, D, dtype)
-    outs = run(triton_attention, q, k, v, dout, window)
+    outs = run(lambda *a: triton_attention(*a, impl=impl), q, k, v, dout, window)
     check(outs, ref_run(q, k, v, dout, window), 1e-4 if dtype == torch.float32 else 1e-2, window)
 
 
 @pytest.mark.parametrize("blocks", [{"fwd": (16, 16), "dkdv": (16, 16), "dq": (16, 16)},
                                     {"fwd": (64, 16), "dkdv": (16, 64), "dq": (64, 32)}])
 @pytest.mark.parametrize("window", [5, 33])
-def test_triton_other_block_shapes(poison, monkeypatch, blocks, window):
+@pytest.mark.parametrize("impl", TRITON_IMPLS)
+def test_triton_other_block_shapes(poison, monkeypatch, blocks, window, impl):
     """The block-range arithmetic with square blocks and with 4:1 blocks (several masked steps per diagonal)."""
     monkeypatch.setattr(attn, "SMALL_BLOCKS", blocks)
     q, k, v, dout = make(1, 147, 2, 1, 32, torch.float32)
-    check(run(triton_attention, q, k, v, dout, window), ref_run(q, k, v, dout, window), 1e-4, window)
+    check(run(lambda *a: triton_attention(*a, impl=impl), q, k, v, dout, window), ref_run(q, k, v, dout, window),
+          1e-4, window)
 
 
-def test_triton_strided_inputs(poison):
+@pytest.mark.parametrize("impl", TRITON_IMPLS)
+def test_triton_strided_inputs(poison, impl):
     """q, k, v as views of one fused projection (non-contiguous in T and H), dout a transposed view."""
     B, T, H, D = 1, 90, 2, 32
     qkv = torch.randn(B, T, 3 * H, D, device=DEV)
     q, k, v = qkv[:, :, :H], qkv[:, :, H:2 * H], qkv[:, :, 2 * H:]
     dout = torch.randn(B, H, T, D, device=DEV).transpose(1, 2)
-    check(run(triton_attention, q, k, v, dout, 20), ref_run(q, k, v, dout, 20), 1e-4, 20)
+    check(run(lambda *a: triton_attention(*a, impl=impl), q, k, v, dout, 20), ref_run(q, k, v, dout, 20), 1e-4, 20)
 
 
 def test_triton_bf16_on_the_interpreter_runs_in_fp32():
@@ -235,9 +242,11 @@ def test_flops_count_visible_pairs(T, window):
 @pytest.mark.parametrize("window", [0, 1, 128, 700, -1])
 @pytest.mark.parametrize("D,Hq,Hkv", [(64, 4, 4), (128, 4, 2)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16])
-def test_triton_cuda(poison, window, D, Hq, Hkv, dtype):
+@pytest.mark.parametrize("impl", TRITON_IMPLS)
+def test_triton_cuda(poison, window, D, Hq, Hkv, dtype, impl):
     q, k, v, dout = make(2, 1000, Hq, Hkv, D, dtype)
-    check(run(triton_attention, q, k, v, dout, window), ref_run(q, k, v, dout, window), 1e-2, window)
+    check(run(lambda *a: triton_attention(*a, impl=impl), q, k, v, dout, window), ref_run(q, k, v, dout, window),
+          1e-2, window)
 
 
 @pytest.mark.cuda
@@ -262,14 +271,17 @@ def test_compiled_model_style_call_on_cuda():
     check(run(fn, q, k, v, dout, 100), ref_run(q, k, v, dout, 100), 1e-2, 100)
 
 
-def test_triton_impl_launches_our_kernels(monkeypatch):
+@pytest.mark.parametrize("impl,kernels", [("triton", ["_attn_bwd_dkdv", "_attn_bwd_dq", "_attn_fwd"]),
+                                          ("triton_fused_bwd", ["_attn_bwd_dkdv", "_attn_fwd"])])
+def test_triton_impl_launches_our_kernels(monkeypatch, impl, kernels):
     """Guard for the Triton tests above: impl="triton" runs our three Triton kernels (on a CPU, on the
-    interpreter), forward and backward, and not some other path that also matches the reference."""
+    interpreter), forward and backward, and not some other path that also matches the reference; the fused
+    backward runs no dq kernel."""
     launched = []
     for name in ("_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq"):
         kernel = getattr(attn, name)
         monkeypatch.setattr(kernel, "run", lambda *a, _run=kernel.run, _name=name, **kw: launched.append(_name)
                             or _run(*a, **kw))
     q, k, v, dout = make(1, 40, 2, 2, 16, torch.float32)
-    check(run(triton_attention, q, k, v, dout, 7), ref_run(q, k, v, dout, 7), 1e-4, 7)
-    assert sorted(set(launched)) == ["_attn_bwd_dkdv", "_attn_bwd_dq", "_attn_fwd"], launched
+    check(run(lambda *a: triton_attention(*a, impl=impl), q, k, v, dout, 7), ref_run(q, k, v, dout, 7), 1e-4, 7)
+    assert sorted(set(launched)) == kernels, launched
