@@ -17,7 +17,7 @@ KEYS = ("kind", "mode", "env", "steps", "peers", "d20_step", "profile", "fp8", "
 PEERS = {"liger_kernel": "Liger-Kernel", "cut_cross_entropy": "cut-cross-entropy", "torchao": "torchao (FP8)",
          "flash_attn_interface": "FlashAttention-3", "flash_attn": "FlashAttention-2"}
 STEP_FIELDS = ("tokens_per_s", "step_ms", "mfu_h100", "mfu_device", "peak_mem_gb", "loss", "first_step_s",
-               "recompute_mlp")
+               "extras_error", "recompute_mlp")
 AB_OPS = ("newton_schulz", "cross_entropy", "attention")
 
 
@@ -80,7 +80,7 @@ def bf16_correctness(ab: dict | None) -> dict | None:
         return None
     rows = [{"op": op} | {k: r[k] for k in ("impl", "shape", "mode", "dtype", "rel_error", "tol", "ok")}
             for op, op_rows in ab.items() for r in op_rows if r["status"] == "ok"]
-    return {"all_ok": all(r["ok"] for r in rows), "rows": rows}
+    return {"all_ok": bool(rows) and all(r["ok"] for r in rows), "rows": rows}  # nothing checked is not ok
 
 
 def autotune(folder: Path, env: dict | None, d20: dict | None, ab: dict | None) -> dict:

@@ -15,7 +15,8 @@
 #
 #   bash bench/gpu_check.sh           # on the GPU; RESULTS=DIR to choose the folder (default bench/results/<stamp>)
 #   bash bench/gpu_check.sh --cpu     # the same pipeline at tiny shapes on the CPU (CI runs it)
-# Without .git on the GPU machine, pass GIT_COMMIT="$(python -m bench.timing --stamp)" (checked against the tree).
+# Without .git on the GPU machine, pass GIT_COMMIT=<what `python -m bench.timing --stamp` prints where .git is>: it is
+# recorded only when its source hash is that of the tree the check runs on.
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -26,7 +27,7 @@ dir=${RESULTS:-bench/results/$(date -u +%Y%m%d-%H%M%S)}
 mkdir -p "$dir"
 t_start=$(date +%s)
 deadline=$(( t_start + ${TOTAL:-450} ))
-RESERVE=10  # for the last check.json
+RESERVE=30  # for the last step's kill (15 s) and the closing check.json
 source bench/steps.sh
 
 check() { $PY -m bench.check "$dir" --mode "$MODE" > /dev/null || echo "bench.check failed"; publish; }

@@ -158,11 +158,16 @@ def run_variant(args, forced: dict, first: bool = False) -> dict:
             result |= time_steps(trainer, args.steps, max(args.warmup - 1, 0))
             if on_cuda:
                 result["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
-            if first and args.tuned_out and on_cuda:
-                result["tuned_table"] = str(save_tuned(args.tuned_out))
-            if first and args.profile:
-                save_profile(args.profile, step_profile.profile_steps(trainer.step, trainer.device))
-            return result | {"recompute_mlp": trainer.recompute_mlp}
+            result["recompute_mlp"] = trainer.recompute_mlp
+            try:  # extras: a failure here is recorded, and the timing above is kept
+                if first and args.tuned_out and on_cuda:
+                    result["tuned_table"] = str(save_tuned(args.tuned_out))
+                if first and args.profile:
+                    save_profile(args.profile, step_profile.profile_steps(trainer.step, trainer.device))
+            except Exception as e:  # noqa: BLE001
+                result["extras_error"] = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+                print(f"  profile / tuned table failed: {result['extras_error']}")
+            return result
     finally:
         del trainer
         free(args.device)

@@ -311,7 +311,9 @@ _DQ_CONFIGS = _configs((128, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 3), (64, 3
 _TUNE_KEY = ["T", "window", "HEAD_DIM"]
 tuned.register("attention.fwd", triton.autotune(_FWD_CONFIGS, key=_TUNE_KEY)(_attn_fwd))
 tuned.register("attention.dkdv", triton.autotune(_DKDV_CONFIGS, key=_TUNE_KEY)(_attn_bwd_dkdv))
-tuned.register("attention.dkdv_fused", triton.autotune(_DKDV_FUSED_CONFIGS, key=_TUNE_KEY)(_attn_bwd_dkdv))
+# the autotuner runs every config on the real arguments: DQ, which the fused kernel adds into, is zeroed before each
+tuned.register("attention.dkdv_fused",
+               triton.autotune(_DKDV_FUSED_CONFIGS, key=_TUNE_KEY, reset_to_zero=["DQ"])(_attn_bwd_dkdv))
 tuned.register("attention.dq", triton.autotune(_DQ_CONFIGS, key=_TUNE_KEY)(_attn_bwd_dq))
 # (BLOCK_M, BLOCK_N) without autotuning: under the interpreter, and for fp32 inputs on a GPU (exact dots on CUDA
 # cores, where larger blocks spill registers: `python -m bench.compile_check` shows how much).

@@ -271,6 +271,36 @@ def test_compiled_model_style_call_on_cuda():
     check(run(fn, q, k, v, dout, 100), ref_run(q, k, v, dout, 100), 1e-2, 100)
 
 
+@pytest.mark.skipif(DEV == "cuda", reason="stands in for the GPU's autotuning on the interpreter")
+def test_fused_backward_survives_autotuning(monkeypatch):
+    """The autotuner runs each config several times on the real arguments before the chosen one: the fused
+    backward's dq, added into with atomics, must be zeroed before each run (reset_to_zero), or dq comes out a
+    multiple of itself. The registered autotuner's settings, with two small configs and a stand-in do_bench, on
+    the GPU launch path (kernels still interpreted)."""
+    import triton
+    registered = attn.tuned.AUTOTUNED["attention.dkdv_fused"]
+
+    def bench_three_times(fn, quantiles=None, **kw):
+        for _ in range(3):
+            fn()
+        return [1.0, 1.0, 1.0]
+    configs = [triton.Config({"BLOCK_M": 16, "BLOCK_N": n}, num_warps=4, num_stages=1) for n in (16, 32)]
+    tuner = triton.autotune(configs, key=registered.keys, reset_to_zero=registered.reset_to_zero,
+                            do_bench=bench_three_times)(attn._attn_bwd_dkdv)
+    monkeypatch.setitem(attn.tuned.AUTOTUNED, "attention.dkdv_fused", tuner)
+    q, k, v, dout = make(1, 64, 2, 2, 16, torch.float32)
+    out, lse = torch.empty_like(q), torch.empty(1, 2, 64)
+    scale = attn.default_scale(q)
+    attn._forward_into(q, k, v, 20, scale, out, lse)  # the interpreter's small blocks
+    monkeypatch.setattr(attn, "interpreting", lambda: False)
+    monkeypatch.setattr(attn, "_precision", lambda t: "tf32")  # not the exact-fp32 path: the autotuned one
+    dq, dk, dv = (torch.full_like(t, float("nan")) for t in (q, k, v))
+    attn._backward_into(dout, q, k, v, out, lse, 20, scale, dq, dk, dv, fused_dq=True)
+    refs = ref_run(q, k, v, dout, 20)
+    assert tuner.cache, "the autotuner did not run"
+    assert rel(dq, refs[1]) < 1e-4 and rel(dk, refs[2]) < 1e-4 and rel(dv, refs[3]) < 1e-4
+
+
 @pytest.mark.parametrize("impl,kernels", [("triton", ["_attn_bwd_dkdv", "_attn_bwd_dq", "_attn_fwd"]),
                                           ("triton_fused_bwd", ["_attn_bwd_dkdv", "_attn_fwd"])])
 def test_triton_impl_launches_our_kernels(monkeypatch, impl, kernels):
