@@ -90,7 +90,7 @@ def autotune(folder: Path, env: dict | None, d20: dict | None, ab: dict | None) 
                    and r["first_call_s"] is not None}
     written = sorted(str(p) for p in (folder / "tuned").glob("*.json"))
     device = (env or {}).get("device")
-    committed = device and (tuned.TABLE_DIR / f"{tuned.device_slug(device)}.json").exists()
+    committed = device and tuned.table_path(device).exists()
     return {"d20_first_step_s": ours.get("first_step_s"),
             "torch_only_first_step_s": ((d20 or {}).get("torch_only") or {}).get("first_step_s"),
             "ab_first_call_s": first_calls, "table_written": written, "committed_table_used": bool(committed)}

@@ -24,7 +24,7 @@ import torch
 
 from bench import step_profile, timing
 from kernels import dispatch
-from train.errors import Parser, UserError, run_cli
+from train.errors import Parser, UserError, first_line, run_cli
 from train.fp8 import RECIPES as FP8_RECIPES
 from train.metrics import H100_PEAK_BF16, mfu, peak_bf16_flops
 
@@ -140,7 +140,7 @@ def variants(compare: str | None, suffix: str = "") -> list[tuple[str, dict]]:
     return [(name + suffix, forced) for name, forced in out]
 
 
-def run_variant(args, forced: dict, first: bool = False) -> dict:
+def run_variant(args, forced: dict, info: dict, first: bool = False) -> dict:
     trainer = None
     try:
         with dispatch.forced(**{op: forced.get(op) for op in dispatch.OPS}):
@@ -161,11 +161,13 @@ def run_variant(args, forced: dict, first: bool = False) -> dict:
             result["recompute_mlp"] = trainer.recompute_mlp
             try:  # extras: a failure here is recorded, and the timing above is kept
                 if first and args.tuned_out and on_cuda:
-                    result["tuned_table"] = str(save_tuned(args.tuned_out))
+                    from bench.tune import save_choices
+                    path, _ = save_choices(args.tuned_out, info["device"], info["git_commit"])
+                    result["tuned_table"] = str(path)
                 if first and args.profile:
-                    save_profile(args.profile, step_profile.profile_steps(trainer.step, trainer.device))
+                    save_profile(args.profile, step_profile.profile_steps(trainer.step, trainer.device), info)
             except Exception as e:  # noqa: BLE001
-                result["extras_error"] = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+                result["extras_error"] = f"{type(e).__name__}: {first_line(e)}"
                 print(f"  profile / tuned table failed: {result['extras_error']}")
             return result
     finally:
@@ -173,21 +175,11 @@ def run_variant(args, forced: dict, first: bool = False) -> dict:
         free(args.device)
 
 
-def save_tuned(folder) -> Path:
-    """The autotuners' choices so far, as this GPU's tuned-config table in folder (kernels/tuned.py)."""
-    from bench.tune import choices, write_table
-    from kernels import tuned
-    name = torch.cuda.get_device_name()
-    path = Path(folder) / f"{tuned.device_slug(name)}.json"
-    write_table(path, name, choices(), timing.git_commit())
-    return path
-
-
-def save_profile(path, doc: dict) -> None:
+def save_profile(path, doc: dict, info: dict) -> None:
     print(step_profile.table(doc))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"kind": "profile", "device": timing.device_info(), **doc}, indent=1))
+    path.write_text(json.dumps({"kind": "profile", "device": info, **doc}, indent=1))
     print(f"profile: {path}")
 
 
@@ -289,7 +281,7 @@ def main(argv=None) -> None:
     for i, (name, forced) in enumerate(variants(args.compare, f" + fp8 {args.fp8_recipe}" if args.fp8 else "")):
         row = {"variant": name, "forced": forced, "status": "ok", "reason": None}
         try:
-            row |= run_variant(args, forced, first=i == 0)
+            row |= run_variant(args, forced, info, first=i == 0)
         except UserError:
             raise
         except torch.OutOfMemoryError:
@@ -303,7 +295,7 @@ def main(argv=None) -> None:
         except Exception as e:  # noqa: BLE001 - with --compare one failing variant must not lose the others
             if not args.compare:
                 raise
-            row |= {"status": "error", "reason": f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"}
+            row |= {"status": "error", "reason": f"{type(e).__name__}: {first_line(e)}"}
         doc["results"].append(row)
         if row["status"] == "ok":
             print(f"  {name}: {row['tokens_per_s']:,.0f} tok/s, {row['tflops']:.3g} TFLOP/s, "

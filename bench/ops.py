@@ -21,7 +21,7 @@ from kernels import cross_entropy as cross_entropy_kernel
 from kernels import dispatch
 from kernels import newton_schulz as newton_schulz_kernel
 from kernels.dispatch import KernelUnavailable
-from train.errors import UserError
+from train.errors import UserError, first_line
 from train.metrics import H100_PEAK_BF16, peak_bf16_flops
 
 H100_HBM_BYTES_PER_S = 3.35e12
@@ -428,11 +428,11 @@ def measure(op: Op, shape: Shape, mode: str, impl: str, device, dtype=None, time
     try:
         _run_case(row, op, shape, mode, impl, device, dtype, timed, warmup, rep)
     except KernelUnavailable as e:  # an implementation that cannot run here says so: the case is skipped
-        row |= {"status": "skipped", "reason": _one_line(e)}
+        row |= {"status": "skipped", "reason": first_line(e)}
     except torch.OutOfMemoryError:
         row |= {"status": "error", "reason": "out of memory"}
     except Exception as e:  # noqa: BLE001 - one failing case must not stop the others
-        row |= {"status": "error", "reason": f"{type(e).__name__}: {_one_line(e)}"}
+        row |= {"status": "error", "reason": f"{type(e).__name__}: {first_line(e)}"}
     if device.type == "cuda":  # here, once the failed case's frame (and its tensors) is gone
         torch.cuda.empty_cache()
     return row
@@ -479,6 +479,3 @@ def _mb(b):
     return None if b is None else b / 2 ** 20
 
 
-def _one_line(e: Exception) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__

@@ -5,6 +5,7 @@ inputs rotate among enough copies that together they exceed twice the L2 cache, 
 left in cache by the previous one. CPU: a perf_counter median. Plus peak memory and a record of the machine.
 """
 import datetime
+import functools
 import hashlib
 import math
 import os
@@ -135,6 +136,7 @@ def _run(cmd: list[str]) -> str | None:
 SOURCE_DIRS = ("kernels", "model", "train", "bench", "tests")
 
 
+@functools.cache  # the tree does not change under a running benchmark
 def source_hash(root: Path = REPO) -> str:
     """sha256 (16 hex digits) of the project's own code: every .py and .sh under SOURCE_DIRS and pyproject.toml,
     by relative path. The same on any copy of the same tree, .git or not."""

@@ -16,11 +16,13 @@ import time
 from pathlib import Path
 
 import torch
+import triton
 
 from bench import timing
 from bench.ops import NS_MODELS
 from kernels import tuned
 from train.errors import Parser, UserError, run_cli
+from train.paths import atomic_write
 
 HEADS = {12: 6, 20: 10, 26: 13}  # model_dim / 128 (spec: head_dim 128)
 SEQ_LEN, BATCH = 2048, 32
@@ -42,12 +44,16 @@ def write_table(path: Path, device_name: str, kernels: dict, commit: str | None)
     doc = json.loads(path.read_text()) if path.exists() else {"device": device_name, "kernels": {}}
     for name, configs in kernels.items():
         doc["kernels"].setdefault(name, {}).update(configs)
-    doc |= {"device": device_name, "git_commit": commit, "triton": timing.device_info("cpu")["triton"]}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
-    tmp.replace(path)
+    doc |= {"device": device_name, "git_commit": commit, "triton": triton.__version__}
+    with atomic_write(path, "w") as f:
+        f.write(json.dumps(doc, indent=1, sort_keys=True) + "\n")
     return doc
+
+
+def save_choices(folder, device_name: str, commit: str | None) -> tuple[Path, dict]:
+    """What the autotuners chose so far, merged into that GPU's table in folder: (its path, the table)."""
+    path = tuned.table_path(device_name, folder)
+    return path, write_table(path, device_name, choices(), commit)
 
 
 def _first_and_second(fn) -> tuple[float, float]:
@@ -97,7 +103,7 @@ def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     if args.merge:
         src = json.loads(Path(args.merge).read_text())
-        path = Path(args.out) / f"{tuned.device_slug(src['device'])}.json"
+        path = tuned.table_path(src["device"], args.out)
         write_table(path, src["device"], src["kernels"], src.get("git_commit"))
         print(f"merged {args.merge} into {path}")
         return
@@ -114,8 +120,7 @@ def main(argv=None) -> None:
                 rows.append(row)
                 print(f"  d{depth} {row['kernel']} {row['shape']} {row.get('window', '')}: first call "
                       f"{row['first_s']:.1f} s (compile + autotune), then {1e3 * row['second_s']:.1f} ms", flush=True)
-    path = Path(args.out) / f"{tuned.device_slug(info['device'])}.json"
-    doc = write_table(path, info["device"], choices(), info["git_commit"])
+    path, doc = save_choices(args.out, info["device"], info["git_commit"])
     print(f"{sum(len(c) for c in doc['kernels'].values())} tuned keys in {path}; "
           f"{sum(r['first_s'] for r in rows):.0f} s of first calls")
     if args.json:

@@ -30,6 +30,11 @@ def device_slug(device_name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-")
 
 
+def table_path(device_name: str, folder=None) -> Path:
+    """Where the table of that GPU lives in folder (default: TABLE_DIR, kernels/tuned/)."""
+    return Path(TABLE_DIR if folder is None else folder) / f"{device_slug(device_name)}.json"
+
+
 def key_text(key: dict) -> str:
     """The table's key for one launch: 'T=2048,window=1024,HEAD_DIM=128,dtype=bfloat16'."""
     return ",".join(f"{k}={str(v).removeprefix('torch.')}" for k, v in key.items())
@@ -37,7 +42,7 @@ def key_text(key: dict) -> str:
 
 def table(device_name: str) -> dict:
     """{kernel: {key text: {"kwargs": {...}, "num_warps": w, "num_stages": s}}} for this GPU ({} without a table)."""
-    return _read(TABLE_DIR / f"{device_slug(device_name)}.json")
+    return _read(table_path(device_name))
 
 
 @functools.cache

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from train.errors import UserError
+from train.errors import UserError, first_line
 from train.paths import TEMP_MARK, atomic_write
 
 STEP_FILE = re.compile(r"step_(\d+)_(model\.pt|optimizer_rank\d+\.pt|meta\.json)")
@@ -27,11 +27,6 @@ STEP_FILE = re.compile(r"step_(\d+)_(model\.pt|optimizer_rank\d+\.pt|meta\.json)
 
 class CheckpointWriteError(OSError):
     """A checkpoint file could not be written (disk full, quota, permissions): the step is not saved."""
-
-
-def first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__
 
 
 def file_digest(path: Path) -> dict:
@@ -123,9 +118,9 @@ def load_meta(ckpt_dir: Path, step: int) -> dict:
     return meta
 
 
-def damage(ckpt_dir: Path, step: int, ranks=None) -> str | None:
-    """Why the checkpoint of step can't be trusted (its meta, or a file it lists — all of them, or the model
-    and the optimizer shards of `ranks` — missing, of another size, or with another sha256), or None."""
+def damage(ckpt_dir: Path, step: int) -> str | None:
+    """Why the checkpoint of step can't be trusted (its meta, or a file it lists missing, of another size, or with
+    another sha256), or None."""
     try:
         meta = load_meta(ckpt_dir, step)
     except UserError as e:
@@ -133,8 +128,7 @@ def damage(ckpt_dir: Path, step: int, ranks=None) -> str | None:
     files = meta.get("files")
     if not isinstance(files, dict):
         return None  # written before checksums: nothing to compare with
-    wanted = set(files) if ranks is None else {_paths(Path(ckpt_dir), step, r)[i].name for r in ranks for i in (0, 1)}
-    for name in sorted(wanted & set(files)):
+    for name in sorted(files):
         path = Path(ckpt_dir) / name
         if not path.is_file():
             return f"{path} is missing"

@@ -7,6 +7,12 @@ class UserError(Exception):
     """A problem with what the user asked for or gave us (flags, files, data)."""
 
 
+def first_line(e: BaseException) -> str:
+    """An exception's message cut to its first line (its type's name when it has none): for one-line reports."""
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
 class Parser(argparse.ArgumentParser):
     """argparse that reports a bad flag as one line (not usage + message) with exit status 2."""
 

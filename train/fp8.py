@@ -18,17 +18,12 @@ from contextlib import contextmanager
 import torch
 import torch.nn as nn
 
-from train.errors import UserError
+from train.errors import UserError, first_line
 
 RECIPES = ("tensorwise", "rowwise")
 MIN_CAPABILITY = (8, 9)  # FP8 tensor cores: Ada (8.9), Hopper (9.0) and newer
 MIN_DIM = 128  # below this the casts cost more than the FP8 matmul saves
 INSTALL_HINT = "pip install -e .[fp8]"
-
-
-def _first_line(e: Exception) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__
 
 
 def check_fp8_available(device: torch.device, emulate: bool = False) -> None:
@@ -46,7 +41,7 @@ def check_fp8_available(device: torch.device, emulate: bool = False) -> None:
     try:
         import torchao.float8  # noqa: F401
     except Exception as e:  # missing, or built for another torch: either way the user must (re)install it
-        raise UserError(f"--fp8 needs torchao, which did not import ({_first_line(e)}): {INSTALL_HINT}") from None
+        raise UserError(f"--fp8 needs torchao, which did not import ({first_line(e)}): {INSTALL_HINT}") from None
 
 
 def fp8_filter(module: nn.Module, fqn: str, *, fused_ce: bool) -> bool:

@@ -4,7 +4,7 @@ import json
 import os
 from pathlib import Path
 
-from train.errors import UserError
+from train.errors import UserError, first_line
 from train.paths import atomic_write
 
 # Dense bf16 peak FLOP/s by device name (substring match, most specific first).
@@ -86,8 +86,7 @@ def start_wandb(run: str, project: str, config: dict):
     try:
         return wandb.init(project=project, name=run, config=config)
     except Exception as e:  # noqa: BLE001 - wandb raises its own kinds: not logged in, offline, bad key
-        message = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise UserError(f"wandb could not start run {run!r} ({message}): `wandb login`, or WANDB_MODE=offline, "
+        raise UserError(f"wandb could not start run {run!r} ({first_line(e)}): `wandb login`, or WANDB_MODE=offline, "
                         "or --run dummy") from None
 
 

@@ -50,13 +50,18 @@ def lr_multiplier(step: int, num_iterations: int, warmup_ratio: float, warmdown_
                   final_lr_frac: float) -> float:
     """Linear warmup to 1, flat, then linear warmdown to final_lr_frac at step num_iterations."""
     warmup = round(warmup_ratio * num_iterations)
-    warmdown = round(warmdown_ratio * num_iterations)
+    start = warmdown_start(num_iterations, warmdown_ratio)
     if step < warmup:
         return (step + 1) / warmup
-    if step <= num_iterations - warmdown:
+    if step <= start:
         return 1.0
-    progress = (num_iterations - step) / warmdown
+    progress = (num_iterations - step) / (num_iterations - start)
     return progress + (1 - progress) * final_lr_frac
+
+
+def warmdown_start(num_iterations: int, warmdown_ratio: float) -> int:
+    """The last step at full LR: the warmdown takes the last round(warmdown_ratio * num_iterations) steps."""
+    return num_iterations - round(warmdown_ratio * num_iterations)
 
 
 def muon_momentum(step: int, num_iterations: int, warmdown_ratio: float) -> float:
@@ -64,9 +69,9 @@ def muon_momentum(step: int, num_iterations: int, warmdown_ratio: float) -> floa
     0.90 at the last step (from where the ramp had got to, when the warmdown starts earlier)."""
     start, peak, end = MUON_MOMENTUM
     momentum = start + (peak - start) * min(step / MUON_MOMENTUM_RAMP, 1.0)
-    warmdown_start = num_iterations - round(warmdown_ratio * num_iterations)
-    if step > warmdown_start:
-        momentum += (end - momentum) * (step - warmdown_start) / (num_iterations - warmdown_start)
+    start_wd = warmdown_start(num_iterations, warmdown_ratio)
+    if step > start_wd:
+        momentum += (end - momentum) * (step - start_wd) / (num_iterations - start_wd)
     return momentum
 
 

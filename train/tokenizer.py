@@ -8,6 +8,7 @@ Files in $NANOCHAT_BASE_DIR/tokenizer/ (plain text and a weights-only tensor; no
     token_bytes.pt       int32 tensor [vocab_size]: UTF-8 bytes of every token, 0 for special tokens (for bpb)
 """
 import base64
+import functools
 import hashlib
 import json
 import time
@@ -42,7 +43,7 @@ class Tokenizer:
         self.bos_id = enc.encode_single_token(BOS)
         self.special_ids = {name: enc.encode_single_token(name) for name in SPECIAL_TOKENS}
 
-    @property
+    @functools.cached_property
     def fingerprint(self) -> str:
         """sha256 of what decides every token id: the split pattern, the merges in rank order, the specials."""
         h = hashlib.sha256(self.pattern.encode())
