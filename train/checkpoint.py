@@ -39,14 +39,31 @@ def file_digest(path: Path) -> dict:
     return {"bytes": size, "sha256": h.hexdigest()}
 
 
+class _HashingWriter:
+    """A file that hashes what goes through it: the digest of a save costs no second read of the file."""
+
+    def __init__(self, f):
+        self.f, self.sha256, self.bytes = f, hashlib.sha256(), 0
+
+    def write(self, data) -> int:
+        self.sha256.update(data)
+        self.bytes += len(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
 def atomic_torch_save(obj, path: Path) -> dict:
-    """torch.save to path atomically; returns the file's digest. Any failure is a CheckpointWriteError."""
+    """torch.save to path atomically; returns the file's digest (as file_digest gives it). Any failure is a
+    CheckpointWriteError."""
     try:
         with atomic_write(path) as f:
-            torch.save(obj, f)
+            writer = _HashingWriter(f)
+            torch.save(obj, writer)
     except (OSError, RuntimeError) as e:  # torch reports a full disk as a RuntimeError of its zip writer
         raise CheckpointWriteError(f"cannot write {path}: {first_line(e)}") from None
-    return file_digest(path)
+    return {"bytes": writer.bytes, "sha256": writer.sha256.hexdigest()}
 
 
 def atomic_json_save(obj, path: Path) -> None:
