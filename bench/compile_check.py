@@ -74,12 +74,15 @@ def recording(launches: list, op: str, case: str):
 
 
 def newton_schulz_launches() -> list[Launch]:
-    """One Polar Express step on a wide bf16 d20 stack: X·Xᵀ, b·A + c·A·A (symmetric), a·X + B·X (ours)."""
+    """One Polar Express step on a wide bf16 d20 stack: X·Xᵀ, b·A + c·A·A (symmetric), a·X + B·X (ours); and the
+    fused variant's first step (the normalising B and update kernels) on a tall one, written through its strides."""
     from kernels import newton_schulz as ns
     launches: list = []
     G = torch.randn(2, 1280, 5120).bfloat16()
     with recording(launches, "newton_schulz", "bf16 2x1280x5120"):
         ns._polar_express_op(G, 1, True)
+    with recording(launches, "newton_schulz", "bf16 2x5120x1280 fused"):
+        ns._polar_express_op(G.mT.contiguous(), 1, True, True)
     return launches
 
 
@@ -102,8 +105,8 @@ def cross_entropy_launches() -> list[Launch]:
 
 
 def attention_launches() -> list[Launch]:
-    """Forward and backward (both variants) at T 2048 with window 1024: bf16 at D 128 and 64 (tensor cores), fp32 at
-    D 128."""
+    """Forward and backward, every variant (plain, fused dq, TMA), at T 2048 with window 1024: bf16 at D 128 and 64
+    (tensor cores), fp32 at D 128."""
     from kernels import attention as at
     launches: list = []
     for dtype, D in ((torch.bfloat16, 128), (torch.bfloat16, 64), (torch.float32, 128)):
@@ -117,6 +120,10 @@ def attention_launches() -> list[Launch]:
         with recording(launches, "attention", f"{name} D={D} fused dq"):  # the one-kernel backward's dk/dv/dq
             at._backward_into(out, q, k, v, out, lse, 1024, 1.44 / D ** 0.5, *(torch.empty_like(t) for t in (q, k, v)),
                               fused_dq=True)
+        with recording(launches, "attention", f"{name} D={D} tma"):  # every load through tensor descriptors
+            at._forward_into(q, k, v, 1024, 1.44 / D ** 0.5, out, lse, tma=True)
+            at._backward_into(out, q, k, v, out, lse, 1024, 1.44 / D ** 0.5, *(torch.empty_like(t) for t in (q, k, v)),
+                              tma=True)
     return launches
 
 

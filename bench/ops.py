@@ -28,7 +28,8 @@ H100_HBM_BYTES_PER_S = 3.35e12
 COMPILED_IMPLS = ("compile", "flex")  # compiled per shape: dynamo is reset first, so no stale or dynamic graph
 _TRITON_ON_CPU = "Triton kernels need CUDA here (the CPU interpreter checks correctness; it is no benchmark)"
 NOT_ON_CPU = {  # why an implementation (a name of dispatch.IMPLS) is not timed on a CPU
-    "triton": _TRITON_ON_CPU, "triton_full": _TRITON_ON_CPU, "triton_fused_bwd": _TRITON_ON_CPU,
+    "triton": _TRITON_ON_CPU, "triton_full": _TRITON_ON_CPU, "triton_fused": _TRITON_ON_CPU,
+    "triton_fused_bwd": _TRITON_ON_CPU, "triton_tma": _TRITON_ON_CPU,
     "compile": "torch.compile on the CPU takes minutes to build; benchmarked on CUDA only",
     "flex": "FlexAttention is compiled; benchmarked on CUDA only",
     "fa2": "FlashAttention-2 needs CUDA", "fa3": "FlashAttention-3 needs a Hopper GPU",
@@ -126,7 +127,7 @@ def polar_express(G: torch.Tensor, dtype) -> torch.Tensor:
     wide = X.size(-2) <= X.size(-1)
     if not wide:
         X = X.mT
-    X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.01 + 1e-6)
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) * newton_schulz_kernel.NORM_MARGIN + newton_schulz_kernel.NORM_EPS)
     for a, b, c in newton_schulz_kernel.POLAR_EXPRESS_COEFFS:
         A = X @ X.mT
         X = a * X + (b * A + c * (A @ A)) @ X

@@ -5,9 +5,10 @@ and how long choosing takes.
     python -m bench.tune --depth 20 --out DIR    # one depth; the table goes to DIR/<device>.json
     python -m bench.tune --merge FILE.json       # fold a table written elsewhere (a GPU run's results) into ours
 
-Per depth, the shapes a training step launches: the whole-model Newton-Schulz stacks (triton_full, auto's) and
-attention (fwd + bwd) at B 32, T 2048, D 128 with the window of S layers (T/2), in both backward variants, and full
-L layers (auto runs SDPA there for bf16; a forced --kernel-attention triton does not). Each kernel's first call
+Per depth, the shapes a training step launches: the whole-model Newton-Schulz stacks (triton_full, auto's; then
+triton_fused, whose first-step kernels share those keys) and attention (fwd + bwd) at B 32, T 2048, D 128 with the
+window of S layers (T/2), in every variant (two-kernel, fused dq, TMA), and full L layers (auto runs SDPA there
+for bf16; a forced --kernel-attention triton does not). Each kernel's first call
 autotunes (tables ignored, so the choice is made afresh); its seconds are reported next to a second, tuned call.
 Every key the autotuners chose is then added to the table (a key already there is replaced). Needs CUDA.
 """
@@ -74,11 +75,13 @@ def tune_depth(depth: int, device) -> list[dict]:
     rows = []
     for k, m, n in NS_MODELS[depth]:
         G = torch.randn(k, m, n, device=device, dtype=torch.bfloat16)
-        first, second = _first_and_second(lambda G=G: orthogonalize(G, impl="triton_full"))  # auto on CUDA
-        rows.append({"depth": depth, "kernel": "newton_schulz", "shape": f"{k}x{m}x{n}", "first_s": first,
-                     "second_s": second})
+        for impl in ("triton_full", "triton_fused"):  # auto on CUDA, then the variant
+            first, second = _first_and_second(lambda G=G, impl=impl: orthogonalize(G, impl=impl))
+            rows.append({"depth": depth, "kernel": f"newton_schulz ({impl})", "shape": f"{k}x{m}x{n}",
+                         "first_s": first, "second_s": second})
     H = HEADS[depth]
-    for impl, window in (("triton", SEQ_LEN // 2), ("triton_fused_bwd", SEQ_LEN // 2), ("triton", -1)):
+    for impl, window in (("triton", SEQ_LEN // 2), ("triton_fused_bwd", SEQ_LEN // 2), ("triton_tma", SEQ_LEN // 2),
+                         ("triton", -1), ("triton_tma", -1)):
         q, k, v = (torch.randn(BATCH, SEQ_LEN, H, 128, device=device, dtype=torch.bfloat16, requires_grad=True)
                    for _ in range(3))
 

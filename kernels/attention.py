@@ -60,13 +60,38 @@ def _load_rows(base, idx, stride, offs_d, T, MASKED: tl.constexpr):
 
 
 @triton.jit
+def _head(X, b, h, stride_b, stride_t, stride_h, B, T, H,
+          BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, TMA: tl.constexpr):
+    """Where head h of batch b of a (B, T, H, HEAD_DIM) tensor is read from, BLOCK rows at a time (_tile): TMA, a
+    tensor descriptor over the whole tensor (Hopper's copy engine; b and h become coordinates); else its base."""
+    if TMA:
+        src = tl.make_tensor_descriptor(X, shape=[B, T, H, HEAD_DIM], strides=[stride_b, stride_t, stride_h, 1],
+                                        block_shape=[1, BLOCK, 1, HEAD_DIM])
+    else:
+        src = X + b * stride_b + h * stride_h
+    return src
+
+
+@triton.jit
+def _tile(src, b, h, start, stride_t, offs_d, T, MASKED: tl.constexpr, BLOCK: tl.constexpr,
+          HEAD_DIM: tl.constexpr, TMA: tl.constexpr):
+    """Rows [start, start + BLOCK) of a head from _head's source. Rows past T are zeros: with TMA always (the copy
+    engine fills them), with pointers in MASKED blocks."""
+    if TMA:
+        x = src.load([b, start, h, 0]).reshape(BLOCK, HEAD_DIM)
+    else:
+        x = _load_rows(src, start + tl.arange(0, BLOCK), stride_t, offs_d, T, MASKED)
+    return x
+
+
+@triton.jit
 def _query_block(Hq, group, BLOCK_M: tl.constexpr):
     """This program's (batch, head) row, batch, query head, kv head and first query; the longest (latest)
     query blocks start first."""
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
     h = pid_bh % Hq
-    return pid_bh, (pid_bh // Hq).to(tl.int64), h, h // group, pid_m * BLOCK_M
+    return pid_bh, pid_bh // Hq, h, h // group, pid_m * BLOCK_M
 
 
 @triton.jit
@@ -78,32 +103,36 @@ def _key_ranges(m0, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, rows, offs_n, offs_d,
-               start, stop, T, window, qk_scale,
-               MASKED: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+def _softmax_step(qk, l_i, m_i, rows, cols, window, qk_scale, MASKED: tl.constexpr):
+    """The online softmax over one key block's raw scores qk: (p, alpha, l_i, m_new), acc to be scaled by alpha."""
+    if MASKED:
+        lag = rows[:, None] - cols[None, :]
+        qk = tl.where((lag >= 0) & (lag <= window), qk * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        # a row that has seen no visible key yet keeps m = -inf: shift it by 0 (p = 0, alpha = 0), not NaN
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        qk = qk - shift[:, None]
+    else:
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        shift = m_new
+        qk = qk * qk_scale - shift[:, None]
+    p = tl.math.exp2(qk)
+    alpha = tl.math.exp2(m_i - shift)
+    return p, alpha, l_i * alpha + tl.sum(p, 1), m_new
+
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, k_src, v_src, b, hk, stride_kt, stride_vt, rows, offs_n, offs_d,
+               start, stop, T, window, qk_scale, MASKED: tl.constexpr, BLOCK_N: tl.constexpr,
+               HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr):
     for start_n in range(start, stop, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
-        cols = start_n + offs_n
-        k = _load_rows(k_base, cols, stride_kt, offs_d, T, MASKED)
+        k = _tile(k_src, b, hk, start_n, stride_kt, offs_d, T, MASKED, BLOCK_N, HEAD_DIM, TMA)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-        if MASKED:
-            lag = rows[:, None] - cols[None, :]
-            qk = tl.where((lag >= 0) & (lag <= window), qk * qk_scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            # a row that has seen no visible key yet keeps m = -inf: shift it by 0 (p = 0, alpha = 0), not NaN
-            shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-            qk = qk - shift[:, None]
-        else:
-            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-            shift = m_new
-            qk = qk * qk_scale - shift[:, None]
-        p = tl.math.exp2(qk)
-        alpha = tl.math.exp2(m_i - shift)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p, alpha, l_i, m_i = _softmax_step(qk, l_i, m_i, rows, start_n + offs_n, window, qk_scale, MASKED)
         acc = acc * alpha[:, None]
-        v = _load_rows(v_base, cols, stride_vt, offs_d, T, MASKED)
+        v = _tile(v_src, b, hk, start_n, stride_vt, offs_d, T, MASKED, BLOCK_N, HEAD_DIM, TMA)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
-        m_i = m_new
     return acc, l_i, m_i
 
 
@@ -111,32 +140,36 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, rows, off
 def _attn_fwd(Q, K, V, O, LSE,
               stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
               stride_vb, stride_vt, stride_vh, stride_ob, stride_ot, stride_oh,
-              Hq, T, window, group, qk_scale,
-              HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+              B, Hq, Hkv, T, window, group, qk_scale,
+              HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+              TMA: tl.constexpr):
     tl.static_assert(BLOCK_M % BLOCK_N == 0)
     pid_bh, b, h, hk, m0 = _query_block(Hq, group, BLOCK_M)
     rows = m0 + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    k_base = K + b * stride_kb + hk * stride_kh
-    v_base = V + b * stride_vb + hk * stride_vh
-    q = _load_rows(Q + b * stride_qb + h * stride_qh, rows, stride_qt, offs_d, T, True)
+    b64 = b.to(tl.int64)
+    k_src = _head(K, b64, hk, stride_kb, stride_kt, stride_kh, B, T, Hkv, BLOCK_N, HEAD_DIM, TMA)
+    v_src = _head(V, b64, hk, stride_vb, stride_vt, stride_vh, B, T, Hkv, BLOCK_N, HEAD_DIM, TMA)
+    q_src = _head(Q, b64, h, stride_qb, stride_qt, stride_qh, B, T, Hq, BLOCK_M, HEAD_DIM, TMA)
+    q = _tile(q_src, b, h, m0, stride_qt, offs_d, T, True, BLOCK_M, HEAD_DIM, TMA)
 
     m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     lo, full_lo = _key_ranges(m0, window, BLOCK_M, BLOCK_N)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, rows, offs_n, offs_d,
-                               m0, tl.minimum(m0 + BLOCK_M, T), T, window, qk_scale, True, BLOCK_N, PRECISION)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, rows, offs_n, offs_d,
-                               full_lo, m0, T, window, qk_scale, False, BLOCK_N, PRECISION)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, rows, offs_n, offs_d,
-                               lo, full_lo, T, window, qk_scale, True, BLOCK_N, PRECISION)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_src, v_src, b, hk, stride_kt, stride_vt, rows, offs_n, offs_d,
+                               m0, tl.minimum(m0 + BLOCK_M, T), T, window, qk_scale,
+                               True, BLOCK_N, HEAD_DIM, PRECISION, TMA)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_src, v_src, b, hk, stride_kt, stride_vt, rows, offs_n, offs_d,
+                               full_lo, m0, T, window, qk_scale, False, BLOCK_N, HEAD_DIM, PRECISION, TMA)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_src, v_src, b, hk, stride_kt, stride_vt, rows, offs_n, offs_d,
+                               lo, full_lo, T, window, qk_scale, True, BLOCK_N, HEAD_DIM, PRECISION, TMA)
 
     l_i = tl.where(l_i == 0.0, 1.0, l_i)  # padded rows past T (never stored) would divide 0 by 0
     acc = acc / l_i[:, None]
     tl.store(LSE + pid_bh.to(tl.int64) * T + rows, m_i + tl.math.log2(l_i), mask=rows < T)
-    tl.store(O + b * stride_ob + h * stride_oh + rows[:, None] * stride_ot + offs_d[None, :],
+    tl.store(O + b64 * stride_ob + h * stride_oh + rows[:, None] * stride_ot + offs_d[None, :],
              acc.to(O.dtype.element_ty), mask=rows[:, None] < T)
 
 
@@ -243,14 +276,14 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, DQ,
 
 
 @triton.jit
-def _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, rows, offs_n, offs_d,
-              start, stop, T, window, qk_scale,
-              MASKED: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+def _dq_inner(dq, q, do, lse, delta, k_src, v_src, b, hk, stride_kt, stride_vt, rows, offs_n, offs_d,
+              start, stop, T, window, qk_scale, MASKED: tl.constexpr, BLOCK_N: tl.constexpr,
+              HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr):
     for start_n in range(start, stop, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_n
-        k = _load_rows(k_base, cols, stride_kt, offs_d, T, MASKED)
-        v = _load_rows(v_base, cols, stride_vt, offs_d, T, MASKED)
+        k = _tile(k_src, b, hk, start_n, stride_kt, offs_d, T, MASKED, BLOCK_N, HEAD_DIM, TMA)
+        v = _tile(v_src, b, hk, start_n, stride_vt, offs_d, T, MASKED, BLOCK_N, HEAD_DIM, TMA)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         p = tl.math.exp2(qk * qk_scale - lse[:, None])
         if MASKED:
@@ -267,8 +300,9 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA,
                  stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
                  stride_vb, stride_vt, stride_vh, stride_dob, stride_dot, stride_doh,
                  stride_dqb, stride_dqt, stride_dqh,
-                 Hq, T, window, group, qk_scale, sm_scale,
-                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+                 B, Hq, Hkv, T, window, group, qk_scale, sm_scale,
+                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+                 TMA: tl.constexpr):
     """dq of one block of queries of one head: the forward's loop over key blocks, recomputing p from lse."""
     tl.static_assert(BLOCK_M % BLOCK_N == 0)
     pid_bh, b, h, hk, m0 = _query_block(Hq, group, BLOCK_M)
@@ -276,23 +310,26 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA,
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     in_seq = rows < T
-    q = _load_rows(Q + b * stride_qb + h * stride_qh, rows, stride_qt, offs_d, T, True)
-    do = _load_rows(DO + b * stride_dob + h * stride_doh, rows, stride_dot, offs_d, T, True)
+    b64 = b.to(tl.int64)
+    q_src = _head(Q, b64, h, stride_qb, stride_qt, stride_qh, B, T, Hq, BLOCK_M, HEAD_DIM, TMA)
+    do_src = _head(DO, b64, h, stride_dob, stride_dot, stride_doh, B, T, Hq, BLOCK_M, HEAD_DIM, TMA)
+    q = _tile(q_src, b, h, m0, stride_qt, offs_d, T, True, BLOCK_M, HEAD_DIM, TMA)
+    do = _tile(do_src, b, h, m0, stride_dot, offs_d, T, True, BLOCK_M, HEAD_DIM, TMA)
     lse = tl.load(LSE + pid_bh.to(tl.int64) * T + rows, mask=in_seq, other=0.0)
     delta = tl.load(DELTA + pid_bh.to(tl.int64) * T + rows, mask=in_seq, other=0.0)
-    k_base = K + b * stride_kb + hk * stride_kh
-    v_base = V + b * stride_vb + hk * stride_vh
+    k_src = _head(K, b64, hk, stride_kb, stride_kt, stride_kh, B, T, Hkv, BLOCK_N, HEAD_DIM, TMA)
+    v_src = _head(V, b64, hk, stride_vb, stride_vt, stride_vh, B, T, Hkv, BLOCK_N, HEAD_DIM, TMA)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
     lo, full_lo = _key_ranges(m0, window, BLOCK_M, BLOCK_N)
-    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, rows, offs_n, offs_d,
-                   m0, tl.minimum(m0 + BLOCK_M, T), T, window, qk_scale, True, BLOCK_N, PRECISION)
-    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, rows, offs_n, offs_d,
-                   full_lo, m0, T, window, qk_scale, False, BLOCK_N, PRECISION)
-    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, rows, offs_n, offs_d,
-                   lo, full_lo, T, window, qk_scale, True, BLOCK_N, PRECISION)
+    dq = _dq_inner(dq, q, do, lse, delta, k_src, v_src, b, hk, stride_kt, stride_vt, rows, offs_n, offs_d,
+                   m0, tl.minimum(m0 + BLOCK_M, T), T, window, qk_scale, True, BLOCK_N, HEAD_DIM, PRECISION, TMA)
+    dq = _dq_inner(dq, q, do, lse, delta, k_src, v_src, b, hk, stride_kt, stride_vt, rows, offs_n, offs_d,
+                   full_lo, m0, T, window, qk_scale, False, BLOCK_N, HEAD_DIM, PRECISION, TMA)
+    dq = _dq_inner(dq, q, do, lse, delta, k_src, v_src, b, hk, stride_kt, stride_vt, rows, offs_n, offs_d,
+                   lo, full_lo, T, window, qk_scale, True, BLOCK_N, HEAD_DIM, PRECISION, TMA)
     dq = dq * sm_scale
-    tl.store(DQ + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqt + offs_d[None, :],
+    tl.store(DQ + b64 * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqt + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=in_seq[:, None])
 
 
@@ -315,6 +352,9 @@ tuned.register("attention.dkdv", triton.autotune(_DKDV_CONFIGS, key=_TUNE_KEY)(_
 tuned.register("attention.dkdv_fused",
                triton.autotune(_DKDV_FUSED_CONFIGS, key=_TUNE_KEY, reset_to_zero=["DQ"])(_attn_bwd_dkdv))
 tuned.register("attention.dq", triton.autotune(_DQ_CONFIGS, key=_TUNE_KEY)(_attn_bwd_dq))
+# the kernels with TMA on: their own autotuners and table entries (the choice may differ), the same configs
+for _name, _cfgs, _kernel in (("fwd", _FWD_CONFIGS, _attn_fwd), ("dq", _DQ_CONFIGS, _attn_bwd_dq)):
+    tuned.register(f"attention.{_name}_tma", triton.autotune(_cfgs, key=_TUNE_KEY)(_kernel))
 # (BLOCK_M, BLOCK_N) without autotuning: under the interpreter, and for fp32 inputs on a GPU (exact dots on CUDA
 # cores, where larger blocks spill registers: `python -m bench.compile_check` shows how much).
 SMALL_BLOCKS = {"fwd": (32, 16), "dkdv": (16, 32), "dq": (32, 16)}
@@ -394,7 +434,7 @@ def _launch(kernel, name, T, window, heads, args, kwargs, q):
     autotuned; SMALL_BLOCKS for exact fp32 dots on a GPU (a correctness path: no tensor cores) and under the
     interpreter.
     The forward and dq kernels block the queries (BLOCK_M), the dk/dv kernel the keys (BLOCK_N)."""
-    kind = "dkdv" if name.startswith("dkdv") else name  # dkdv_fused: the same kernel, FUSED_DQ on
+    kind = name.split("_")[0]  # dkdv_fused, fwd_tma: variants of the dkdv and fwd kernels
     block = "BLOCK_N" if kind == "dkdv" else "BLOCK_M"
     if interpreting() or kwargs["PRECISION"] == "ieee":
         sizes = dict(zip(("BLOCK_M", "BLOCK_N"), SMALL_BLOCKS[kind]))
@@ -414,17 +454,42 @@ def _precision(q: torch.Tensor) -> str:
     return "ieee" if q.dtype == torch.float32 else "tf32"  # fp32 inputs: exact fp32 dots (no tf32)
 
 
-def _forward_into(q, k, v, window: int, scale: float, out, lse) -> None:
-    """Forward kernel into out (B, T, Hq, D) and lse (B, Hq, T) fp32: base-2 logsumexp of the scaled scores."""
+def _tma_workspace(size: int, alignment: int, stream) -> torch.Tensor:
+    """Global memory for the descriptors a kernel builds on the device (triton.set_allocator's contract)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _tma_ready(t: torch.Tensor) -> torch.Tensor:
+    """A tensor descriptor needs a 16-byte aligned base and strides: t, or a contiguous copy."""
+    aligned = t.data_ptr() % 16 == 0 and all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1])
+    return t if aligned else t.contiguous()
+
+
+def _forward_into(q, k, v, window: int, scale: float, out, lse, tma: bool = False) -> None:
+    """Forward kernel into out (B, T, Hq, D) and lse (B, Hq, T) fp32: base-2 logsumexp of the scaled scores.
+    tma: q, k, v read through tensor descriptors."""
     B, T, Hq, D = q.shape
+    if tma:
+        q, k, v = _tma_inputs(q, k, v)
+    w, meta = _window_arg(window, T), dict(HEAD_DIM=D, PRECISION=_precision(q), TMA=tma)
     args = (q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-            Hq, T, _window_arg(window, T), Hq // k.size(2), LOG2E * scale)
-    _launch(_attn_fwd, "fwd", T, _window_arg(window, T), B * Hq, args, dict(HEAD_DIM=D, PRECISION=_precision(q)), q)
+            B, Hq, k.size(2), T, w, Hq // k.size(2), LOG2E * scale)
+    _launch(_attn_fwd, "fwd_tma" if tma else "fwd", T, w, B * Hq, args, meta, q)
 
 
-def _backward_into(dout, q, k, v, out, lse, window: int, scale: float, dq, dk, dv, fused_dq: bool = False) -> None:
+def _tma_inputs(*ts: torch.Tensor) -> list[torch.Tensor]:
+    """ts as tensor descriptors can read them (_tma_ready), with the allocator for the descriptors set on a GPU."""
+    if ts[0].is_cuda:
+        triton.set_allocator(_tma_workspace)
+    return [_tma_ready(t) for t in ts]
+
+
+def _backward_into(dout, q, k, v, out, lse, window: int, scale: float, dq, dk, dv, fused_dq: bool = False,
+                   tma: bool = False) -> None:
     """delta = rowsum(out·dout), then dk/dv per key block (summed over a GQA group), dq per query block; fused_dq:
-    dq accumulated in fp32 by the dk/dv kernel instead (one kernel, atomics: summation order not fixed)."""
+    dq accumulated in fp32 by the dk/dv kernel instead (one kernel, atomics: summation order not fixed); tma: the dq
+    kernel reads through tensor descriptors (the dk/dv kernel does not: with them it spills at D 128, where it does
+    not without; bench.compile_check)."""
     B, T, Hq, D = q.shape
     Hkv = k.size(2)
     delta = _empty((B, Hq, T), torch.float32, q.device)
@@ -441,9 +506,11 @@ def _backward_into(dout, q, k, v, out, lse, window: int, scale: float, dq, dk, d
     if fused_dq:
         dq.copy_(dq_acc)
         return
-    _launch(_attn_bwd_dq, "dq", T, w, B * Hq,
+    if tma:
+        dout, q, k, v = _tma_inputs(dout, q, k, v)
+    _launch(_attn_bwd_dq, "dq_tma" if tma else "dq", T, w, B * Hq,
             (q, k, v, dout, dq, lse, delta, *_strides(q), *_strides(k), *_strides(v), *_strides(dout),
-             *_strides(dq), Hq, T, w, group, qk_scale, sm_scale), meta, q)
+             *_strides(dq), B, Hq, Hkv, T, w, group, qk_scale, sm_scale), meta | dict(TMA=tma), q)
 
 
 def _empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -466,50 +533,51 @@ def _for_kernels(*ts: torch.Tensor) -> list[torch.Tensor]:
 
 @torch.library.custom_op("nanochat::attention_forward", mutates_args=())
 def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, scale: float,
-                fused_dq: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out (B, T, Hq, D) in q's dtype, lse (B, Hq, T) fp32). fused_dq: which backward (_backward_into)."""
+                fused_dq: bool = False, tma: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out (B, T, Hq, D) in q's dtype, lse (B, Hq, T) fp32). fused_dq: which backward (_backward_into); tma:
+    which forward kernel."""
     qk, kk, vk = _for_kernels(q, k, v)
     B, T, Hq, _ = q.shape
     out, lse = _like(qk), _empty((B, Hq, T), torch.float32, q.device)
     if out.numel():
-        _forward_into(qk, kk, vk, window, scale, out, lse)
+        _forward_into(qk, kk, vk, window, scale, out, lse, tma)
     return out.to(q.dtype), lse
 
 
 @_forward_op.register_fake
-def _(q, k, v, window, scale, fused_dq=False):
+def _(q, k, v, window, scale, fused_dq=False, tma=False):
     B, T, Hq, _ = q.shape
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(B, Hq, T, dtype=torch.float32)
 
 
 @torch.library.custom_op("nanochat::attention_backward", mutates_args=())
 def _backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                 lse: torch.Tensor, window: int, scale: float,
-                 fused_dq: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 lse: torch.Tensor, window: int, scale: float, fused_dq: bool,
+                 tma: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) in the inputs' dtype, recomputing the scores from the saved lse."""
-    dk_, qk, kk, vk, ok = _for_kernels(dout, q, k, v, out)
+    dout_k, qk, kk, vk, ok = _for_kernels(dout, q, k, v, out)
     dq, dk, dv = _like(qk), _like(kk), _like(vk)
     if q.numel():
-        _backward_into(dk_, qk, kk, vk, ok, lse, window, scale, dq, dk, dv, fused_dq)
+        _backward_into(dout_k, qk, kk, vk, ok, lse, window, scale, dq, dk, dv, fused_dq, tma)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
 @_backward_op.register_fake
-def _(dout, q, k, v, out, lse, window, scale, fused_dq):
+def _(dout, q, k, v, out, lse, window, scale, fused_dq, tma=False):
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, window, scale, fused_dq = inputs
+    q, k, v, window, scale, fused_dq, tma = inputs
     out, lse = output
-    ctx.window, ctx.scale, ctx.fused_dq = window, scale, fused_dq
+    ctx.window, ctx.scale, ctx.fused_dq, ctx.tma = window, scale, fused_dq, tma
     ctx.save_for_backward(q, k, v, out, lse)
 
 
 def _backward(ctx, dout, _dlse):
     q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = _backward_op(dout, q, k, v, out, lse, ctx.window, ctx.scale, ctx.fused_dq)
-    return dq, dk, dv, None, None, None
+    dq, dk, dv = _backward_op(dout, q, k, v, out, lse, ctx.window, ctx.scale, ctx.fused_dq, ctx.tma)
+    return dq, dk, dv, None, None, None, None
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -520,24 +588,31 @@ def supports(q: torch.Tensor) -> bool:
     return q.dtype in (torch.float32, torch.float16, torch.bfloat16) and q.size(-1) in TRITON_HEAD_DIMS
 
 
-def _run_triton(q, k, v, window, scale, name: str, fused_dq: bool):
+def _run_triton(q, k, v, window, scale, name: str, fused_dq: bool = False, tma: bool = False):
     if not triton_runs_on(q):
         raise KernelUnavailable(f"attention: impl {name!r} needs a CUDA tensor (or TRITON_INTERPRET=1 on CPU)")
     if not supports(q):
         raise KernelUnavailable(f"attention: impl {name!r} takes fp32/fp16/bf16 with head dim in {TRITON_HEAD_DIMS}, "
                                 f"got {q.dtype} and D = {q.size(-1)}")
-    return _forward_op(q, k, v, window, default_scale(q) if scale is None else float(scale), fused_dq)[0]
+    return _forward_op(q, k, v, window, default_scale(q) if scale is None else float(scale), fused_dq, tma)[0]
 
 
 @register("attention", "triton")
 def _triton(q, k, v, window, scale=None):
-    return _run_triton(q, k, v, window, scale, "triton", False)
+    return _run_triton(q, k, v, window, scale, "triton")
 
 
 @register("attention", "triton_fused_bwd")
 def _triton_fused_bwd(q, k, v, window, scale=None):
     """Ours with the one-kernel backward (dq by fp32 atomics); selectable, not auto, until a GPU shows it faster."""
-    return _run_triton(q, k, v, window, scale, "triton_fused_bwd", True)
+    return _run_triton(q, k, v, window, scale, "triton_fused_bwd", fused_dq=True)
+
+
+@register("attention", "triton_tma")
+def _triton_tma(q, k, v, window, scale=None):
+    """Ours with the forward's and the dq kernel's loads through tensor descriptors (TMA on Hopper); selectable, not
+    auto, until a GPU shows it faster."""
+    return _run_triton(q, k, v, window, scale, "triton_tma", tma=True)
 
 
 # ----------------------------------------------------------------------------------------------

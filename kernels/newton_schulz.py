@@ -1,7 +1,7 @@
 """Muon's orthogonalization: the Polar Express iteration (a tuned Newton-Schulz), batched over a stack.
 
 For a stack G of shape (K, m, n) (or one (m, n) matrix), in the wide orientation (m <= n, transposed when
-m > n), X = G / (||G||_F * 1.01 + 1e-6) per matrix, then 5 iterations of
+m > n), X = G / (||G||_F * NORM_MARGIN + NORM_EPS) per matrix, then 5 iterations of
     A = X Xᵀ;   B = b·A + c·A·A;   X = a·X + B·X
 with the (a, b, c) below. The result has every singular value pushed into roughly [0.7, 1.2].
 
@@ -9,6 +9,12 @@ Kernels: A = X Xᵀ and B = b·A + c·A·A are symmetric, so their kernels launc
 below the diagonal and store each tile twice (at (i, j) and, transposed, at (j, i)): half the work of a
 dense product. The third product a·X + B·X is not symmetric: cuBLAS (torch.baddbmm) by default,
 or our plain tiled kernel with impl="triton_full".
+
+impl="triton_fused" (selectable, not auto until a GPU shows it faster) also folds the normalisation into the
+first step: ||G||²_F = trace(G Gᵀ), so the first X·Xᵀ runs on G itself, the b·A + c·A·A kernel reads the trace
+off that product's diagonal and scales b by 1/s², c by 1/s⁴ (s = ||G||_F * NORM_MARGIN + NORM_EPS), and the
+first a·X + B·X is scaled by 1/s: no pass of its own over G. And a tall stack stays in its own layout (the
+kernels write X through transposed strides), so the result needs no transposing copy.
 
 dtype: the iteration runs in G's dtype and returns it. The optimizer passes bf16 stacks on GPU (what
 nanochat's polar_express does with G.bfloat16()) and fp32 on CPU. Dots always accumulate in fp32.
@@ -28,6 +34,7 @@ POLAR_EXPRESS_COEFFS = (
     (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
     (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
 )
+NORM_MARGIN, NORM_EPS = 1.01, 1e-6  # X = G / (||G||_F * NORM_MARGIN + NORM_EPS): every singular value below 1
 
 
 def flops_dense(m: int, n: int, steps: int = 5) -> int:
@@ -86,16 +93,35 @@ def _tile_product(acc, a_ptr, s_ar, s_ak, rows, b_ptr, s_bk, s_bc, cols, M, K, N
 
 
 @triton.jit
-def _symmetric_kernel(x_ptr, out_ptr, m, n, coef_b, coef_c, s_xb, s_xr, s_xc, s_yk, s_yc, s_ob, s_or, s_oc,
-                      POLY: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+def _inverse_norm(a_ptr, m, s_ar, s_ac, MARGIN: tl.constexpr, EPS: tl.constexpr, BLOCK: tl.constexpr):
+    """1 / (||G||_F * MARGIN + EPS) from A = G Gᵀ: the square root of its trace, summed in a fixed order."""
+    diag = tl.zeros((BLOCK,), dtype=tl.float32)
+    for d0 in range(0, m, BLOCK):
+        d = d0 + tl.arange(0, BLOCK)
+        diag += tl.load(a_ptr + d * (s_ar + s_ac), mask=d < m, other=0.0).to(tl.float32)
+    return 1.0 / (tl.sqrt(tl.sum(diag, 0)) * MARGIN + EPS)
+
+
+@triton.jit
+def _symmetric_kernel(x_ptr, out_ptr, scale_ptr, m, n, coef_b, coef_c, s_xb, s_xr, s_xc, s_yk, s_yc,
+                      s_ob, s_or, s_oc, POLY: tl.constexpr, NORMALISE: tl.constexpr, MARGIN: tl.constexpr,
+                      EPS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                       BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
     """A product known to be symmetric, X (K, m, n) times Y (K, n, m), one program per lower tile (i, j) and
     batch element, Y read through its own strides (s_yk, s_yc) from the same memory as X:
       POLY=False: A = X Xᵀ (Y = Xᵀ: X's strides swapped);
       POLY=True:  B = b·A + c·A·A for symmetric A (Y = A itself, n = m), A's (i, j) tile added in the epilogue.
+    NORMALISE (with POLY, on the first step's A = G Gᵀ of the unnormalised G): every program takes inv =
+    1/s from A's trace and computes B for A/s², b·inv² and c·inv⁴; the first program stores inv at scale_ptr.
     """
     i, j = _lower_tile(tl.program_id(0))
     x_ptr += tl.program_id(1).to(tl.int64) * s_xb
+    if NORMALISE:
+        inv = _inverse_norm(x_ptr, m, s_xr, s_xc, MARGIN, EPS, BLOCK)
+        coef_b = coef_b * inv * inv
+        coef_c = coef_c * inv * inv * inv * inv
+        if tl.program_id(0) == 0:
+            tl.store(scale_ptr + tl.program_id(1), inv)
     rows = i * BLOCK + tl.arange(0, BLOCK)
     cols = j * BLOCK + tl.arange(0, BLOCK)
     acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
@@ -108,10 +134,11 @@ def _symmetric_kernel(x_ptr, out_ptr, m, n, coef_b, coef_c, s_xb, s_xr, s_xc, s_
 
 
 @triton.jit
-def _update_kernel(b_ptr, x_ptr, out_ptr, m, n, coef_a, s_bb, s_br, s_bc, s_xb, s_xr, s_xc, s_ob, s_or, s_oc,
-                   PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+def _update_kernel(b_ptr, x_ptr, out_ptr, scale_ptr, m, n, coef_a, s_bb, s_br, s_bc, s_xb, s_xr, s_xc,
+                   s_ob, s_or, s_oc, NORMALISE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """out = a·X + B·X for B (K, m, m), X (K, m, n): a plain tiled matmul with the a·X epilogue."""
+    """out = a·X + B·X for B (K, m, m), X (K, m, n): a plain tiled matmul with the a·X epilogue. NORMALISE:
+    X is the unnormalised G, out = (a·G + B·G) · scale_ptr[batch] (1/s, stored by the B kernel)."""
     tiles_n = tl.cdiv(n, BLOCK_N)
     pid_m, pid_n = tl.program_id(0) // tiles_n, tl.program_id(0) % tiles_n
     batch = tl.program_id(1).to(tl.int64)
@@ -125,6 +152,8 @@ def _update_kernel(b_ptr, x_ptr, out_ptr, m, n, coef_a, s_bb, s_br, s_bc, s_xb, 
     mask = (rows[:, None] < m) & (cols[None, :] < n)
     x_ij = tl.load(x_ptr + rows[:, None] * s_xr + cols[None, :] * s_xc, mask=mask, other=0.0)
     acc += coef_a * x_ij.to(tl.float32)
+    if NORMALISE:
+        acc *= tl.load(scale_ptr + batch)
     tl.store(out_ptr + rows[:, None] * s_or + cols[None, :] * s_oc, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -163,7 +192,7 @@ def orthogonalize_reference(G: torch.Tensor, steps: int = 5) -> torch.Tensor:
     tall = G.size(-2) > G.size(-1)
     if tall:
         X = X.mT
-    X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.01 + 1e-6)
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) * NORM_MARGIN + NORM_EPS)
     for a, b, c in POLAR_EXPRESS_COEFFS[:steps]:
         A = X @ X.mT
         B = b * A + c * (A @ A)
@@ -190,65 +219,79 @@ def _n_lower_tiles(m: int, block: int) -> int:
     return t * (t + 1) // 2
 
 
+_SYM_FLAGS = dict(MARGIN=NORM_MARGIN, EPS=NORM_EPS)
+
+
 def _gram(X: torch.Tensor, A: torch.Tensor, precision: str, upcast: bool) -> None:
     """A = X Xᵀ."""
     K, m, n = X.shape
     _launch("newton_schulz.symmetric", _symmetric_kernel, INTERPRETER_SYM,
             lambda meta: (_n_lower_tiles(m, meta["BLOCK"]), K),
-            (X, A, m, n, 0.0, 0.0, *X.stride(), X.stride(2), X.stride(1), *A.stride()),
-            dict(POLY=False, PRECISION=precision, UPCAST=upcast), dict(m=m, n=n, POLY=False), X)
+            (X, A, A, m, n, 0.0, 0.0, *X.stride(), X.stride(2), X.stride(1), *A.stride()),
+            dict(POLY=False, NORMALISE=False, PRECISION=precision, UPCAST=upcast, **_SYM_FLAGS),
+            dict(m=m, n=n, POLY=False), X)
 
 
-def _poly(A: torch.Tensor, B: torch.Tensor, b: float, c: float, precision: str, upcast: bool) -> None:
-    """B = b·A + c·A·A."""
+def _poly(A: torch.Tensor, B: torch.Tensor, b: float, c: float, precision: str, upcast: bool,
+          scale: torch.Tensor | None = None) -> None:
+    """B = b·A + c·A·A; with scale (K,) fp32, A is G Gᵀ of the unnormalised G: B of A/s², 1/s stored in scale."""
     K, m, _ = A.shape
     _launch("newton_schulz.symmetric", _symmetric_kernel, INTERPRETER_SYM,
             lambda meta: (_n_lower_tiles(m, meta["BLOCK"]), K),
-            (A, B, m, m, b, c, *A.stride(), A.stride(1), A.stride(2), *B.stride()),
-            dict(POLY=True, PRECISION=precision, UPCAST=upcast), dict(m=m, n=m, POLY=True), A)
+            (A, B, A if scale is None else scale, m, m, b, c, *A.stride(), A.stride(1), A.stride(2), *B.stride()),
+            dict(POLY=True, NORMALISE=scale is not None, PRECISION=precision, UPCAST=upcast, **_SYM_FLAGS),
+            dict(m=m, n=m, POLY=True), A)
 
 
 def _update(B: torch.Tensor, X: torch.Tensor, out: torch.Tensor, a: float, precision: str, upcast: bool,
-            ours: bool) -> None:
+            ours: bool, scale: torch.Tensor | None = None) -> None:
+    """out = a·X + B·X; with scale (K,) fp32 (ours only), out = (a·X + B·X) · scale."""
     if not ours:  # cuBLAS (on CPU: the torch kernel), fp32 epilogue, one rounding
         torch.baddbmm(X, B, X, beta=a, out=out)
         return
     K, m, n = X.shape
     _launch("newton_schulz.update", _update_kernel, INTERPRETER_MM,
             lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), K),
-            (B, X, out, m, n, a, *B.stride(), *X.stride(), *out.stride()), dict(PRECISION=precision, UPCAST=upcast),
-            dict(m=m, n=n), B)
+            (B, X, out, B if scale is None else scale, m, n, a, *B.stride(), *X.stride(), *out.stride()),
+            dict(NORMALISE=scale is not None, PRECISION=precision, UPCAST=upcast), dict(m=m, n=n), B)
 
 
 def _buffer(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
     return torch.empty(shape, device=like.device, dtype=like.dtype)  # tests swap in a NaN-filled one
 
 
+def _wide(G: torch.Tensor) -> torch.Tensor:
+    return G.mT if G.size(-2) > G.size(-1) else G  # the kernels take strides: a view, no copy
+
+
 @torch.library.custom_op("nanochat::polar_express", mutates_args=())
-def _polar_express_op(G: torch.Tensor, steps: int, ours_update: bool) -> torch.Tensor:
-    """The Polar Express iteration on a (K, m, n) stack with our symmetric kernels; returns G's dtype."""
-    X = G.mT if G.size(-2) > G.size(-1) else G  # wide; the kernels take strides, so no copy
-    X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.01 + 1e-6)
+def _polar_express_op(G: torch.Tensor, steps: int, ours_update: bool, fused: bool = False) -> torch.Tensor:
+    """The Polar Express iteration on a (K, m, n) stack with our symmetric kernels; returns G's dtype.
+    fused (with ours_update): the normalisation folded into the first step, a tall G's layout kept throughout."""
+    fused = fused and steps > 0
+    X = _wide(G) if fused else _wide(G) / (_wide(G).norm(dim=(-2, -1), keepdim=True) * NORM_MARGIN + NORM_EPS)
     K, m, n = X.shape
     # fp32 dots follow torch's own matmul setting (tf32 under "high", like cuBLAS); the interpreter is exact
     ieee = interpreting() or torch.get_float32_matmul_precision() == "highest"
     precision = "ieee" if (G.dtype == torch.float32 and ieee) else "tf32"  # ignored for 16-bit inputs
     upcast = interpreting() and G.dtype == torch.bfloat16
     A, B = _buffer((K, m, m), G), _buffer((K, m, m), G)
-    buffers = [_buffer((K, m, n), G) for _ in range(min(steps, 2))]  # X ping-pongs between two
+    # X ping-pongs between two buffers, in G's own layout when fused (a tall G: wide views of tall memory)
+    buffers = [_wide(_buffer(G.shape, G)) if fused else _buffer((K, m, n), G) for _ in range(min(steps, 2))]
+    scale = _buffer((K,), G.float()) if fused else None  # 1/s, written by the first B kernel
     for step, (a, b, c) in enumerate(POLAR_EXPRESS_COEFFS[:steps]):
+        first = scale if step == 0 else None
         _gram(X, A, precision, upcast)
-        _poly(A, B, b, c, precision, upcast)
+        _poly(A, B, b, c, precision, upcast, first)
         out = buffers[step % 2]
-        _update(B, X, out, a, precision, upcast, ours_update)
+        _update(B, X, out, a, precision, upcast, ours_update, first)
         X = out
-    if G.size(-2) > G.size(-1):
-        X = X.mT
-    return X.contiguous()
+    X = X.mT if G.size(-2) > G.size(-1) else X
+    return X.contiguous()  # fused: a tall X is a view of G-shaped memory already, no copy
 
 
 @_polar_express_op.register_fake
-def _(G, steps, ours_update):
+def _(G, steps, ours_update, fused=False):
     return torch.empty_like(G, memory_format=torch.contiguous_format)
 
 
@@ -258,14 +301,15 @@ def _(G, steps, ours_update):
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _run_triton(G: torch.Tensor, steps: int, name: str, ours_update: bool) -> torch.Tensor:
+def _run_triton(G: torch.Tensor, steps: int, name: str, ours_update: bool, fused: bool = False) -> torch.Tensor:
     if not triton_runs_on(G):
         raise KernelUnavailable(f"newton_schulz: impl {name!r} needs a CUDA tensor (or TRITON_INTERPRET=1 on CPU)")
-    if G.dtype not in _TRITON_DTYPES:
-        raise KernelUnavailable(f"newton_schulz: impl {name!r} takes fp32/fp16/bf16, got {G.dtype}")
+    if G.dtype not in _TRITON_DTYPES or (fused and G.dtype == torch.float16):
+        kinds = "fp32/bf16 (G Gᵀ of an unnormalised G can overflow fp16)" if fused else "fp32/fp16/bf16"
+        raise KernelUnavailable(f"newton_schulz: impl {name!r} takes {kinds}, got {G.dtype}")
     if G.numel() == 0:
         return orthogonalize_reference(G, steps)
-    X = _polar_express_op(G if G.dim() == 3 else G.unsqueeze(0), steps, ours_update)
+    X = _polar_express_op(G if G.dim() == 3 else G.unsqueeze(0), steps, ours_update, fused)
     return X if G.dim() == 3 else X.squeeze(0)
 
 
@@ -279,6 +323,13 @@ def _triton(G: torch.Tensor, steps: int) -> torch.Tensor:
 def _triton_full(G: torch.Tensor, steps: int) -> torch.Tensor:
     """Our kernels for all three products."""
     return _run_triton(G, steps, "triton_full", ours_update=True)
+
+
+@register("newton_schulz", "triton_fused")
+def _triton_fused(G: torch.Tensor, steps: int) -> torch.Tensor:
+    """Our kernels for all three products, the normalisation folded into the first step, no transposing copy;
+    selectable, not auto, until a GPU shows it faster."""
+    return _run_triton(G, steps, "triton_fused", ours_update=True, fused=True)
 
 
 def orthogonalize(G: torch.Tensor, steps: int = 5, impl: str = "auto") -> torch.Tensor:

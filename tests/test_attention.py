@@ -59,7 +59,8 @@ def triton_attention(q, k, v, window, impl="triton"):
     return attention(q, k, v, window=window, impl=impl)
 
 
-TRITON_IMPLS = ("triton", "triton_fused_bwd")  # ours, and ours with the one-kernel backward (dq by atomics)
+# ours, ours with the one-kernel backward (dq by atomics), ours with the forward through tensor descriptors (TMA)
+TRITON_IMPLS = ("triton", "triton_fused_bwd", "triton_tma")
 
 
 # (B, T, Hq, Hkv, D, window, dtype)
@@ -102,6 +103,16 @@ def test_triton_strided_inputs(poison, impl):
     q, k, v = qkv[:, :, :H], qkv[:, :, H:2 * H], qkv[:, :, 2 * H:]
     dout = torch.randn(B, H, T, D, device=DEV).transpose(1, 2)
     check(run(lambda *a: triton_attention(*a, impl=impl), q, k, v, dout, 20), ref_run(q, k, v, dout, 20), 1e-4, 20)
+
+
+def test_tma_needs_aligned_tensors_else_copies():
+    """A tensor descriptor needs 16-byte aligned base and strides: aligned views go as they are, others as copies."""
+    qkv = torch.randn(1, 8, 6, 16, device=DEV)
+    q = qkv[:, :, :2]
+    assert attn._tma_ready(q) is q
+    odd = torch.randn(1, 8, 2, 17, device=DEV)[..., 1:]  # base 4 bytes in, strides of 17 floats
+    ready = attn._tma_ready(odd)
+    assert ready is not odd and ready.is_contiguous() and torch.equal(ready, odd)
 
 
 def test_triton_bf16_on_the_interpreter_runs_in_fp32():
@@ -302,16 +313,17 @@ def test_fused_backward_survives_autotuning(monkeypatch):
 
 
 @pytest.mark.parametrize("impl,kernels", [("triton", ["_attn_bwd_dkdv", "_attn_bwd_dq", "_attn_fwd"]),
-                                          ("triton_fused_bwd", ["_attn_bwd_dkdv", "_attn_fwd"])])
+                                          ("triton_fused_bwd", ["_attn_bwd_dkdv", "_attn_fwd"]),
+                                          ("triton_tma", ["_attn_bwd_dkdv", "_attn_bwd_dq+tma", "_attn_fwd+tma"])])
 def test_triton_impl_launches_our_kernels(monkeypatch, impl, kernels):
     """Guard for the Triton tests above: impl="triton" runs our three Triton kernels (on a CPU, on the
     interpreter), forward and backward, and not some other path that also matches the reference; the fused
-    backward runs no dq kernel."""
+    backward runs no dq kernel, the TMA variant its forward and dq kernels with TMA on."""
     launched = []
     for name in ("_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq"):
         kernel = getattr(attn, name)
-        monkeypatch.setattr(kernel, "run", lambda *a, _run=kernel.run, _name=name, **kw: launched.append(_name)
-                            or _run(*a, **kw))
+        monkeypatch.setattr(kernel, "run", lambda *a, _run=kernel.run, _name=name, **kw: launched.append(
+            _name + ("+tma" if kw.get("TMA") else "")) or _run(*a, **kw))
     q, k, v, dout = make(1, 40, 2, 2, 16, torch.float32)
     check(run(lambda *a: triton_attention(*a, impl=impl), q, k, v, dout, 7), ref_run(q, k, v, dout, 7), 1e-4, 7)
     assert sorted(set(launched)) == kernels, launched
