@@ -105,8 +105,8 @@ def cross_entropy_launches() -> list[Launch]:
 
 
 def attention_launches() -> list[Launch]:
-    """Forward and backward, every variant (plain, fused dq, TMA), at T 2048 with window 1024: bf16 at D 128 and 64
-    (tensor cores), fp32 at D 128."""
+    """Forward and backward, every variant (plain, fused dq, TMA, dq delta), at T 2048 with window 1024: bf16 at D 128
+    and 64 (tensor cores), fp32 at D 128."""
     from kernels import attention as at
     launches: list = []
     for dtype, D in ((torch.bfloat16, 128), (torch.bfloat16, 64), (torch.float32, 128)):
@@ -124,6 +124,9 @@ def attention_launches() -> list[Launch]:
             at._forward_into(q, k, v, 1024, 1.44 / D ** 0.5, out, lse, tma=True)
             at._backward_into(out, q, k, v, out, lse, 1024, 1.44 / D ** 0.5, *(torch.empty_like(t) for t in (q, k, v)),
                               tma=True)
+        with recording(launches, "attention", f"{name} D={D} dq delta"):  # delta computed by the dq kernel
+            at._backward_into(out, q, k, v, out, lse, 1024, 1.44 / D ** 0.5, *(torch.empty_like(t) for t in (q, k, v)),
+                              dq_delta=True)
     return launches
 
 

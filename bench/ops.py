@@ -29,7 +29,7 @@ COMPILED_IMPLS = ("compile", "flex")  # compiled per shape: dynamo is reset firs
 _TRITON_ON_CPU = "Triton kernels need CUDA here (the CPU interpreter checks correctness; it is no benchmark)"
 NOT_ON_CPU = {  # why an implementation (a name of dispatch.IMPLS) is not timed on a CPU
     "triton": _TRITON_ON_CPU, "triton_full": _TRITON_ON_CPU, "triton_fused": _TRITON_ON_CPU,
-    "triton_fused_bwd": _TRITON_ON_CPU, "triton_tma": _TRITON_ON_CPU,
+    "triton_fused_bwd": _TRITON_ON_CPU, "triton_tma": _TRITON_ON_CPU, "triton_dq_delta": _TRITON_ON_CPU,
     "compile": "torch.compile on the CPU takes minutes to build; benchmarked on CUDA only",
     "flex": "FlexAttention is compiled; benchmarked on CUDA only",
     "fa2": "FlashAttention-2 needs CUDA", "fa3": "FlashAttention-3 needs a Hopper GPU",

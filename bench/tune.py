@@ -7,9 +7,9 @@ and how long choosing takes.
 
 Per depth, the shapes a training step launches: the whole-model Newton-Schulz stacks (triton_full, auto's; then
 triton_fused, whose first-step kernels share those keys) and attention (fwd + bwd) at B 32, T 2048, D 128 with the
-window of S layers (T/2), in every variant (two-kernel, fused dq, TMA), and full L layers (auto runs SDPA there
-for bf16; a forced --kernel-attention triton does not). Each kernel's first call
-autotunes (tables ignored, so the choice is made afresh); its seconds are reported next to a second, tuned call.
+window of S layers (T/2), in every variant (two-kernel, fused dq, TMA, dq delta), and full L layers (auto runs
+SDPA there for bf16; a forced --kernel-attention triton does not). Each kernel's first call autotunes (tables
+ignored, so the choice is made afresh); its seconds are reported next to a second, tuned call.
 Every key the autotuners chose is then added to the table (a key already there is replaced). Needs CUDA.
 """
 import json
@@ -81,7 +81,7 @@ def tune_depth(depth: int, device) -> list[dict]:
                          "first_s": first, "second_s": second})
     H = HEADS[depth]
     for impl, window in (("triton", SEQ_LEN // 2), ("triton_fused_bwd", SEQ_LEN // 2), ("triton_tma", SEQ_LEN // 2),
-                         ("triton", -1), ("triton_tma", -1)):
+                         ("triton_dq_delta", SEQ_LEN // 2), ("triton", -1), ("triton_tma", -1)):
         q, k, v = (torch.randn(BATCH, SEQ_LEN, H, 128, device=device, dtype=torch.bfloat16, requires_grad=True)
                    for _ in range(3))
 

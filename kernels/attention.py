@@ -296,14 +296,16 @@ def _dq_inner(dq, q, do, lse, delta, k_src, v_src, b, hk, stride_kt, stride_vt, 
 
 
 @triton.jit
-def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA,
+def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, O,
                  stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
                  stride_vb, stride_vt, stride_vh, stride_dob, stride_dot, stride_doh,
-                 stride_dqb, stride_dqt, stride_dqh,
+                 stride_dqb, stride_dqt, stride_dqh, stride_ob, stride_ot, stride_oh,
                  B, Hq, Hkv, T, window, group, qk_scale, sm_scale,
                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
-                 TMA: tl.constexpr):
-    """dq of one block of queries of one head: the forward's loop over key blocks, recomputing p from lse."""
+                 TMA: tl.constexpr, OWN_DELTA: tl.constexpr):
+    """dq of one block of queries of one head: the forward's loop over key blocks, recomputing p from lse.
+    OWN_DELTA: delta = rowsum(o·do) of its rows computed here from O and stored to DELTA (the dk/dv kernel, launched
+    after this one, reads it): no preprocessing kernel, no second read of dO."""
     tl.static_assert(BLOCK_M % BLOCK_N == 0)
     pid_bh, b, h, hk, m0 = _query_block(Hq, group, BLOCK_M)
     rows = m0 + tl.arange(0, BLOCK_M)
@@ -316,7 +318,13 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA,
     q = _tile(q_src, b, h, m0, stride_qt, offs_d, T, True, BLOCK_M, HEAD_DIM, TMA)
     do = _tile(do_src, b, h, m0, stride_dot, offs_d, T, True, BLOCK_M, HEAD_DIM, TMA)
     lse = tl.load(LSE + pid_bh.to(tl.int64) * T + rows, mask=in_seq, other=0.0)
-    delta = tl.load(DELTA + pid_bh.to(tl.int64) * T + rows, mask=in_seq, other=0.0)
+    if OWN_DELTA:
+        o_src = _head(O, b64, h, stride_ob, stride_ot, stride_oh, B, T, Hq, BLOCK_M, HEAD_DIM, TMA)
+        o = _tile(o_src, b, h, m0, stride_ot, offs_d, T, True, BLOCK_M, HEAD_DIM, TMA)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+        tl.store(DELTA + pid_bh.to(tl.int64) * T + rows, delta, mask=in_seq)
+    else:
+        delta = tl.load(DELTA + pid_bh.to(tl.int64) * T + rows, mask=in_seq, other=0.0)
     k_src = _head(K, b64, hk, stride_kb, stride_kt, stride_kh, B, T, Hkv, BLOCK_N, HEAD_DIM, TMA)
     v_src = _head(V, b64, hk, stride_vb, stride_vt, stride_vh, B, T, Hkv, BLOCK_N, HEAD_DIM, TMA)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
@@ -355,6 +363,7 @@ tuned.register("attention.dq", triton.autotune(_DQ_CONFIGS, key=_TUNE_KEY)(_attn
 # the kernels with TMA on: their own autotuners and table entries (the choice may differ), the same configs
 for _name, _cfgs, _kernel in (("fwd", _FWD_CONFIGS, _attn_fwd), ("dq", _DQ_CONFIGS, _attn_bwd_dq)):
     tuned.register(f"attention.{_name}_tma", triton.autotune(_cfgs, key=_TUNE_KEY)(_kernel))
+tuned.register("attention.dq_delta", triton.autotune(_DQ_CONFIGS, key=_TUNE_KEY)(_attn_bwd_dq))  # OWN_DELTA on
 # (BLOCK_M, BLOCK_N) without autotuning: under the interpreter, and for fp32 inputs on a GPU (exact dots on CUDA
 # cores, where larger blocks spill registers: `python -m bench.compile_check` shows how much).
 SMALL_BLOCKS = {"fwd": (32, 16), "dkdv": (16, 32), "dq": (32, 16)}
@@ -485,19 +494,28 @@ def _tma_inputs(*ts: torch.Tensor) -> list[torch.Tensor]:
 
 
 def _backward_into(dout, q, k, v, out, lse, window: int, scale: float, dq, dk, dv, fused_dq: bool = False,
-                   tma: bool = False) -> None:
-    """delta = rowsum(out·dout), then dk/dv per key block (summed over a GQA group), dq per query block; fused_dq:
-    dq accumulated in fp32 by the dk/dv kernel instead (one kernel, atomics: summation order not fixed); tma: the dq
+                   tma: bool = False, dq_delta: bool = False) -> None:
+    """delta = rowsum(out·dout), then dk/dv per key block (summed over a GQA group), dq per query block. fused_dq:
+    dq accumulated in fp32 by the dk/dv kernel instead (one kernel, atomics: summation order not fixed). tma: the dq
     kernel reads through tensor descriptors (the dk/dv kernel does not: with them it spills at D 128, where it does
-    not without; bench.compile_check)."""
+    not without; bench.compile_check). dq_delta: the dq kernel runs first and computes delta itself."""
     B, T, Hq, D = q.shape
     Hkv = k.size(2)
     delta = _empty((B, Hq, T), torch.float32, q.device)
-    pre_block = 32 if interpreting() else 128
-    _attn_bwd_preprocess[(triton.cdiv(T, pre_block), B * Hq)](
-        out, dout, delta, *_strides(out), *_strides(dout), Hq, T, HEAD_DIM=D, BLOCK_M=pre_block)
     w, group, sm_scale = _window_arg(window, T), Hq // Hkv, scale
     qk_scale, meta = sm_scale * LOG2E, dict(HEAD_DIM=D, PRECISION=_precision(q))
+
+    do_, q_, k_, v_ = _tma_inputs(dout, q, k, v) if tma else (dout, q, k, v)
+    dq_launch = (_attn_bwd_dq, "dq_tma" if tma else "dq_delta" if dq_delta else "dq", T, w, B * Hq,
+                 (q_, k_, v_, do_, dq, lse, delta, out, *_strides(q_), *_strides(k_), *_strides(v_), *_strides(do_),
+                  *_strides(dq), *_strides(out), B, Hq, Hkv, T, w, group, qk_scale, sm_scale),
+                 meta | dict(TMA=tma, OWN_DELTA=dq_delta), q)
+    if dq_delta:  # the dq kernel first: it writes the delta the dk/dv kernel reads
+        _launch(*dq_launch)
+    else:
+        pre_block = 32 if interpreting() else 128
+        _attn_bwd_preprocess[(triton.cdiv(T, pre_block), B * Hq)](
+            out, dout, delta, *_strides(out), *_strides(dout), Hq, T, HEAD_DIM=D, BLOCK_M=pre_block)
     dq_acc = torch.zeros(dq.shape, dtype=torch.float32, device=dq.device) if fused_dq else dq
     _launch(_attn_bwd_dkdv, "dkdv_fused" if fused_dq else "dkdv", T, w, B * Hkv,
             (q, k, v, dout, dk, dv, lse, delta, dq_acc, *_strides(q), *_strides(k), *_strides(v), *_strides(dout),
@@ -505,12 +523,8 @@ def _backward_into(dout, q, k, v, out, lse, window: int, scale: float, dq, dk, d
             meta | dict(FUSED_DQ=fused_dq), q)
     if fused_dq:
         dq.copy_(dq_acc)
-        return
-    if tma:
-        dout, q, k, v = _tma_inputs(dout, q, k, v)
-    _launch(_attn_bwd_dq, "dq_tma" if tma else "dq", T, w, B * Hq,
-            (q, k, v, dout, dq, lse, delta, *_strides(q), *_strides(k), *_strides(v), *_strides(dout),
-             *_strides(dq), B, Hq, Hkv, T, w, group, qk_scale, sm_scale), meta | dict(TMA=tma), q)
+    elif not dq_delta:
+        _launch(*dq_launch)
 
 
 def _empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -533,9 +547,9 @@ def _for_kernels(*ts: torch.Tensor) -> list[torch.Tensor]:
 
 @torch.library.custom_op("nanochat::attention_forward", mutates_args=())
 def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, scale: float,
-                fused_dq: bool = False, tma: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out (B, T, Hq, D) in q's dtype, lse (B, Hq, T) fp32). fused_dq: which backward (_backward_into); tma:
-    which forward kernel."""
+                fused_dq: bool = False, tma: bool = False, dq_delta: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out (B, T, Hq, D) in q's dtype, lse (B, Hq, T) fp32). tma: which forward kernel; fused_dq, tma, dq_delta:
+    which backward (_backward_into)."""
     qk, kk, vk = _for_kernels(q, k, v)
     B, T, Hq, _ = q.shape
     out, lse = _like(qk), _empty((B, Hq, T), torch.float32, q.device)
@@ -545,39 +559,39 @@ def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, 
 
 
 @_forward_op.register_fake
-def _(q, k, v, window, scale, fused_dq=False, tma=False):
+def _(q, k, v, window, scale, fused_dq=False, tma=False, dq_delta=False):
     B, T, Hq, _ = q.shape
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(B, Hq, T, dtype=torch.float32)
 
 
 @torch.library.custom_op("nanochat::attention_backward", mutates_args=())
 def _backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                 lse: torch.Tensor, window: int, scale: float, fused_dq: bool,
-                 tma: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 lse: torch.Tensor, window: int, scale: float, fused_dq: bool, tma: bool = False,
+                 dq_delta: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) in the inputs' dtype, recomputing the scores from the saved lse."""
     dout_k, qk, kk, vk, ok = _for_kernels(dout, q, k, v, out)
     dq, dk, dv = _like(qk), _like(kk), _like(vk)
     if q.numel():
-        _backward_into(dout_k, qk, kk, vk, ok, lse, window, scale, dq, dk, dv, fused_dq, tma)
+        _backward_into(dout_k, qk, kk, vk, ok, lse, window, scale, dq, dk, dv, fused_dq, tma, dq_delta)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
 @_backward_op.register_fake
-def _(dout, q, k, v, out, lse, window, scale, fused_dq, tma=False):
+def _(dout, q, k, v, out, lse, window, scale, fused_dq, tma=False, dq_delta=False):
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, window, scale, fused_dq, tma = inputs
+    q, k, v, window, scale, *ctx.variant = inputs  # fused_dq, tma, dq_delta
     out, lse = output
-    ctx.window, ctx.scale, ctx.fused_dq, ctx.tma = window, scale, fused_dq, tma
+    ctx.window, ctx.scale = window, scale
     ctx.save_for_backward(q, k, v, out, lse)
 
 
 def _backward(ctx, dout, _dlse):
     q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = _backward_op(dout, q, k, v, out, lse, ctx.window, ctx.scale, ctx.fused_dq, ctx.tma)
-    return dq, dk, dv, None, None, None, None
+    dq, dk, dv = _backward_op(dout, q, k, v, out, lse, ctx.window, ctx.scale, *ctx.variant)
+    return dq, dk, dv, None, None, None, None, None
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -588,13 +602,15 @@ def supports(q: torch.Tensor) -> bool:
     return q.dtype in (torch.float32, torch.float16, torch.bfloat16) and q.size(-1) in TRITON_HEAD_DIMS
 
 
-def _run_triton(q, k, v, window, scale, name: str, fused_dq: bool = False, tma: bool = False):
+def _run_triton(q, k, v, window, scale, name: str, fused_dq: bool = False, tma: bool = False,
+                dq_delta: bool = False):
     if not triton_runs_on(q):
         raise KernelUnavailable(f"attention: impl {name!r} needs a CUDA tensor (or TRITON_INTERPRET=1 on CPU)")
     if not supports(q):
         raise KernelUnavailable(f"attention: impl {name!r} takes fp32/fp16/bf16 with head dim in {TRITON_HEAD_DIMS}, "
                                 f"got {q.dtype} and D = {q.size(-1)}")
-    return _forward_op(q, k, v, window, default_scale(q) if scale is None else float(scale), fused_dq, tma)[0]
+    scale = default_scale(q) if scale is None else float(scale)
+    return _forward_op(q, k, v, window, scale, fused_dq, tma, dq_delta)[0]
 
 
 @register("attention", "triton")
@@ -613,6 +629,13 @@ def _triton_tma(q, k, v, window, scale=None):
     """Ours with the forward's and the dq kernel's loads through tensor descriptors (TMA on Hopper); selectable, not
     auto, until a GPU shows it faster."""
     return _run_triton(q, k, v, window, scale, "triton_tma", tma=True)
+
+
+@register("attention", "triton_dq_delta")
+def _triton_dq_delta(q, k, v, window, scale=None):
+    """Ours with delta = rowsum(dO·O) computed by the dq kernel, launched first, instead of a kernel of its own;
+    selectable, not auto, until a GPU shows it faster."""
+    return _run_triton(q, k, v, window, scale, "triton_dq_delta", dq_delta=True)
 
 
 # ----------------------------------------------------------------------------------------------

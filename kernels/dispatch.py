@@ -13,7 +13,8 @@ import torch
 
 # Every implementation name of every op: the flags' choices (with "auto"), the dispatch and the bench read these.
 IMPLS = {
-    "attention": ("triton", "triton_fused_bwd", "triton_tma", "blocked", "sdpa", "flex", "fa3", "fa2", "torch"),
+    "attention": ("triton", "triton_fused_bwd", "triton_tma", "triton_dq_delta",
+                  "blocked", "sdpa", "flex", "fa3", "fa2", "torch"),
     "cross_entropy": ("triton", "torch", "compile", "liger", "cce"),
     "newton_schulz": ("triton", "triton_full", "triton_fused", "torch", "compile"),
 }

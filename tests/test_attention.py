@@ -59,8 +59,9 @@ def triton_attention(q, k, v, window, impl="triton"):
     return attention(q, k, v, window=window, impl=impl)
 
 
-# ours, ours with the one-kernel backward (dq by atomics), ours with the forward through tensor descriptors (TMA)
-TRITON_IMPLS = ("triton", "triton_fused_bwd", "triton_tma")
+# ours, ours with the one-kernel backward (dq by atomics), ours with the forward and dq kernels through tensor
+# descriptors (TMA), ours with delta computed by the dq kernel
+TRITON_IMPLS = ("triton", "triton_fused_bwd", "triton_tma", "triton_dq_delta")
 
 
 # (B, T, Hq, Hkv, D, window, dtype)
@@ -312,18 +313,24 @@ def test_fused_backward_survives_autotuning(monkeypatch):
     assert rel(dq, refs[1]) < 1e-4 and rel(dk, refs[2]) < 1e-4 and rel(dv, refs[3]) < 1e-4
 
 
-@pytest.mark.parametrize("impl,kernels", [("triton", ["_attn_bwd_dkdv", "_attn_bwd_dq", "_attn_fwd"]),
-                                          ("triton_fused_bwd", ["_attn_bwd_dkdv", "_attn_fwd"]),
-                                          ("triton_tma", ["_attn_bwd_dkdv", "_attn_bwd_dq+tma", "_attn_fwd+tma"])])
+@pytest.mark.parametrize("impl,kernels", [
+    ("triton", ["_attn_fwd", "_attn_bwd_preprocess", "_attn_bwd_dkdv", "_attn_bwd_dq"]),
+    ("triton_fused_bwd", ["_attn_fwd", "_attn_bwd_preprocess", "_attn_bwd_dkdv"]),
+    ("triton_tma", ["_attn_fwd+tma", "_attn_bwd_preprocess", "_attn_bwd_dkdv", "_attn_bwd_dq+tma"]),
+    ("triton_dq_delta", ["_attn_fwd", "_attn_bwd_dq+delta", "_attn_bwd_dkdv"])])
 def test_triton_impl_launches_our_kernels(monkeypatch, impl, kernels):
     """Guard for the Triton tests above: impl="triton" runs our three Triton kernels (on a CPU, on the
     interpreter), forward and backward, and not some other path that also matches the reference; the fused
-    backward runs no dq kernel, the TMA variant its forward and dq kernels with TMA on."""
+    backward runs no dq kernel, the TMA variant its forward and dq kernels with TMA on, the dq-delta variant no
+    preprocessing kernel and its dq kernel first. In launch order."""
     launched = []
-    for name in ("_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq"):
+
+    def tagged(name, kw):
+        return name + ("+tma" if kw.get("TMA") else "") + ("+delta" if kw.get("OWN_DELTA") else "")
+    for name in ("_attn_fwd", "_attn_bwd_preprocess", "_attn_bwd_dkdv", "_attn_bwd_dq"):
         kernel = getattr(attn, name)
         monkeypatch.setattr(kernel, "run", lambda *a, _run=kernel.run, _name=name, **kw: launched.append(
-            _name + ("+tma" if kw.get("TMA") else "")) or _run(*a, **kw))
+            tagged(_name, kw)) or _run(*a, **kw))
     q, k, v, dout = make(1, 40, 2, 2, 16, torch.float32)
     check(run(lambda *a: triton_attention(*a, impl=impl), q, k, v, dout, 7), ref_run(q, k, v, dout, 7), 1e-4, 7)
-    assert sorted(set(launched)) == kernels, launched
+    assert launched == kernels, launched

@@ -164,6 +164,7 @@ def test_the_kernels_launch_with_their_autotuners_keys(monkeypatch):
                  lambda: attention_kernel._backward_into(q, q, k, v, out, lse, 32, 0.25, q, k, v, fused_dq=True),
                  lambda: attention_kernel._forward_into(q, k, v, 32, 0.25, out, lse, tma=True),
                  lambda: attention_kernel._backward_into(q, q, k, v, out, lse, 32, 0.25, q, k, v, tma=True),
+                 lambda: attention_kernel._backward_into(q, q, k, v, out, lse, 32, 0.25, q, k, v, dq_delta=True),
                  lambda: ns_kernel._gram(torch.randn(2, 32, 48, dtype=torch.float16), torch.empty(2, 32, 32,
                                          dtype=torch.float16), "tf32", False),
                  lambda: ns_kernel._update(torch.randn(2, 32, 32, dtype=torch.float16),

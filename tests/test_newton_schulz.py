@@ -184,7 +184,7 @@ def test_fused_refuses_fp16():
         orthogonalize(randn((37, 53), torch.float16), impl="triton_fused")
 
 
-@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("impl", ["torch", "triton", "triton_fused"])
 @pytest.mark.parametrize("shape", [(4, 37, 53), (3, 70, 45), (2, 33, 80)], ids=str)
 def test_singular_values_in_polar_express_band(impl, shape):
     """Rectangular random matrices: every singular value lands in roughly [0.7, 1.2].
