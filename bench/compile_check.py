@@ -80,9 +80,9 @@ def newton_schulz_launches() -> list[Launch]:
     launches: list = []
     G = torch.randn(2, 1280, 5120).bfloat16()
     with recording(launches, "newton_schulz", "bf16 2x1280x5120"):
-        ns._polar_express_op(G, 1, True)
+        ns._polar_express_op(G, 1, "triton_full")
     with recording(launches, "newton_schulz", "bf16 2x5120x1280 fused"):
-        ns._polar_express_op(G.mT.contiguous(), 1, True, True)
+        ns._polar_express_op(G.mT.contiguous(), 1, "triton_fused")
     return launches
 
 
@@ -119,14 +119,14 @@ def attention_launches() -> list[Launch]:
             at._backward_into(out, q, k, v, out, lse, 1024, 1.44 / D ** 0.5, *(torch.empty_like(t) for t in (q, k, v)))
         with recording(launches, "attention", f"{name} D={D} fused dq"):  # the one-kernel backward's dk/dv/dq
             at._backward_into(out, q, k, v, out, lse, 1024, 1.44 / D ** 0.5, *(torch.empty_like(t) for t in (q, k, v)),
-                              fused_dq=True)
+                              "triton_fused_bwd")
         with recording(launches, "attention", f"{name} D={D} tma"):  # every load through tensor descriptors
-            at._forward_into(q, k, v, 1024, 1.44 / D ** 0.5, out, lse, tma=True)
+            at._forward_into(q, k, v, 1024, 1.44 / D ** 0.5, out, lse, "triton_tma")
             at._backward_into(out, q, k, v, out, lse, 1024, 1.44 / D ** 0.5, *(torch.empty_like(t) for t in (q, k, v)),
-                              tma=True)
+                              "triton_tma")
         with recording(launches, "attention", f"{name} D={D} dq delta"):  # delta computed by the dq kernel
             at._backward_into(out, q, k, v, out, lse, 1024, 1.44 / D ** 0.5, *(torch.empty_like(t) for t in (q, k, v)),
-                              dq_delta=True)
+                              "triton_dq_delta")
     return launches
 
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.dispatch import KernelUnavailable, choose, implementation, interpreting, register, triton_runs_on
+from kernels.dispatch import IMPLS, KernelUnavailable, choose, implementation, interpreting, register, triton_runs_on
 from kernels import tuned
 
 CPU_BLOCK = 256  # query rows per block on the CPU path
@@ -463,21 +463,33 @@ def _precision(q: torch.Tensor) -> str:
     return "ieee" if q.dtype == torch.float32 else "tf32"  # fp32 inputs: exact fp32 dots (no tf32)
 
 
+TRITON_IMPLS = tuple(name for name in IMPLS["attention"] if name.startswith("triton"))  # ours
+
+
 def _tma_workspace(size: int, alignment: int, stream) -> torch.Tensor:
     """Global memory for the descriptors a kernel builds on the device (triton.set_allocator's contract)."""
     return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
 def _tma_ready(t: torch.Tensor) -> torch.Tensor:
-    """A tensor descriptor needs a 16-byte aligned base and strides: t, or a contiguous copy."""
-    aligned = t.data_ptr() % 16 == 0 and all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1])
-    return t if aligned else t.contiguous()
+    """A tensor descriptor needs a 16-byte aligned base and positive 16-byte multiple strides: t, or a copy."""
+    aligned = t.data_ptr() % 16 == 0 and all(s > 0 and s * t.element_size() % 16 == 0 for s in t.stride()[:-1])
+    return t if aligned else t.clone(memory_format=torch.contiguous_format)
 
 
-def _forward_into(q, k, v, window: int, scale: float, out, lse, tma: bool = False) -> None:
+def _tma_inputs(*ts: torch.Tensor) -> list[torch.Tensor]:
+    """ts as tensor descriptors can read them (_tma_ready), with the allocator for the descriptors set on a GPU (per
+    call: triton keeps it per thread, and the backward runs on autograd's)."""
+    if ts[0].is_cuda:
+        triton.set_allocator(_tma_workspace)
+    return [_tma_ready(t) for t in ts]
+
+
+def _forward_into(q, k, v, window: int, scale: float, out, lse, impl: str = "triton") -> None:
     """Forward kernel into out (B, T, Hq, D) and lse (B, Hq, T) fp32: base-2 logsumexp of the scaled scores.
-    tma: q, k, v read through tensor descriptors."""
+    impl "triton_tma": q, k, v read through tensor descriptors."""
     B, T, Hq, D = q.shape
+    tma = impl == "triton_tma"
     if tma:
         q, k, v = _tma_inputs(q, k, v)
     w, meta = _window_arg(window, T), dict(HEAD_DIM=D, PRECISION=_precision(q), TMA=tma)
@@ -486,19 +498,15 @@ def _forward_into(q, k, v, window: int, scale: float, out, lse, tma: bool = Fals
     _launch(_attn_fwd, "fwd_tma" if tma else "fwd", T, w, B * Hq, args, meta, q)
 
 
-def _tma_inputs(*ts: torch.Tensor) -> list[torch.Tensor]:
-    """ts as tensor descriptors can read them (_tma_ready), with the allocator for the descriptors set on a GPU."""
-    if ts[0].is_cuda:
-        triton.set_allocator(_tma_workspace)
-    return [_tma_ready(t) for t in ts]
-
-
-def _backward_into(dout, q, k, v, out, lse, window: int, scale: float, dq, dk, dv, fused_dq: bool = False,
-                   tma: bool = False, dq_delta: bool = False) -> None:
-    """delta = rowsum(out·dout), then dk/dv per key block (summed over a GQA group), dq per query block. fused_dq:
-    dq accumulated in fp32 by the dk/dv kernel instead (one kernel, atomics: summation order not fixed). tma: the dq
-    kernel reads through tensor descriptors (the dk/dv kernel does not: with them it spills at D 128, where it does
-    not without; bench.compile_check). dq_delta: the dq kernel runs first and computes delta itself."""
+def _backward_into(dout, q, k, v, out, lse, window: int, scale: float, dq, dk, dv, impl: str = "triton") -> None:
+    """delta = rowsum(out·dout), then dk/dv per key block (summed over a GQA group), dq per query block. By impl:
+      triton_fused_bwd  dq accumulated in fp32 by the dk/dv kernel instead (one kernel, atomics: summation order
+                        not fixed);
+      triton_tma        the dq kernel reads through tensor descriptors (the dk/dv kernel does not: with them it
+                        spills at D 128, where it does not without; bench.compile_check);
+      triton_dq_delta   the dq kernel runs first and computes delta itself (no preprocessing kernel)."""
+    assert impl in TRITON_IMPLS, impl
+    fused_dq, tma, dq_delta = impl == "triton_fused_bwd", impl == "triton_tma", impl == "triton_dq_delta"
     B, T, Hq, D = q.shape
     Hkv = k.size(2)
     delta = _empty((B, Hq, T), torch.float32, q.device)
@@ -547,51 +555,51 @@ def _for_kernels(*ts: torch.Tensor) -> list[torch.Tensor]:
 
 @torch.library.custom_op("nanochat::attention_forward", mutates_args=())
 def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, scale: float,
-                fused_dq: bool = False, tma: bool = False, dq_delta: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out (B, T, Hq, D) in q's dtype, lse (B, Hq, T) fp32). tma: which forward kernel; fused_dq, tma, dq_delta:
-    which backward (_backward_into)."""
+                impl: str = "triton") -> tuple[torch.Tensor, torch.Tensor]:
+    """(out (B, T, Hq, D) in q's dtype, lse (B, Hq, T) fp32). impl (one of TRITON_IMPLS): which forward kernel
+    (_forward_into) and which backward (_backward_into)."""
     qk, kk, vk = _for_kernels(q, k, v)
     B, T, Hq, _ = q.shape
     out, lse = _like(qk), _empty((B, Hq, T), torch.float32, q.device)
     if out.numel():
-        _forward_into(qk, kk, vk, window, scale, out, lse, tma)
+        _forward_into(qk, kk, vk, window, scale, out, lse, impl)
     return out.to(q.dtype), lse
 
 
 @_forward_op.register_fake
-def _(q, k, v, window, scale, fused_dq=False, tma=False, dq_delta=False):
+def _(q, k, v, window, scale, impl="triton"):
     B, T, Hq, _ = q.shape
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(B, Hq, T, dtype=torch.float32)
 
 
 @torch.library.custom_op("nanochat::attention_backward", mutates_args=())
 def _backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                 lse: torch.Tensor, window: int, scale: float, fused_dq: bool, tma: bool = False,
-                 dq_delta: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 lse: torch.Tensor, window: int, scale: float,
+                 impl: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) in the inputs' dtype, recomputing the scores from the saved lse."""
     dout_k, qk, kk, vk, ok = _for_kernels(dout, q, k, v, out)
     dq, dk, dv = _like(qk), _like(kk), _like(vk)
     if q.numel():
-        _backward_into(dout_k, qk, kk, vk, ok, lse, window, scale, dq, dk, dv, fused_dq, tma, dq_delta)
+        _backward_into(dout_k, qk, kk, vk, ok, lse, window, scale, dq, dk, dv, impl)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
 @_backward_op.register_fake
-def _(dout, q, k, v, out, lse, window, scale, fused_dq, tma=False, dq_delta=False):
+def _(dout, q, k, v, out, lse, window, scale, impl):
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, window, scale, *ctx.variant = inputs  # fused_dq, tma, dq_delta
+    q, k, v, window, scale, impl = inputs
     out, lse = output
-    ctx.window, ctx.scale = window, scale
+    ctx.window, ctx.scale, ctx.impl = window, scale, impl
     ctx.save_for_backward(q, k, v, out, lse)
 
 
 def _backward(ctx, dout, _dlse):
     q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = _backward_op(dout, q, k, v, out, lse, ctx.window, ctx.scale, *ctx.variant)
-    return dq, dk, dv, None, None, None, None, None
+    dq, dk, dv = _backward_op(dout, q, k, v, out, lse, ctx.window, ctx.scale, ctx.impl)
+    return dq, dk, dv, None, None, None
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -602,15 +610,13 @@ def supports(q: torch.Tensor) -> bool:
     return q.dtype in (torch.float32, torch.float16, torch.bfloat16) and q.size(-1) in TRITON_HEAD_DIMS
 
 
-def _run_triton(q, k, v, window, scale, name: str, fused_dq: bool = False, tma: bool = False,
-                dq_delta: bool = False):
+def _run_triton(q, k, v, window, scale, name: str):
     if not triton_runs_on(q):
         raise KernelUnavailable(f"attention: impl {name!r} needs a CUDA tensor (or TRITON_INTERPRET=1 on CPU)")
     if not supports(q):
         raise KernelUnavailable(f"attention: impl {name!r} takes fp32/fp16/bf16 with head dim in {TRITON_HEAD_DIMS}, "
                                 f"got {q.dtype} and D = {q.size(-1)}")
-    scale = default_scale(q) if scale is None else float(scale)
-    return _forward_op(q, k, v, window, scale, fused_dq, tma, dq_delta)[0]
+    return _forward_op(q, k, v, window, default_scale(q) if scale is None else float(scale), name)[0]
 
 
 @register("attention", "triton")
@@ -621,21 +627,21 @@ def _triton(q, k, v, window, scale=None):
 @register("attention", "triton_fused_bwd")
 def _triton_fused_bwd(q, k, v, window, scale=None):
     """Ours with the one-kernel backward (dq by fp32 atomics); selectable, not auto, until a GPU shows it faster."""
-    return _run_triton(q, k, v, window, scale, "triton_fused_bwd", fused_dq=True)
+    return _run_triton(q, k, v, window, scale, "triton_fused_bwd")
 
 
 @register("attention", "triton_tma")
 def _triton_tma(q, k, v, window, scale=None):
     """Ours with the forward's and the dq kernel's loads through tensor descriptors (TMA on Hopper); selectable, not
     auto, until a GPU shows it faster."""
-    return _run_triton(q, k, v, window, scale, "triton_tma", tma=True)
+    return _run_triton(q, k, v, window, scale, "triton_tma")
 
 
 @register("attention", "triton_dq_delta")
 def _triton_dq_delta(q, k, v, window, scale=None):
     """Ours with delta = rowsum(dO·O) computed by the dq kernel, launched first, instead of a kernel of its own;
     selectable, not auto, until a GPU shows it faster."""
-    return _run_triton(q, k, v, window, scale, "triton_dq_delta", dq_delta=True)
+    return _run_triton(q, k, v, window, scale, "triton_dq_delta")
 
 
 # ----------------------------------------------------------------------------------------------

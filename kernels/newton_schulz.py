@@ -14,7 +14,9 @@ impl="triton_fused" (selectable, not auto until a GPU shows it faster) also fold
 first step: ||G||²_F = trace(G Gᵀ), so the first X·Xᵀ runs on G itself, the b·A + c·A·A kernel reads the trace
 off that product's diagonal and scales b by 1/s², c by 1/s⁴ (s = ||G||_F * NORM_MARGIN + NORM_EPS), and the
 first a·X + B·X is scaled by 1/s: no pass of its own over G. And a tall stack stays in its own layout (the
-kernels write X through transposed strides), so the result needs no transposing copy.
+kernels write X through transposed strides), so the result needs no transposing copy. The unnormalised products
+are held in fp32 (A·A overflows there once ||G||_F passes ~1e9, far above a Muon update's) and stored in G's
+dtype: bf16 and fp32 only, since G Gᵀ can overflow fp16.
 
 dtype: the iteration runs in G's dtype and returns it. The optimizer passes bf16 stacks on GPU (what
 nanochat's polar_express does with G.bfloat16()) and fp32 on CPU. Dots always accumulate in fp32.
@@ -171,6 +173,12 @@ INTERPRETER_MM = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16}
 tuned.register("newton_schulz.symmetric",
                triton.autotune(configs=SYM_CONFIGS, key=["m", "n", "POLY"])(_symmetric_kernel))
 tuned.register("newton_schulz.update", triton.autotune(configs=MM_CONFIGS, key=["m", "n"])(_update_kernel))
+# triton_fused: its own autotuners (and table entries), keyed also on NORMALISE and on X's column stride (1: a wide
+# stack's rows; the row count: a tall stack's transposed layout), so neither choice overwrites the other's
+tuned.register("newton_schulz.symmetric_fused",
+               triton.autotune(configs=SYM_CONFIGS, key=["m", "n", "POLY", "NORMALISE", "s_xc"])(_symmetric_kernel))
+tuned.register("newton_schulz.update_fused",
+               triton.autotune(configs=MM_CONFIGS, key=["m", "n", "NORMALISE", "s_xc"])(_update_kernel))
 
 
 def _launch(name: str, kernel, small: dict, grid, args, kwargs, key: dict, like: torch.Tensor) -> None:
@@ -222,38 +230,48 @@ def _n_lower_tiles(m: int, block: int) -> int:
 _SYM_FLAGS = dict(MARGIN=NORM_MARGIN, EPS=NORM_EPS)
 
 
-def _gram(X: torch.Tensor, A: torch.Tensor, precision: str, upcast: bool) -> None:
+def _autotuner(kind: str, key: dict, fused: bool, normalise: bool, s_xc: int) -> tuple[str, dict]:
+    """(tuned name, launch key) of a symmetric or update launch: triton_fused's own, keyed on more."""
+    if not fused:
+        return f"newton_schulz.{kind}", key
+    return f"newton_schulz.{kind}_fused", key | dict(NORMALISE=normalise, s_xc=s_xc)
+
+
+def _gram(X: torch.Tensor, A: torch.Tensor, precision: str, upcast: bool, fused: bool = False) -> None:
     """A = X Xᵀ."""
     K, m, n = X.shape
-    _launch("newton_schulz.symmetric", _symmetric_kernel, INTERPRETER_SYM,
-            lambda meta: (_n_lower_tiles(m, meta["BLOCK"]), K),
+    name, key = _autotuner("symmetric", dict(m=m, n=n, POLY=False), fused, False, X.stride(2))
+    _launch(name, _symmetric_kernel, INTERPRETER_SYM, lambda meta: (_n_lower_tiles(m, meta["BLOCK"]), K),
             (X, A, A, m, n, 0.0, 0.0, *X.stride(), X.stride(2), X.stride(1), *A.stride()),
-            dict(POLY=False, NORMALISE=False, PRECISION=precision, UPCAST=upcast, **_SYM_FLAGS),
-            dict(m=m, n=n, POLY=False), X)
+            dict(POLY=False, NORMALISE=False, PRECISION=precision, UPCAST=upcast, **_SYM_FLAGS), key, X)
 
 
 def _poly(A: torch.Tensor, B: torch.Tensor, b: float, c: float, precision: str, upcast: bool,
-          scale: torch.Tensor | None = None) -> None:
-    """B = b·A + c·A·A; with scale (K,) fp32, A is G Gᵀ of the unnormalised G: B of A/s², 1/s stored in scale."""
+          scale: torch.Tensor | None = None, fused: bool = False) -> None:
+    """B = b·A + c·A·A; with scale (K,) fp32 (triton_fused's first step), A is G Gᵀ of the unnormalised G: B of
+    A/s², 1/s stored in scale."""
     K, m, _ = A.shape
-    _launch("newton_schulz.symmetric", _symmetric_kernel, INTERPRETER_SYM,
-            lambda meta: (_n_lower_tiles(m, meta["BLOCK"]), K),
+    normalise = scale is not None
+    name, key = _autotuner("symmetric", dict(m=m, n=m, POLY=True), fused or normalise, normalise, A.stride(2))
+    _launch(name, _symmetric_kernel, INTERPRETER_SYM, lambda meta: (_n_lower_tiles(m, meta["BLOCK"]), K),
             (A, B, A if scale is None else scale, m, m, b, c, *A.stride(), A.stride(1), A.stride(2), *B.stride()),
-            dict(POLY=True, NORMALISE=scale is not None, PRECISION=precision, UPCAST=upcast, **_SYM_FLAGS),
-            dict(m=m, n=m, POLY=True), A)
+            dict(POLY=True, NORMALISE=normalise, PRECISION=precision, UPCAST=upcast, **_SYM_FLAGS), key, A)
 
 
 def _update(B: torch.Tensor, X: torch.Tensor, out: torch.Tensor, a: float, precision: str, upcast: bool,
-            ours: bool, scale: torch.Tensor | None = None) -> None:
-    """out = a·X + B·X; with scale (K,) fp32 (ours only), out = (a·X + B·X) · scale."""
+            ours: bool, scale: torch.Tensor | None = None, fused: bool = False) -> None:
+    """out = a·X + B·X; with scale (K,) fp32 (triton_fused's first step), out = (a·X + B·X) · scale."""
     if not ours:  # cuBLAS (on CPU: the torch kernel), fp32 epilogue, one rounding
+        assert scale is None, "the normalising update is our kernel's"
         torch.baddbmm(X, B, X, beta=a, out=out)
         return
     K, m, n = X.shape
-    _launch("newton_schulz.update", _update_kernel, INTERPRETER_MM,
+    normalise = scale is not None
+    name, key = _autotuner("update", dict(m=m, n=n), fused or normalise, normalise, X.stride(2))
+    _launch(name, _update_kernel, INTERPRETER_MM,
             lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), K),
             (B, X, out, B if scale is None else scale, m, n, a, *B.stride(), *X.stride(), *out.stride()),
-            dict(NORMALISE=scale is not None, PRECISION=precision, UPCAST=upcast), dict(m=m, n=n), B)
+            dict(NORMALISE=normalise, PRECISION=precision, UPCAST=upcast), key, B)
 
 
 def _buffer(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
@@ -265,10 +283,11 @@ def _wide(G: torch.Tensor) -> torch.Tensor:
 
 
 @torch.library.custom_op("nanochat::polar_express", mutates_args=())
-def _polar_express_op(G: torch.Tensor, steps: int, ours_update: bool, fused: bool = False) -> torch.Tensor:
-    """The Polar Express iteration on a (K, m, n) stack with our symmetric kernels; returns G's dtype.
-    fused (with ours_update): the normalisation folded into the first step, a tall G's layout kept throughout."""
-    fused = fused and steps > 0
+def _polar_express_op(G: torch.Tensor, steps: int, impl: str) -> torch.Tensor:
+    """The Polar Express iteration on a (K, m, n) stack with our symmetric kernels; returns G's dtype. impl: "triton"
+    (cuBLAS for the update), "triton_full" (our update kernel), "triton_fused" (that, with the normalisation folded
+    into the first step and a tall G's layout kept throughout)."""
+    ours_update, fused = impl != "triton", impl == "triton_fused" and steps > 0
     X = _wide(G) if fused else _wide(G) / (_wide(G).norm(dim=(-2, -1), keepdim=True) * NORM_MARGIN + NORM_EPS)
     K, m, n = X.shape
     # fp32 dots follow torch's own matmul setting (tf32 under "high", like cuBLAS); the interpreter is exact
@@ -278,20 +297,20 @@ def _polar_express_op(G: torch.Tensor, steps: int, ours_update: bool, fused: boo
     A, B = _buffer((K, m, m), G), _buffer((K, m, m), G)
     # X ping-pongs between two buffers, in G's own layout when fused (a tall G: wide views of tall memory)
     buffers = [_wide(_buffer(G.shape, G)) if fused else _buffer((K, m, n), G) for _ in range(min(steps, 2))]
-    scale = _buffer((K,), G.float()) if fused else None  # 1/s, written by the first B kernel
+    scale = _buffer((K,), G.new_empty(0, dtype=torch.float32)) if fused else None  # 1/s, by the first B kernel
     for step, (a, b, c) in enumerate(POLAR_EXPRESS_COEFFS[:steps]):
         first = scale if step == 0 else None
-        _gram(X, A, precision, upcast)
-        _poly(A, B, b, c, precision, upcast, first)
+        _gram(X, A, precision, upcast, fused)
+        _poly(A, B, b, c, precision, upcast, first, fused)
         out = buffers[step % 2]
-        _update(B, X, out, a, precision, upcast, ours_update, first)
+        _update(B, X, out, a, precision, upcast, ours_update, first, fused)
         X = out
     X = X.mT if G.size(-2) > G.size(-1) else X
     return X.contiguous()  # fused: a tall X is a view of G-shaped memory already, no copy
 
 
 @_polar_express_op.register_fake
-def _(G, steps, ours_update, fused=False):
+def _(G, steps, impl):
     return torch.empty_like(G, memory_format=torch.contiguous_format)
 
 
@@ -301,7 +320,8 @@ def _(G, steps, ours_update, fused=False):
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _run_triton(G: torch.Tensor, steps: int, name: str, ours_update: bool, fused: bool = False) -> torch.Tensor:
+def _run_triton(G: torch.Tensor, steps: int, name: str) -> torch.Tensor:
+    fused = name == "triton_fused"
     if not triton_runs_on(G):
         raise KernelUnavailable(f"newton_schulz: impl {name!r} needs a CUDA tensor (or TRITON_INTERPRET=1 on CPU)")
     if G.dtype not in _TRITON_DTYPES or (fused and G.dtype == torch.float16):
@@ -309,27 +329,27 @@ def _run_triton(G: torch.Tensor, steps: int, name: str, ours_update: bool, fused
         raise KernelUnavailable(f"newton_schulz: impl {name!r} takes {kinds}, got {G.dtype}")
     if G.numel() == 0:
         return orthogonalize_reference(G, steps)
-    X = _polar_express_op(G if G.dim() == 3 else G.unsqueeze(0), steps, ours_update, fused)
+    X = _polar_express_op(G if G.dim() == 3 else G.unsqueeze(0), steps, name)
     return X if G.dim() == 3 else X.squeeze(0)
 
 
 @register("newton_schulz", "triton")
 def _triton(G: torch.Tensor, steps: int) -> torch.Tensor:
     """Our symmetric kernels for X·Xᵀ and b·A + c·A·A, cuBLAS for a·X + B·X."""
-    return _run_triton(G, steps, "triton", ours_update=False)
+    return _run_triton(G, steps, "triton")
 
 
 @register("newton_schulz", "triton_full")
 def _triton_full(G: torch.Tensor, steps: int) -> torch.Tensor:
     """Our kernels for all three products."""
-    return _run_triton(G, steps, "triton_full", ours_update=True)
+    return _run_triton(G, steps, "triton_full")
 
 
 @register("newton_schulz", "triton_fused")
 def _triton_fused(G: torch.Tensor, steps: int) -> torch.Tensor:
     """Our kernels for all three products, the normalisation folded into the first step, no transposing copy;
     selectable, not auto, until a GPU shows it faster."""
-    return _run_triton(G, steps, "triton_fused", ours_update=True, fused=True)
+    return _run_triton(G, steps, "triton_fused")
 
 
 def orthogonalize(G: torch.Tensor, steps: int = 5, impl: str = "auto") -> torch.Tensor:

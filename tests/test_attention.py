@@ -61,7 +61,7 @@ def triton_attention(q, k, v, window, impl="triton"):
 
 # ours, ours with the one-kernel backward (dq by atomics), ours with the forward and dq kernels through tensor
 # descriptors (TMA), ours with delta computed by the dq kernel
-TRITON_IMPLS = ("triton", "triton_fused_bwd", "triton_tma", "triton_dq_delta")
+TRITON_IMPLS = attn.TRITON_IMPLS
 
 
 # (B, T, Hq, Hkv, D, window, dtype)
@@ -112,8 +112,11 @@ def test_tma_needs_aligned_tensors_else_copies():
     q = qkv[:, :, :2]
     assert attn._tma_ready(q) is q
     odd = torch.randn(1, 8, 2, 17, device=DEV)[..., 1:]  # base 4 bytes in, strides of 17 floats
-    ready = attn._tma_ready(odd)
-    assert ready is not odd and ready.is_contiguous() and torch.equal(ready, odd)
+    shifted = torch.randn(257, device=DEV)[1:].view(1, 8, 2, 16)  # contiguous, base 4 bytes in
+    expanded = torch.randn(1, 1, 1, 16, device=DEV).expand(1, 8, 2, 16)  # strides 0
+    for t in (odd, shifted, expanded):
+        ready = attn._tma_ready(t)
+        assert ready.data_ptr() % 16 == 0 and ready.is_contiguous() and torch.equal(ready, t)
 
 
 def test_triton_bf16_on_the_interpreter_runs_in_fp32():
@@ -262,9 +265,21 @@ def test_triton_cuda(poison, window, D, Hq, Hkv, dtype, impl):
 
 
 @pytest.mark.cuda
-def test_triton_cuda_fp32_exact_dots(poison):
+@pytest.mark.parametrize("impl", TRITON_IMPLS)
+def test_triton_cuda_fp32_exact_dots(poison, impl):
     q, k, v, dout = make(1, 513, 2, 1, 128, torch.float32)
-    check(run(triton_attention, q, k, v, dout, 100), ref_run(q, k, v, dout, 100), 1e-4, 100)
+    check(run(lambda *a: triton_attention(*a, impl=impl), q, k, v, dout, 100), ref_run(q, k, v, dout, 100), 1e-4,
+          100)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("impl", TRITON_IMPLS)
+def test_triton_cuda_batch_one_single_kv_head(poison, impl):
+    """B = 1 and Hkv = 1 reach the kernels as compile-time constants (triton specialises an int argument of 1), the
+    tensor descriptors' shapes included."""
+    q, k, v, dout = make(1, 777, 4, 1, 128, torch.bfloat16)
+    check(run(lambda *a: triton_attention(*a, impl=impl), q, k, v, dout, 300), ref_run(q, k, v, dout, 300), 1e-2,
+          300)
 
 
 @pytest.mark.cuda
@@ -284,22 +299,28 @@ def test_compiled_model_style_call_on_cuda():
 
 
 @pytest.mark.skipif(DEV == "cuda", reason="stands in for the GPU's autotuning on the interpreter")
-def test_fused_backward_survives_autotuning(monkeypatch):
-    """The autotuner runs each config several times on the real arguments before the chosen one: the fused
+@pytest.mark.parametrize("impl, tested, other", [("triton_fused_bwd", "attention.dkdv_fused", None),
+                                                 ("triton_dq_delta", "attention.dq_delta", "attention.dkdv")])
+def test_backward_variants_survive_autotuning(monkeypatch, impl, tested, other):
+    """The autotuner runs each config several times on the real arguments before the chosen one. The fused
     backward's dq, added into with atomics, must be zeroed before each run (reset_to_zero), or dq comes out a
-    multiple of itself. The registered autotuner's settings, with two small configs and a stand-in do_bench, on
-    the GPU launch path (kernels still interpreted)."""
+    multiple of itself; the dq-delta kernel rewrites delta on each run, which the dk/dv kernel then reads. The
+    registered autotuners' settings, with two small configs and a stand-in do_bench, on the GPU launch path
+    (kernels still interpreted)."""
     import triton
-    registered = attn.tuned.AUTOTUNED["attention.dkdv_fused"]
 
     def bench_three_times(fn, quantiles=None, **kw):
         for _ in range(3):
             fn()
         return [1.0, 1.0, 1.0]
-    configs = [triton.Config({"BLOCK_M": 16, "BLOCK_N": n}, num_warps=4, num_stages=1) for n in (16, 32)]
-    tuner = triton.autotune(configs, key=registered.keys, reset_to_zero=registered.reset_to_zero,
-                            do_bench=bench_three_times)(attn._attn_bwd_dkdv)
-    monkeypatch.setitem(attn.tuned.AUTOTUNED, "attention.dkdv_fused", tuner)
+    tuners = {}
+    for name in filter(None, (tested, other)):
+        registered = attn.tuned.AUTOTUNED[name]
+        blocks = [(16, n) for n in (16, 32)] if "dkdv" in name else [(m, 16) for m in (16, 32)]
+        configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=4, num_stages=1) for m, n in blocks]
+        tuners[name] = triton.autotune(configs, key=registered.keys, reset_to_zero=registered.reset_to_zero,
+                                       do_bench=bench_three_times)(registered.fn)
+        monkeypatch.setitem(attn.tuned.AUTOTUNED, name, tuners[name])
     q, k, v, dout = make(1, 64, 2, 2, 16, torch.float32)
     out, lse = torch.empty_like(q), torch.empty(1, 2, 64)
     scale = attn.default_scale(q)
@@ -307,9 +328,9 @@ def test_fused_backward_survives_autotuning(monkeypatch):
     monkeypatch.setattr(attn, "interpreting", lambda: False)
     monkeypatch.setattr(attn, "_precision", lambda t: "tf32")  # not the exact-fp32 path: the autotuned one
     dq, dk, dv = (torch.full_like(t, float("nan")) for t in (q, k, v))
-    attn._backward_into(dout, q, k, v, out, lse, 20, scale, dq, dk, dv, fused_dq=True)
+    attn._backward_into(dout, q, k, v, out, lse, 20, scale, dq, dk, dv, impl)
     refs = ref_run(q, k, v, dout, 20)
-    assert tuner.cache, "the autotuner did not run"
+    assert tuners[tested].cache, "the autotuner did not run"
     assert rel(dq, refs[1]) < 1e-4 and rel(dk, refs[2]) < 1e-4 and rel(dv, refs[3]) < 1e-4
 
 

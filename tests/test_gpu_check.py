@@ -161,15 +161,21 @@ def test_the_kernels_launch_with_their_autotuners_keys(monkeypatch):
     out, lse = torch.empty_like(q), torch.empty(1, 2, 64)
     for call in (lambda: attention_kernel._forward_into(q, k, v, 32, 0.25, out, lse),
                  lambda: attention_kernel._backward_into(q, q, k, v, out, lse, 32, 0.25, q, k, v),
-                 lambda: attention_kernel._backward_into(q, q, k, v, out, lse, 32, 0.25, q, k, v, fused_dq=True),
-                 lambda: attention_kernel._forward_into(q, k, v, 32, 0.25, out, lse, tma=True),
-                 lambda: attention_kernel._backward_into(q, q, k, v, out, lse, 32, 0.25, q, k, v, tma=True),
-                 lambda: attention_kernel._backward_into(q, q, k, v, out, lse, 32, 0.25, q, k, v, dq_delta=True),
+                 lambda: attention_kernel._backward_into(q, q, k, v, out, lse, 32, 0.25, q, k, v, "triton_fused_bwd"),
+                 lambda: attention_kernel._forward_into(q, k, v, 32, 0.25, out, lse, "triton_tma"),
+                 lambda: attention_kernel._backward_into(q, q, k, v, out, lse, 32, 0.25, q, k, v, "triton_tma"),
+                 lambda: attention_kernel._backward_into(q, q, k, v, out, lse, 32, 0.25, q, k, v, "triton_dq_delta"),
                  lambda: ns_kernel._gram(torch.randn(2, 32, 48, dtype=torch.float16), torch.empty(2, 32, 32,
                                          dtype=torch.float16), "tf32", False),
                  lambda: ns_kernel._update(torch.randn(2, 32, 32, dtype=torch.float16),
                                            torch.randn(2, 32, 48, dtype=torch.float16),
-                                           torch.empty(2, 32, 48, dtype=torch.float16), 1.0, "tf32", False, True)):
+                                           torch.empty(2, 32, 48, dtype=torch.float16), 1.0, "tf32", False, True),
+                 lambda: ns_kernel._gram(torch.randn(2, 32, 48, dtype=torch.float16), torch.empty(2, 32, 32,
+                                         dtype=torch.float16), "tf32", False, fused=True),
+                 lambda: ns_kernel._update(torch.randn(2, 32, 32, dtype=torch.float16),
+                                           torch.randn(2, 32, 48, dtype=torch.float16),
+                                           torch.empty(2, 32, 48, dtype=torch.float16), 1.0, "tf32", False, True,
+                                           fused=True)):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             call()
