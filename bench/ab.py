@@ -5,6 +5,7 @@
     python -m bench.ab cross_entropy --impl triton,liger --shape 65536x1280x32768
     python -m bench.ab attention --shape 8x2048x6x128:w1024 --mode fwd+bwd
     python -m bench.ab newton_schulz --shape d20-all      # the whole-model orthogonalization at d20
+    python -m bench.ab attention --variants only          # our selectable variants (not auto) beside auto's kernel
 
 Per case: median ms (do_bench on CUDA, rotating inputs larger than L2), TFLOP/s (useful FLOPs only), % of the
 device's bf16 peak and of the H100's (989 TFLOP/s), GB/s (minimal HBM traffic), peak memory above the inputs,
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 
 from bench import ops, timing
+from kernels import dispatch
 from train.errors import Parser, UserError, run_cli
 
 
@@ -25,6 +27,9 @@ def build_parser() -> Parser:
     p = Parser(prog="bench.ab", description="A/B every implementation of a kernel on the spec's shapes.")
     p.add_argument("op", help=f"one of {', '.join(ops.OPS)}, or all")
     p.add_argument("--impl", default=None, help="comma-separated implementations (default: all of the op's)")
+    p.add_argument("--variants", choices=["with", "skip", "only"], default="with",
+                   help="our selectable variants (kernels.dispatch.VARIANTS): with the rest, skipped, or only they "
+                        "next to auto's kernel of ours")
     p.add_argument("--shape", action="append", default=None,
                    help="a shape (repeatable): newton_schulz KxMxN[+KxMxN...] or d20-all; cross_entropy NxHxV; "
                         "attention BxTxHxD[xHkv][:wN|:full]. Default: the spec's shapes (tiny ones on CPU)")
@@ -44,6 +49,13 @@ def build_parser() -> Parser:
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
+def _with_variants(op: ops.Op, variants: str) -> list[str]:
+    """op's implementations with its VARIANTS kept ("with"), left out ("skip"), or alone beside OURS ("only")."""
+    if variants == "only":
+        return [dispatch.OURS[op.name], *dispatch.VARIANTS[op.name]] if dispatch.VARIANTS[op.name] else []
+    return [i for i in op.impls if variants == "with" or i not in dispatch.VARIANTS[op.name]]
+
+
 def select(args) -> list[tuple[ops.Op, list]]:
     """The cases asked for, per op; bad op, impl or shape names are UserErrors (found before any run)."""
     op_list = list(ops.OPS.values()) if args.op == "all" else [ops.get_op(args.op)]
@@ -52,19 +64,19 @@ def select(args) -> list[tuple[ops.Op, list]]:
     small = args.small or torch.device(args.device).type != "cuda"
     plan = []
     for op in op_list:
-        impls = None
+        impls = _with_variants(op, args.variants)
         if args.impl:
             impls = [i.strip() for i in args.impl.split(",") if i.strip()]
             unknown = [i for i in impls if i not in op.impls]
             if args.op != "all" and unknown:
                 raise UserError(f"unknown {op.name} impl {', '.join(unknown)}; choose from {', '.join(op.impls)}")
-            impls = [i for i in impls if i in op.impls]
-            if not impls:
-                continue
+            impls = [i for i in impls if i in op.impls and i in _with_variants(op, args.variants)]
+        if not impls:
+            continue
         shapes = [op.parse_shape(s) for s in args.shape] if args.shape else None
         plan.append((op, ops.cases(op, small, impls, shapes, [args.mode] if args.mode else None)))
     if not plan:
-        raise UserError(f"no op has the impls {args.impl!r}")
+        raise UserError(f"no op has the impls {args.impl!r}" if args.impl else "no op has variants (--variants only)")
     return plan
 
 

@@ -70,8 +70,12 @@ def _ab_row(r: dict) -> dict:
 
 
 def kernels_ab(folder: Path) -> dict | None:
-    out = {op: [_ab_row(r) for r in doc["results"]]
-           for op in AB_OPS if (doc := _load(folder / f"ab_{op}.json")) is not None}
+    """The A/B rows per op: the ab_<op> step's, then the ab_variants step's (our variants beside auto's kernel)."""
+    out = {}
+    for op in AB_OPS:
+        for name in (f"ab_{op}.json", f"ab_variants_{op}.json"):
+            if (doc := _load(folder / name)) is not None:
+                out.setdefault(op, []).extend(_ab_row(r) for r in doc["results"])
     return out or None
 
 

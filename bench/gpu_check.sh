@@ -10,6 +10,8 @@
 #   ab_*        the three kernels' A/B at the d20 shapes, peers included where installed; each row's error
 #               against an fp32 reference is the native bf16 correctness check
 #   fp8_rowwise if time is left
+#   ab_variants_* if time is left: our selectable variants (kernels.dispatch.VARIANTS) beside auto's kernel, at
+#               the same shapes, bf16 correctness included
 # After every step check.json and check.md are rebuilt (bench.check) and, with $OUT set, everything is copied to
 # $OUT/results/<stamp>/. A step that runs out of time is marked so; what it wrote stays.
 #
@@ -56,16 +58,22 @@ step fp8 "${TIME_FP8:-80}" $PY -m bench.mfu "${D20[@]}" "${DEVICE[@]}" "${FP8[@]
     --json "$dir/fp8.json"
 check
 step ab_newton_schulz "${TIME_NS:-40}" $PY -m bench.ab newton_schulz "${AB_NS[@]}" "${DEVICE[@]}" --rep 50 \
-    --json "$dir/ab_newton_schulz.json"
+    --variants skip --json "$dir/ab_newton_schulz.json"
 check
 step ab_cross_entropy "${TIME_CE:-40}" $PY -m bench.ab cross_entropy "${AB_CE[@]}" "${DEVICE[@]}" --rep 50 \
-    --json "$dir/ab_cross_entropy.json"
+    --variants skip --json "$dir/ab_cross_entropy.json"
 check
 step ab_attention "${TIME_ATTN:-100}" $PY -m bench.ab attention "${AB_ATTN[@]}" "${DEVICE[@]}" --rep 50 \
-    --json "$dir/ab_attention.json"
+    --variants skip --json "$dir/ab_attention.json"
 check
 step fp8_rowwise "${TIME_ROWWISE:-60}" $PY -m bench.mfu "${D20[@]}" "${DEVICE[@]}" "${FP8[@]}" --fp8-recipe rowwise \
     --json "$dir/fp8_rowwise.json"
+check
+step ab_variants_attention "${TIME_VARIANTS:-70}" $PY -m bench.ab attention "${AB_ATTN[@]}" "${DEVICE[@]}" \
+    --rep 50 --variants only --json "$dir/ab_variants_attention.json"
+check
+step ab_variants_newton_schulz "${TIME_VARIANTS_NS:-30}" $PY -m bench.ab newton_schulz "${AB_NS[@]}" "${DEVICE[@]}" \
+    --rep 50 --variants only --json "$dir/ab_variants_newton_schulz.json"
 RESERVE=0
 check
 cat "$dir/check.md"

@@ -24,6 +24,9 @@ OURS = {"attention": "triton", "cross_entropy": "triton", "newton_schulz": "trit
 # d12/d20/d26 shape, fwd and fwd+bwd (H100, bench/results/20261124-113712/ab_attention.json); ours wins windowed.
 FULL_CAUSAL_BF16 = "sdpa"
 PORTABLE = {"attention": "blocked", "cross_entropy": "torch", "newton_schulz": "torch"}  # auto elsewhere
+# ours, selectable but never auto: written without a GPU, each waits for a GPU measurement that shows it faster
+VARIANTS = {"attention": ("triton_fused_bwd", "triton_tma", "triton_dq_delta"), "cross_entropy": (),
+            "newton_schulz": ("triton_fused",)}
 
 log = logging.getLogger("kernels")
 _registry: dict[tuple[str, str], object] = {}

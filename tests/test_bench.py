@@ -239,9 +239,24 @@ def test_ab_all_runs_every_op_on_cpu(tmp_path):
     assert not [r for r in rows if r["status"] == "error"]
 
 
+def test_ab_variants_with_skipped_or_alone():
+    """--variants: our selectable variants (dispatch.VARIANTS) with the rest, left out, or alone beside auto's."""
+    from kernels.dispatch import OURS, VARIANTS
+
+    def impls(*argv):
+        (op, op_cases), = ab.select(ab.build_parser().parse_args([*argv, "--device", "cpu"]))
+        return list(dict.fromkeys(impl for _, _, impl in op_cases))
+    assert impls("attention") == list(ops.OPS["attention"].impls)
+    assert impls("attention", "--variants", "skip") == [i for i in ops.OPS["attention"].impls
+                                                        if i not in VARIANTS["attention"]]
+    assert impls("attention", "--variants", "only") == [OURS["attention"], *VARIANTS["attention"]]
+    assert impls("newton_schulz", "--variants", "only") == ["triton_full", "triton_fused"]
+    assert impls("attention", "--impl", "sdpa,triton_tma,triton", "--variants", "skip") == ["sdpa", "triton"]
+
+
 @pytest.mark.parametrize("args", [["nosuchop"], ["attention", "--shape", "8x2048"], ["attention", "--impl", "nope"],
                                   ["all", "--shape", "1x2x3"], ["attention", "--rep", "0"],
-                                  ["attention", "--device", "tpu"],
+                                  ["attention", "--device", "tpu"], ["cross_entropy", "--variants", "only"],
                                   ["attention", "--bogus"]])
 def test_ab_bad_input_is_one_line_and_exit_2(args, capsys):
     exits_2_with_one_line(ab.main, args, capsys)

@@ -29,7 +29,8 @@ def test_cpu_smoke_run_writes_every_key(tmp_path):
     assert set(check.KEYS) <= set(doc), set(check.KEYS) - set(doc)
     assert doc["mode"] == "cpu" and doc["env"]["git_commit"] == timing.git_commit()
     assert [s["step"] for s in doc["steps"]] == ["env", "d20", "fp8", "ab_newton_schulz", "ab_cross_entropy",
-                                                 "ab_attention", "fp8_rowwise"]
+                                                 "ab_attention", "fp8_rowwise", "ab_variants_attention",
+                                                 "ab_variants_newton_schulz"]
     assert all(s["status"] == "ok" for s in doc["steps"]), doc["steps"]
     d20 = doc["d20_step"]
     assert d20["ours"]["status"] == d20["torch_only"]["status"] == "ok" and d20["speedup"] > 0
