@@ -45,7 +45,7 @@ def builds(tmp_path_factory):
              for arch in (90, 80)}
     rows = {}
     for arch, proc in procs.items():
-        log, _ = proc.communicate(timeout=1800)  # 120-odd builds per target, both targets at once
+        log, _ = proc.communicate(timeout=1800)  # ~110 builds per target, both targets at once
         assert proc.returncode == 0, f"sm_{arch}: a kernel did not compile\n{log[-4000:]}"
         rows[arch] = json.loads((out / f"{arch}.json").read_text())["rows"]
     return rows
@@ -78,6 +78,32 @@ def test_launched_kernels_found():
     found = launched_kernels()
     assert {"_attn_fwd", "_attn_bwd_dkdv", "_symmetric_kernel", "_softcap_ce_rows_kernel"} <= found
     assert not found & {"_fwd_inner", "_lower_tile", "_store_symmetric", "_tanh"}
+
+
+def test_each_distinct_binary_is_built_once(monkeypatch):
+    """A variant's case that launches an earlier case's kernel as it was (the plain dk/dv kernel beside the TMA forward
+    and dq) is not built twice; a changed switch, dtype, stride, int argument or config is a build of its own."""
+    import torch
+    from bench import compile_check as cc
+
+    def dkdv(): pass
+
+    def launch(case, x, n=2048, **kwargs):
+        return cc.Launch("attention", case, dkdv, (x, n), {"HEAD_DIM": 128} | kwargs,
+                         [{"num_warps": 4}, {"num_warps": 8}])
+    x = torch.empty(4, 8, dtype=torch.bfloat16)
+    launches = [launch("plain", x), launch("tma", torch.empty(4, 8, dtype=torch.bfloat16)),  # the same binaries
+                launch("fused", x, FUSED_DQ=True), launch("fp32", x.float()), launch("strided", x.t()),
+                launch("short", x, n=1)]
+    monkeypatch.setattr(cc, "LAUNCHES", {"attention": lambda: launches})
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # nothing is compiled here
+    monkeypatch.setattr(cc.triton_shim, "check_version", lambda: None)
+    built = []
+    monkeypatch.setattr(cc, "check", lambda launch, config, arch: built.append((launch.case, config["num_warps"]))
+                        or cc.Row("attention", launch.case, "dkdv", "", True))
+    assert len(cc.run(["attention"], 90)) == 10
+    assert [case for case, _ in built] == ["plain", "plain", "fused", "fused", "fp32", "fp32", "strided", "strided",
+                                           "short", "short"]
 
 
 def test_refuses_the_interpreter():
