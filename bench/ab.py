@@ -64,13 +64,13 @@ def select(args) -> list[tuple[ops.Op, list]]:
     small = args.small or torch.device(args.device).type != "cuda"
     plan = []
     for op in op_list:
-        impls = _with_variants(op, args.variants)
+        impls = allowed = _with_variants(op, args.variants)
         if args.impl:
             impls = [i.strip() for i in args.impl.split(",") if i.strip()]
             unknown = [i for i in impls if i not in op.impls]
             if args.op != "all" and unknown:
                 raise UserError(f"unknown {op.name} impl {', '.join(unknown)}; choose from {', '.join(op.impls)}")
-            impls = [i for i in impls if i in op.impls and i in _with_variants(op, args.variants)]
+            impls = [i for i in impls if i in allowed]
         if not impls:
             continue
         shapes = [op.parse_shape(s) for s in args.shape] if args.shape else None

@@ -105,8 +105,8 @@ def cross_entropy_launches() -> list[Launch]:
 
 
 def attention_launches() -> list[Launch]:
-    """Forward and backward, every variant (plain, fused dq, TMA, dq delta), at T 2048 with window 1024: bf16 at D 128
-    and 64 (tensor cores), fp32 at D 128."""
+    """Forward and backward of each of our implementations (attention.TRITON_IMPLS: plain, fused dq, TMA, dq delta) at
+    T 2048 with window 1024: bf16 at D 128 and 64 (tensor cores), fp32 at D 128."""
     from kernels import attention as at
     launches: list = []
     for dtype, D in ((torch.bfloat16, 128), (torch.bfloat16, 64), (torch.float32, 128)):
@@ -114,19 +114,11 @@ def attention_launches() -> list[Launch]:
         q, k, v = (torch.randn(B, T, H, D, dtype=dtype) for _ in range(3))
         out, lse = torch.empty_like(q), torch.empty(B, H, T)
         name = {torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
-        with recording(launches, "attention", f"{name} D={D}"):
-            at._forward_into(q, k, v, 1024, 1.44 / D ** 0.5, out, lse)
-            at._backward_into(out, q, k, v, out, lse, 1024, 1.44 / D ** 0.5, *(torch.empty_like(t) for t in (q, k, v)))
-        with recording(launches, "attention", f"{name} D={D} fused dq"):  # the one-kernel backward's dk/dv/dq
-            at._backward_into(out, q, k, v, out, lse, 1024, 1.44 / D ** 0.5, *(torch.empty_like(t) for t in (q, k, v)),
-                              "triton_fused_bwd")
-        with recording(launches, "attention", f"{name} D={D} tma"):  # every load through tensor descriptors
-            at._forward_into(q, k, v, 1024, 1.44 / D ** 0.5, out, lse, "triton_tma")
-            at._backward_into(out, q, k, v, out, lse, 1024, 1.44 / D ** 0.5, *(torch.empty_like(t) for t in (q, k, v)),
-                              "triton_tma")
-        with recording(launches, "attention", f"{name} D={D} dq delta"):  # delta computed by the dq kernel
-            at._backward_into(out, q, k, v, out, lse, 1024, 1.44 / D ** 0.5, *(torch.empty_like(t) for t in (q, k, v)),
-                              "triton_dq_delta")
+        scale, grads = 1.44 / D ** 0.5, [torch.empty_like(t) for t in (q, k, v)]
+        for impl in at.TRITON_IMPLS:  # a kernel an impl launches as an earlier one did is built once (run)
+            with recording(launches, "attention", f"{name} D={D}" + ("" if impl == "triton" else f" {impl}")):
+                at._forward_into(q, k, v, 1024, scale, out, lse, impl)
+                at._backward_into(out, q, k, v, out, lse, 1024, scale, *grads, impl)
     return launches
 
 

@@ -231,8 +231,9 @@ _SYM_FLAGS = dict(MARGIN=NORM_MARGIN, EPS=NORM_EPS)
 
 
 def _autotuner(kind: str, key: dict, fused: bool, normalise: bool, s_xc: int) -> tuple[str, dict]:
-    """(tuned name, launch key) of a symmetric or update launch: triton_fused's own, keyed on more."""
-    if not fused:
+    """(tuned name, launch key) of a symmetric or update launch: triton_fused's own (normalising launches are only
+    its), keyed on more."""
+    if not (fused or normalise):
         return f"newton_schulz.{kind}", key
     return f"newton_schulz.{kind}_fused", key | dict(NORMALISE=normalise, s_xc=s_xc)
 
@@ -252,7 +253,7 @@ def _poly(A: torch.Tensor, B: torch.Tensor, b: float, c: float, precision: str, 
     A/s², 1/s stored in scale."""
     K, m, _ = A.shape
     normalise = scale is not None
-    name, key = _autotuner("symmetric", dict(m=m, n=m, POLY=True), fused or normalise, normalise, A.stride(2))
+    name, key = _autotuner("symmetric", dict(m=m, n=m, POLY=True), fused, normalise, A.stride(2))
     _launch(name, _symmetric_kernel, INTERPRETER_SYM, lambda meta: (_n_lower_tiles(m, meta["BLOCK"]), K),
             (A, B, A if scale is None else scale, m, m, b, c, *A.stride(), A.stride(1), A.stride(2), *B.stride()),
             dict(POLY=True, NORMALISE=normalise, PRECISION=precision, UPCAST=upcast, **_SYM_FLAGS), key, A)
@@ -267,7 +268,7 @@ def _update(B: torch.Tensor, X: torch.Tensor, out: torch.Tensor, a: float, preci
         return
     K, m, n = X.shape
     normalise = scale is not None
-    name, key = _autotuner("update", dict(m=m, n=n), fused or normalise, normalise, X.stride(2))
+    name, key = _autotuner("update", dict(m=m, n=n), fused, normalise, X.stride(2))
     _launch(name, _update_kernel, INTERPRETER_MM,
             lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), K),
             (B, X, out, B if scale is None else scale, m, n, a, *B.stride(), *X.stride(), *out.stride()),
@@ -288,7 +289,9 @@ def _polar_express_op(G: torch.Tensor, steps: int, impl: str) -> torch.Tensor:
     (cuBLAS for the update), "triton_full" (our update kernel), "triton_fused" (that, with the normalisation folded
     into the first step and a tall G's layout kept throughout)."""
     ours_update, fused = impl != "triton", impl == "triton_fused" and steps > 0
-    X = _wide(G) if fused else _wide(G) / (_wide(G).norm(dim=(-2, -1), keepdim=True) * NORM_MARGIN + NORM_EPS)
+    X = _wide(G)
+    if not fused:
+        X = X / (X.norm(dim=(-2, -1), keepdim=True) * NORM_MARGIN + NORM_EPS)
     K, m, n = X.shape
     # fp32 dots follow torch's own matmul setting (tf32 under "high", like cuBLAS); the interpreter is exact
     ieee = interpreting() or torch.get_float32_matmul_precision() == "highest"
