@@ -33,10 +33,8 @@ def launched_kernels() -> set[str]:
     return jitted - called
 
 
-@pytest.fixture(scope="module")
-def builds(tmp_path_factory):
+def build_all(out: Path) -> dict:
     """{arch: rows} from bench.compile_check for sm_90 and sm_80, both at once (one per CPU core)."""
-    out = tmp_path_factory.mktemp("compile")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"  # triton's own default; set to keep its warning out of the logs
     procs = {arch: subprocess.Popen([sys.executable, "-m", "bench.compile_check", "--arch", str(arch),
@@ -52,21 +50,19 @@ def builds(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", [90, 80])
-def test_every_kernel_and_config_compiles(builds, arch):
-    rows = builds[arch]
-    assert rows and all(r["ok"] for r in rows), [r for r in rows if not r["ok"]]
-    # every kernel the code launches is among the builds: a new kernel cannot escape this check
-    assert launched_kernels() <= {r["kernel"].split("[")[0] for r in rows}
-    # each autotuned launch contributes all its configs
-    assert sum(r["kernel"] == "_attn_fwd" for r in rows) == 2 * len(attention._FWD_CONFIGS) + 1  # + the fp32 path
-    # every config can launch on the target: none needs more shared memory than one block may have
-    assert all(r["fits"] for r in rows), [(r["kernel"], r["config"], r["shared_bytes"]) for r in rows if not r["fits"]]
-
-
-@pytest.mark.slow
-def test_hopper_builds_use_wgmma(builds):
-    """bf16 matmul kernels on sm_90 run on Hopper's warpgroup tensor cores (wgmma), not the older mma.sync."""
+def test_every_kernel_and_config_compiles_for_sm90_and_sm80(tmp_path):
+    """One test, so that the builds are made once on whichever pytest-xdist worker runs it."""
+    builds = build_all(tmp_path)
+    for arch, rows in builds.items():
+        assert rows and all(r["ok"] for r in rows), (arch, [r for r in rows if not r["ok"]])
+        # every kernel the code launches is among the builds: a new kernel cannot escape this check
+        assert launched_kernels() <= {r["kernel"].split("[")[0] for r in rows}, arch
+        # each autotuned launch contributes all its configs (+ the fp32 path)
+        assert sum(r["kernel"] == "_attn_fwd" for r in rows) == 2 * len(attention._FWD_CONFIGS) + 1, arch
+        # every config can launch on the target: none needs more shared memory than one block may have
+        assert all(r["fits"] for r in rows), (arch, [(r["kernel"], r["config"], r["shared_bytes"])
+                                                     for r in rows if not r["fits"]])
+    # bf16 matmul kernels on sm_90 run on Hopper's warpgroup tensor cores (wgmma), not the older mma.sync
     bf16 = [r for r in builds[90] if r["kernel"].split("[")[0] in TENSOR_CORE_KERNELS and "bf16" in r["case"]]
     assert {r["kernel"].split("[")[0] for r in bf16} == TENSOR_CORE_KERNELS
     assert all(r["wgmma"] > 0 for r in bf16), [(r["kernel"], r["config"]) for r in bf16 if not r["wgmma"]]
