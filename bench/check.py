@@ -11,6 +11,7 @@ from pathlib import Path
 from bench.mfu import NANOCHAT
 from kernels import tuned
 from train.errors import Parser, UserError, run_cli
+from train.paths import atomic_write
 
 KEYS = ("kind", "mode", "env", "steps", "peers", "d20_step", "profile", "fp8", "kernels_ab", "bf16_correctness",
         "autotune")
@@ -194,8 +195,9 @@ def main(argv=None) -> None:
     if not folder.is_dir():
         raise UserError(f"no results folder {folder}")
     doc = assemble(folder, args.mode)
-    (folder / "check.json").write_text(json.dumps(doc, indent=1))
-    (folder / "check.md").write_text(markdown(doc))
+    for name, text in (("check.json", json.dumps(doc, indent=1)), ("check.md", markdown(doc))):
+        with atomic_write(folder / name, "w") as f:  # whole or old: gpu_check.sh copies the folder meanwhile
+            f.write(text)
     if args.print:
         print(markdown(doc))
 

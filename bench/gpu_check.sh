@@ -12,8 +12,8 @@
 #   fp8_rowwise if time is left
 #   ab_variants_* if time is left: our selectable variants (kernels.dispatch.VARIANTS) beside auto's kernel, at
 #               the same shapes, bf16 correctness included
-# After every step check.json and check.md are rebuilt (bench.check) and, with $OUT set, everything is copied to
-# $OUT/results/<stamp>/. A step that runs out of time is marked so; what it wrote stays.
+# After every step check.json and check.md are rebuilt (bench.check, while the next step runs) and, with $OUT set,
+# everything is copied to $OUT/results/<stamp>/. A step that runs out of time is marked so; what it wrote stays.
 #
 #   bash bench/gpu_check.sh           # on the GPU; RESULTS=DIR to choose the folder (default bench/results/<stamp>)
 #   bash bench/gpu_check.sh --cpu     # the same pipeline at tiny shapes on the CPU (CI runs it)
@@ -32,7 +32,12 @@ deadline=$(( t_start + ${TOTAL:-450} ))
 RESERVE=30  # for the last step's kill (15 s) and the closing check.json
 source bench/steps.sh
 
-check() { $PY -m bench.check "$dir" --mode "$MODE" > /dev/null || echo "bench.check failed"; publish; }
+checking=""  # the pid of the bench.check that rebuilds check.json beside the next step
+check() {  # bench.check starts python and torch (seconds each time): it runs beside the next step, one at a time
+    [ -n "$checking" ] && wait "$checking"
+    { $PY -m bench.check "$dir" --mode "$MODE" > /dev/null || echo "bench.check failed"; } &
+    checking=$!
+}
 
 if [ "$MODE" = gpu ]; then
     install_wheels
@@ -76,5 +81,7 @@ step ab_variants_newton_schulz "${TIME_VARIANTS_NS:-30}" $PY -m bench.ab newton_
     --rep 50 --variants only --json "$dir/ab_variants_newton_schulz.json"
 RESERVE=0
 check
+wait "$checking"
+publish
 cat "$dir/check.md"
 echo "=== $(( $(date +%s) - t_start ))s in all; results in $dir"

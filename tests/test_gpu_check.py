@@ -41,7 +41,8 @@ def test_cpu_smoke_run_writes_every_key(tmp_path):
     assert set(doc["kernels_ab"]) == set(check.AB_OPS)
     assert doc["bf16_correctness"]["all_ok"] and doc["bf16_correctness"]["rows"]
     assert "## Profile of our step" in (results / "check.md").read_text()
-    assert (out / "results" / "results" / "check.json").exists()  # copied to $OUT after the steps
+    # copied to $OUT after the steps: the last check.json, rebuilt after the last step
+    assert (out / "results" / "results" / "check.json").read_text() == (results / "check.json").read_text()
 
 
 def _steps(tmp_path, script: str) -> list[dict]:
