@@ -41,12 +41,15 @@ def build_all(out: Path) -> dict:
                                      "--json", str(out / f"{arch}.json")],
                                     cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for arch in (90, 80)}
-    rows = {}
-    for arch, proc in procs.items():
-        log, _ = proc.communicate(timeout=1800)  # ~110 builds per target, both targets at once
-        assert proc.returncode == 0, f"sm_{arch}: a kernel did not compile\n{log[-4000:]}"
-        rows[arch] = json.loads((out / f"{arch}.json").read_text())["rows"]
-    return rows
+    try:
+        logs = {arch: proc.communicate(timeout=1800)[0] for arch, proc in procs.items()}  # ~110 builds per target
+    finally:
+        for proc in procs.values():
+            proc.kill()  # after a timeout, no compiler is left running beside the other tests
+    failed = [f"sm_{arch}: a kernel did not compile\n{logs[arch][-4000:]}" for arch, proc in procs.items()
+              if proc.returncode != 0]
+    assert not failed, "\n".join(failed)
+    return {arch: json.loads((out / f"{arch}.json").read_text())["rows"] for arch in procs}
 
 
 @pytest.mark.slow
