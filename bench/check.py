@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 from bench.mfu import NANOCHAT
-from kernels import tuned
+from kernels import dispatch, tuned
 from train.errors import Parser, UserError, run_cli
 from train.paths import atomic_write
 
@@ -91,7 +91,7 @@ def bf16_correctness(ab: dict | None) -> dict | None:
 def autotune(folder: Path, env: dict | None, d20: dict | None, ab: dict | None) -> dict:
     ours = (d20 or {}).get("ours") or {}
     first_calls = {f"{op} {r['impl']} {r['shape']} {r['mode']}": r["first_call_s"]
-                   for op, rows in (ab or {}).items() for r in rows if r["impl"].startswith("triton")
+                   for op, rows in (ab or {}).items() for r in rows if r["impl"] in dispatch.TRITON[op]
                    and r["first_call_s"] is not None}
     written = sorted(str(p) for p in (folder / "tuned").glob("*.json"))
     device = (env or {}).get("device")

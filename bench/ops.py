@@ -28,7 +28,7 @@ H100_HBM_BYTES_PER_S = 3.35e12
 COMPILED_IMPLS = ("compile", "flex")  # compiled per shape: dynamo is reset first, so no stale or dynamic graph
 _TRITON_ON_CPU = "Triton kernels need CUDA here (the CPU interpreter checks correctness; it is no benchmark)"
 NOT_ON_CPU = {  # why an implementation (a name of dispatch.IMPLS) is not timed on a CPU
-    **{name: _TRITON_ON_CPU for names in dispatch.IMPLS.values() for name in names if name.startswith("triton")},
+    **{name: _TRITON_ON_CPU for names in dispatch.TRITON.values() for name in names},
     "compile": "torch.compile on the CPU takes minutes to build; benchmarked on CUDA only",
     "flex": "FlexAttention is compiled; benchmarked on CUDA only",
     "fa2": "FlashAttention-2 needs CUDA", "fa3": "FlashAttention-3 needs a Hopper GPU",

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.dispatch import IMPLS, KernelUnavailable, choose, implementation, interpreting, register, triton_runs_on
+from kernels.dispatch import TRITON, KernelUnavailable, choose, implementation, interpreting, register, triton_runs_on
 from kernels import tuned
 
 CPU_BLOCK = 256  # query rows per block on the CPU path
@@ -463,7 +463,7 @@ def _precision(q: torch.Tensor) -> str:
     return "ieee" if q.dtype == torch.float32 else "tf32"  # fp32 inputs: exact fp32 dots (no tf32)
 
 
-TRITON_IMPLS = tuple(name for name in IMPLS["attention"] if name.startswith("triton"))  # ours
+TRITON_IMPLS = TRITON["attention"]  # ours
 
 
 def _tma_workspace(size: int, alignment: int, stream) -> torch.Tensor:

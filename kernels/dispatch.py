@@ -23,6 +23,7 @@ OURS = {"attention": "triton", "cross_entropy": "triton", "newton_schulz": "trit
 # auto on CUDA for bf16 attention over the whole causal context: SDPA's flash backend beats our kernel there at every
 # d12/d20/d26 shape, fwd and fwd+bwd (H100, bench/results/20261124-113712/ab_attention.json); ours wins windowed.
 FULL_CAUSAL_BF16 = "sdpa"
+TRITON = {op: tuple(n for n in names if n.startswith("triton")) for op, names in IMPLS.items()}  # ours, in Triton
 PORTABLE = {"attention": "blocked", "cross_entropy": "torch", "newton_schulz": "torch"}  # auto elsewhere
 # ours, selectable but never auto: written without a GPU, each waits for a GPU measurement that shows it faster
 VARIANTS = {"attention": ("triton_fused_bwd", "triton_tma", "triton_dq_delta"), "cross_entropy": (),
