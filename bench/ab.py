@@ -5,7 +5,6 @@
     python -m bench.ab cross_entropy --impl triton,liger --shape 65536x1280x32768
     python -m bench.ab attention --shape 8x2048x6x128:w1024 --mode fwd+bwd
     python -m bench.ab newton_schulz --shape d20-all      # the whole-model orthogonalization at d20
-    python -m bench.ab attention --variants only          # our selectable variants (not auto) beside auto's kernel
 
 Per case: median ms (do_bench on CUDA, rotating inputs larger than L2), TFLOP/s (useful FLOPs only), % of the
 device's bf16 peak and of the H100's (989 TFLOP/s), GB/s (minimal HBM traffic), peak memory above the inputs,
@@ -19,7 +18,6 @@ from pathlib import Path
 import torch
 
 from bench import ops, timing
-from kernels import dispatch
 from train.errors import Parser, UserError, run_cli
 
 
@@ -27,9 +25,6 @@ def build_parser() -> Parser:
     p = Parser(prog="bench.ab", description="A/B every implementation of a kernel on the spec's shapes.")
     p.add_argument("op", help=f"one of {', '.join(ops.OPS)}, or all")
     p.add_argument("--impl", default=None, help="comma-separated implementations (default: all of the op's)")
-    p.add_argument("--variants", choices=["with", "skip", "only"], default="with",
-                   help="our selectable variants (kernels.dispatch.VARIANTS): with the rest, skipped, or only they "
-                        "next to auto's kernel of ours")
     p.add_argument("--shape", action="append", default=None,
                    help="a shape (repeatable): newton_schulz KxMxN[+KxMxN...] or d20-all; cross_entropy NxHxV; "
                         "attention BxTxHxD[xHkv][:wN|:full]. Default: the spec's shapes (tiny ones on CPU)")
@@ -49,13 +44,6 @@ def build_parser() -> Parser:
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def _with_variants(op: ops.Op, variants: str) -> list[str]:
-    """op's implementations with its VARIANTS kept ("with"), left out ("skip"), or alone beside OURS ("only")."""
-    if variants == "only":
-        return [dispatch.OURS[op.name], *dispatch.VARIANTS[op.name]] if dispatch.VARIANTS[op.name] else []
-    return [i for i in op.impls if variants == "with" or i not in dispatch.VARIANTS[op.name]]
-
-
 def select(args) -> list[tuple[ops.Op, list]]:
     """The cases asked for, per op; bad op, impl or shape names are UserErrors (found before any run)."""
     op_list = list(ops.OPS.values()) if args.op == "all" else [ops.get_op(args.op)]
@@ -64,19 +52,19 @@ def select(args) -> list[tuple[ops.Op, list]]:
     small = args.small or torch.device(args.device).type != "cuda"
     plan = []
     for op in op_list:
-        impls = allowed = _with_variants(op, args.variants)
+        impls = list(op.impls)
         if args.impl:
             impls = [i.strip() for i in args.impl.split(",") if i.strip()]
             unknown = [i for i in impls if i not in op.impls]
             if args.op != "all" and unknown:
                 raise UserError(f"unknown {op.name} impl {', '.join(unknown)}; choose from {', '.join(op.impls)}")
-            impls = [i for i in impls if i in allowed]
+            impls = [i for i in impls if i in op.impls]
         if not impls:
             continue
         shapes = [op.parse_shape(s) for s in args.shape] if args.shape else None
         plan.append((op, ops.cases(op, small, impls, shapes, [args.mode] if args.mode else None)))
     if not plan:
-        raise UserError(f"no op has the impls {args.impl!r}" if args.impl else "no op has variants (--variants only)")
+        raise UserError(f"no op has the impls {args.impl!r}")
     return plan
 
 
@@ -141,6 +129,44 @@ def write_json(path, info: dict, args, rows: list[dict]) -> None:
     tmp.replace(path)
 
 
+def plot_op(op: str, rows: list[dict], info: dict, path) -> bool:
+    """A PNG of grouped bars per mode: x = shapes, one bar per impl, height = TFLOP/s (the op's first FLOP count);
+    a wrong result's bar hatched and marked. False when no row has a time."""
+    ok = [r for r in rows if r["op"] == op and r["status"] == "ok" and r.get("tflops")]
+    if not ok:
+        return False
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    modes = list(dict.fromkeys(r["mode"] for r in ok))
+    fig, axes = plt.subplots(len(modes), 1, figsize=(12, 4.2 * len(modes)), squeeze=False)
+    for ax, mode in zip(axes[:, 0], modes):
+        mine = [r for r in ok if r["mode"] == mode]
+        shapes = list(dict.fromkeys(r["label"] for r in mine))
+        impls = list(dict.fromkeys(r["impl"] for r in mine))
+        width = 0.8 / len(impls)
+        for j, impl in enumerate(impls):
+            by_shape = {r["label"]: r for r in mine if r["impl"] == impl}
+            xs = [i + (j - (len(impls) - 1) / 2) * width for i, s in enumerate(shapes) if s in by_shape]
+            cases = [by_shape[s] for s in shapes if s in by_shape]
+            bars = ax.bar(xs, [next(iter(r["tflops"].values())) for r in cases], width, label=impl)
+            for bar, r in zip(bars, cases):
+                if not r.get("ok", True):  # above the error tolerance: its speed means nothing
+                    bar.set_hatch("//")
+                    ax.annotate("wrong", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center",
+                                va="bottom", color="red", fontsize=8, fontweight="bold")
+        ax.set_xticks(range(len(shapes)), shapes, rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel(f"TFLOP/s ({next(iter(mine[0]['tflops']))})")
+        ax.set_title(f"{op} {mode}, {mine[0].get('dtype', '')} on {info.get('device', '?')}")
+        ax.legend(fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -169,7 +195,6 @@ def main(argv=None) -> None:
         print(f"\n{op.name}")
         print(table(op, op_rows))
         if args.plot:
-            from bench.report import plot_op
             target = Path(args.plot)
             if not (len(plan) == 1 and target.suffix == ".png"):
                 target = target / f"ab_{op.name}.png"

@@ -19,7 +19,6 @@ PEERS = {"liger_kernel": "Liger-Kernel", "cut_cross_entropy": "cut-cross-entropy
          "flash_attn_interface": "FlashAttention-3", "flash_attn": "FlashAttention-2"}
 STEP_FIELDS = ("tokens_per_s", "step_ms", "mfu_h100", "mfu_device", "peak_mem_gb", "loss", "first_step_s",
                "extras_error", "recompute_mlp")
-AB_OPS = ("newton_schulz", "cross_entropy", "attention")
 
 
 def _load(path: Path):
@@ -71,13 +70,9 @@ def _ab_row(r: dict) -> dict:
 
 
 def kernels_ab(folder: Path) -> dict | None:
-    """The A/B rows per op: the ab_<op> step's, then the ab_variants step's (our variants beside auto's kernel)."""
-    out = {}
-    for op in AB_OPS:
-        for name in (f"ab_{op}.json", f"ab_variants_{op}.json"):
-            if (doc := _load(folder / name)) is not None:
-                out.setdefault(op, []).extend(_ab_row(r) for r in doc["results"])
-    return out or None
+    """The A/B rows per op, from its ab_<op> step."""
+    docs = {op: _load(folder / f"ab_{op}.json") for op in dispatch.OPS}
+    return {op: [_ab_row(r) for r in doc["results"]] for op, doc in docs.items() if doc is not None} or None
 
 
 def bf16_correctness(ab: dict | None) -> dict | None:
@@ -124,6 +119,30 @@ def _num(x, spec=",.0f") -> str:
     return "-" if x is None else format(x, spec)
 
 
+def ab_table(rows: list[dict]) -> str:
+    """One op's A/B rows as a table: a line per shape and mode, a column per impl; the skipped and failed below."""
+    impls = list(dict.fromkeys(r["impl"] for r in rows))
+    out = ["| shape | mode | " + " | ".join(impls) + " |", "|---|---|" + "---:|" * len(impls)]
+    notes = {}
+    for shape, mode in dict.fromkeys((r["shape"], r["mode"]) for r in rows):
+        cells = {r["impl"]: r for r in rows if (r["shape"], r["mode"]) == (shape, mode)}
+        best = min((r["ms"] for r in cells.values() if r["status"] == "ok" and r["ok"] and r["ms"]), default=None)
+        line = []
+        for impl in impls:
+            r = cells.get(impl)
+            if r is None or r["status"] != "ok":
+                if r is not None:
+                    notes.setdefault((impl, r["status"], r["reason"]), []).append(r)
+                line.append("-" if r is None or r["status"] == "skipped" else "error")
+                continue
+            text = f"{_num(r['ms'], '.3g')} ({_num(r['tflops'], '.3g')})" + ("" if r["ok"] else " ! wrong")
+            line.append(f"**{text}**" if r["ms"] == best else text)
+        out.append(f"| {shape} | {mode} | " + " | ".join(line) + " |")
+    out += [""] * bool(notes) + [f"- {impl} {status} ({len(rs)} case{'s' * (len(rs) > 1)}): {reason}"
+                                 for (impl, status, reason), rs in notes.items()]
+    return "\n".join(out)
+
+
 def markdown(doc: dict) -> str:
     env = doc["env"] or {}
     out = [f"# GPU check ({doc['mode']}) on {env.get('device', '?')}",
@@ -160,22 +179,9 @@ def markdown(doc: dict) -> str:
                 out.append(f"- {recipe}: {r['status']}: {r['reason']}")
     if doc["kernels_ab"]:
         out += ["", f"## Kernels at {'the d20 shapes' if doc['mode'] == 'gpu' else 'tiny CPU shapes'}", "",
-                "| op | shape | mode | impl | ms | TFLOP/s | rel err | first call s |",
-                "|---|---|---|---|---:|---:|---:|---:|"]
-        skipped = {}
+                "Median ms (TFLOP/s); bold: the fastest within its error tolerance; '! wrong': above it."]
         for op, rows in doc["kernels_ab"].items():
-            for r in rows:
-                if r["status"] == "skipped":
-                    skipped.setdefault((op, r["impl"], r["reason"]), []).append(r)
-                    continue
-                if r["status"] != "ok":
-                    out.append(f"| {op} | {r['shape']} | {r['mode']} | {r['impl']} | {r['status']}: {r['reason']} |")
-                    continue
-                err = _num(r["rel_error"], ".1e") + ("" if r["ok"] else " WRONG")
-                out.append(f"| {op} | {r['shape']} | {r['mode']} | {r['impl']} | {_num(r['ms'], '.3f')} | "
-                           f"{_num(r['tflops'], '.3g')} | {err} | {_num(r['first_call_s'], '.1f')} |")
-        out += [""] + [f"- skipped {op} {impl} ({len(rs)} case{'s' * (len(rs) > 1)}): {reason}"
-                       for (op, impl, reason), rs in skipped.items()]
+            out += ["", f"### {op}", "", ab_table(rows)]
         c = doc["bf16_correctness"]
         out.append(f"\nevery kernel within its tolerance of the fp32 reference: {c['all_ok']}")
     a = doc["autotune"]

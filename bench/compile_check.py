@@ -15,22 +15,44 @@ may differ from the GPU machine's.
 
 Run it without TRITON_INTERPRET (under it @triton.jit makes interpreter functions, which do not compile).
 Exit status: 0 when every launch compiled, 1 when one did not, 2 for bad input.
+
+The reports of every op for sm_90 and sm_80 are committed as REPORTS/sm_<arch>.json with their build_key(): what
+the builds read (every file of kernels/, this file and the Triton shim by content, the Triton and torch versions,
+the target). tests/test_gpu_compile.py reads a report whose key is the tree's instead of building again; after a
+change to any of those, `python -m bench.compile_check --arch 90 --json bench/results/compile_check/sm_90.json`
+(and 80) refreshes it.
 """
 import contextlib
+import hashlib
 import json
 import os
 import re
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
+import triton
 
 from bench import triton_shim
+from kernels import dispatch
 from train.errors import Parser, UserError, run_cli
 
 # Largest shared memory one block may use (opt-in), bytes: CUDA's compute-capability table.
 SHARED_MEMORY_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
-OPS = ("newton_schulz", "cross_entropy", "attention")
+ROOT = Path(__file__).resolve().parents[1]
+REPORTS = ROOT / "bench" / "results" / "compile_check"
+
+
+def build_key(arch: int, root: Path = ROOT, versions: str | None = None) -> str:
+    """sha256 (16 hex digits) of everything a full report's builds depend on: the content of every file under
+    kernels/ and of the launch recorder (this file, bench/triton_shim.py), the Triton (its compiler and ptxas)
+    and torch versions, and the target."""
+    h = hashlib.sha256(f"sm_{arch} {versions or f'triton {triton.__version__} torch {torch.__version__}'}".encode())
+    files = sorted(p for p in (root / "kernels").rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+    for path in files + [root / "bench" / "compile_check.py", root / "bench" / "triton_shim.py"]:
+        h.update(b"\0" + path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()[:16]
 
 
 @dataclass
@@ -74,15 +96,11 @@ def recording(launches: list, op: str, case: str):
 
 
 def newton_schulz_launches() -> list[Launch]:
-    """One Polar Express step on a wide bf16 d20 stack: X·Xᵀ, b·A + c·A·A (symmetric), a·X + B·X (ours); and the
-    fused variant's first step (the normalising B and update kernels) on a tall one, written through its strides."""
+    """One Polar Express step on a bf16 d20 stack: X·Xᵀ, b·A + c·A·A (symmetric), a·X + B·X (ours)."""
     from kernels import newton_schulz as ns
     launches: list = []
-    G = torch.randn(2, 1280, 5120).bfloat16()
     with recording(launches, "newton_schulz", "bf16 2x1280x5120"):
-        ns._polar_express_op(G, 1, "triton_full")
-    with recording(launches, "newton_schulz", "bf16 2x5120x1280 fused"):
-        ns._polar_express_op(G.mT.contiguous(), 1, "triton_fused")
+        ns._polar_express_op(torch.randn(2, 1280, 5120).bfloat16(), 1, True)
     return launches
 
 
@@ -105,8 +123,7 @@ def cross_entropy_launches() -> list[Launch]:
 
 
 def attention_launches() -> list[Launch]:
-    """Forward and backward of each of our implementations (attention.TRITON_IMPLS: plain, fused dq, TMA, dq delta) at
-    T 2048 with window 1024: bf16 at D 128 and 64 (tensor cores), fp32 at D 128."""
+    """Forward and backward at T 2048 with window 1024: bf16 at D 128 and 64 (tensor cores), fp32 at D 128."""
     from kernels import attention as at
     launches: list = []
     for dtype, D in ((torch.bfloat16, 128), (torch.bfloat16, 64), (torch.float32, 128)):
@@ -115,10 +132,9 @@ def attention_launches() -> list[Launch]:
         out, lse = torch.empty_like(q), torch.empty(B, H, T)
         name = {torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
         scale, grads = 1.44 / D ** 0.5, [torch.empty_like(t) for t in (q, k, v)]
-        for impl in at.TRITON_IMPLS:  # a kernel an impl launches as an earlier one did is built once (run)
-            with recording(launches, "attention", f"{name} D={D}" + ("" if impl == "triton" else f" {impl}")):
-                at._forward_into(q, k, v, 1024, scale, out, lse, impl)
-                at._backward_into(out, q, k, v, out, lse, 1024, scale, *grads, impl)
+        with recording(launches, "attention", f"{name} D={D}"):
+            at._forward_into(q, k, v, 1024, scale, out, lse)
+            at._backward_into(out, q, k, v, out, lse, 1024, scale, *grads)
     return launches
 
 
@@ -166,24 +182,14 @@ def check(launch: Launch, config: dict, arch: int) -> Row:
     return row
 
 
-def _build_key(launch: Launch, config: dict) -> tuple:
-    """What decides the binary: the kernel, its constexprs and config, and each argument's dtype and strides (tensors)
-    or value (ints: triton specialises on divisibility and on 1)."""
-    args = tuple((str(a.dtype), a.stride()) if isinstance(a, torch.Tensor) else a for a in launch.args)
-    return launch.kernel.__name__, _config_name(launch, config), repr(sorted(launch.kwargs.items())), args
-
-
 def run(ops: list[str], arch: int) -> list[Row]:
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise UserError("bench.compile_check compiles for a GPU: run it without TRITON_INTERPRET=1")
     triton_shim.check_version()
-    rows, built = [], set()
+    rows = []
     for op in ops:
         for launch in LAUNCHES[op]():
             for config in launch.configs:
-                if (key := _build_key(launch, config)) in built:
-                    continue  # a variant's case launches the same kernel as an earlier case: built once
-                built.add(key)
                 row = check(launch, config, arch)
                 rows.append(row)
                 print(format_row(row))
@@ -201,21 +207,24 @@ def format_row(r: Row) -> str:
 def main(argv=None) -> None:
     p = Parser(prog="bench.compile_check", description=__doc__.splitlines()[0])
     p.add_argument("--arch", type=int, default=90, help="compute capability x10: 90 H100/H200, 80 A100")
-    p.add_argument("--op", action="append", choices=OPS, default=None, help="only this op (repeatable)")
+    p.add_argument("--op", action="append", choices=dispatch.OPS, default=None, help="only this op (repeatable)")
     p.add_argument("--json", default=None, help="write the rows here")
     args = p.parse_args(argv)
     if args.arch not in SHARED_MEMORY_LIMIT:
         raise UserError(f"--arch {args.arch}: expected one of {', '.join(map(str, SHARED_MEMORY_LIMIT))}")
     print(f"compiling for sm_{args.arch} (shared memory limit {SHARED_MEMORY_LIMIT[args.arch] / 1024:.0f} KB)")
-    rows = run(args.op or list(OPS), args.arch)
+    rows = run(args.op or list(dispatch.OPS), args.arch)
     failed = [r for r in rows if not r.ok]
     over = [r for r in rows if r.ok and not r.fits]
     print(f"{len(rows)} builds: {len(rows) - len(failed)} compiled, {len(failed)} failed; "
           f"{len(over)} need more shared memory than sm_{args.arch} has (the autotuner skips those); "
           f"{sum(r.spill_bytes > 0 for r in rows)} spill; {sum(r.seconds for r in rows):.0f}s")
     if args.json:
+        key = build_key(args.arch) if not args.op else None  # a report of every op stands for a build
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         with open(args.json, "w") as f:
-            json.dump({"arch": args.arch, "rows": [asdict(r) for r in rows]}, f, indent=1)
+            json.dump({"arch": args.arch, "key": key, "triton": triton.__version__, "torch": torch.__version__,
+                       "rows": [asdict(r) for r in rows]}, f, indent=1)
     if failed:
         raise SystemExit(1)
 

@@ -7,16 +7,17 @@
     python -m bench.mfu --depth 20 --fp8           # FP8 linears (torchao)
     python -m bench.mfu --depth 2 --seq-len 64 --device-batch-size 2 --steps 3   # on a CPU
 
-A step is what train.pretrain does: grad_accum micro-steps (forward under bf16 autocast, backward), then
-MuonAdamW. The model is compiled on CUDA (--no-compile to not). MFU = FLOPs per token x tok/s / peak, against
-the H100's bf16 989 TFLOP/s and the device's own peak (unknown devices: n/a).
+A step is train.pretrain's own (train.step.TrainStep): grad_accum micro-steps (forward under bf16 autocast,
+backward), then MuonAdamW at the step's schedules. The model is compiled on CUDA (--no-compile to not).
+MFU = FLOPs per token x tok/s / peak, against the H100's bf16 989 TFLOP/s and the device's own peak (unknown
+devices: n/a).
 """
 import argparse
 import gc
+import itertools
 import json
 import math
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,9 +25,13 @@ import torch
 
 from bench import step_profile, timing
 from kernels import dispatch
+from model.config import VOCAB_SIZE, WINDOW_PATTERN
+from train.dataloader import Batch
 from train.errors import Parser, UserError, first_line, run_cli
 from train.fp8 import RECIPES as FP8_RECIPES
 from train.metrics import H100_PEAK_BF16, mfu, peak_bf16_flops
+from train.scaling import Plan
+from train.step import TrainStep
 
 # "Its torch version" per op, for --compare. Attention's plain reference is fp32 with a dense T x T mask
 # (it would need ~100 GB at d20), so attention falls back to torch's own SDPA, as nanochat does without FA3.
@@ -36,42 +41,32 @@ NANOCHAT = "torch only (nanochat without FA3)"  # every op in torch: SDPA (windo
 
 @dataclass
 class Trainer:
-    model: torch.nn.Module  # what is called (compiled or not)
-    optimizer: object
-    plan: object
-    batches: list  # (x, y) pairs of random tokens, already on the device
-    autocast: object
-    grad_accum: int
+    train_step: TrainStep  # train.pretrain's step, over random batches
+    plan: Plan
     device: torch.device
     recompute_mlp: bool = False
-    i: int = 0
+    steps_done: int = 0
 
     @property
     def tokens_per_step(self) -> int:
-        x, _ = self.batches[0]
-        return x.numel() * self.grad_accum
+        return self.train_step.batch.inputs.numel() * self.train_step.grad_accum
 
     def step(self) -> torch.Tensor:
-        for _ in range(self.grad_accum):
-            x, y = self.batches[self.i % len(self.batches)]
-            self.i += 1
-            with self.autocast:
-                loss = self.model(x, y)
-            (loss / self.grad_accum).backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
+        """One optimizer step; returns its loss (a device tensor: reading it waits for the step)."""
+        loss, _ = self.train_step(self.steps_done)
+        self.steps_done += 1
+        return loss
 
 
 def build_trainer(depth: int, device, device_batch_size: int, seq_len: int, grad_accum: int = 1,
-                  compile: bool = True, fp8: str | None = None, vocab_size: int = 32768,
-                  window_pattern: str = "SSSL", seed: int = 0, n_batches: int = 4,
+                  compile: bool = True, fp8: str | None = None, vocab_size: int = VOCAB_SIZE,
+                  window_pattern: str = WINDOW_PATTERN, seed: int = 0, n_batches: int = 4,
                   recompute_mlp: bool | None = None, fp8_emulate: bool = False) -> Trainer:
-    """The model, optimizer and random batches of one depth, built as train.pretrain builds them (its flags'
-    defaults for everything not given here)."""
-    from train.builder import build_model_and_optimizer
+    """The model, optimizer, schedules and random batches of one depth, built as train.pretrain builds them (its
+    flags' defaults for everything not given here)."""
+    from train.builder import build_model_and_optimizer, schedule_of
     from train.memory import choose_recompute_mlp
-    from train.pretrain import build_parser
+    from train.pretrain import autocast_for, build_parser
     from train.scaling import make_plan
 
     device = torch.device(device)
@@ -85,15 +80,17 @@ def build_trainer(depth: int, device, device_batch_size: int, seq_len: int, grad
         fp8_training.check_fp8_available(device, emulate=fp8_emulate)
     recompute = choose_recompute_mlp(recompute_mlp, plan, device)  # as train.pretrain decides it
     orig, optimizer, _ = build_model_and_optimizer(plan, args, device, recompute)
-    model = torch.compile(orig, dynamic=False) if compile else orig
     g = torch.Generator(device=device)
     g.manual_seed(seed)
     batches = []
     for _ in range(n_batches):
         tokens = torch.randint(0, vocab_size, (device_batch_size, seq_len + 1), generator=g, device=device)
-        batches.append((tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()))
-    autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    return Trainer(model, optimizer, plan, batches, autocast, grad_accum, device, orig.recompute_mlp)
+        batches.append(Batch(tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()))
+    batches = itertools.cycle(batches)
+    model = torch.compile(orig, dynamic=False) if compile else orig
+    step = TrainStep(model, optimizer, schedule_of(plan, args), batches, grad_accum, autocast_for(device),
+                     next(batches))
+    return Trainer(step, plan, device, orig.recompute_mlp)
 
 
 def speed(trainer: Trainer, seconds_per_step: float) -> dict:
@@ -192,8 +189,8 @@ def build_parser() -> Parser:
     a("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
     a("--steps", type=int, default=10, help="optimizer steps timed")
     a("--warmup", type=int, default=3, help="steps run before timing (compilation, autotuning)")
-    a("--vocab-size", type=int, default=32768)
-    a("--window-pattern", default="SSSL")
+    a("--vocab-size", type=int, default=VOCAB_SIZE)
+    a("--window-pattern", type=str.upper, default=WINDOW_PATTERN)
     a("--compile", action=argparse.BooleanOptionalAction, default=None,
       help="torch.compile the model (default: on for CUDA)")
     a("--recompute-mlp", action=argparse.BooleanOptionalAction, default=None,
@@ -233,9 +230,8 @@ def validate(args) -> None:
             raise UserError(f"--compare takes ops among {', '.join(TORCH_VERSIONS)}, got {', '.join(unknown)}")
     if args.warmup < 0:
         raise UserError(f"--warmup must not be negative, got {args.warmup}")
-    if not args.window_pattern or set(args.window_pattern.upper()) - {"S", "L"}:
+    if not args.window_pattern or set(args.window_pattern) - {"S", "L"}:
         raise UserError(f"--window-pattern may contain only S and L, got {args.window_pattern!r}")
-    args.window_pattern = args.window_pattern.upper()
     if args.fp8:
         from train import fp8
         fp8.check_fp8_available(torch.device(args.device), emulate=args.fp8_emulate)  # before building anything

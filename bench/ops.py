@@ -2,13 +2,14 @@
 
 Per op: its implementations, the shapes of the spec (kernels.md) and tiny CPU versions, how to make inputs,
 how to run one implementation (forward, or forward + backward through torch.autograd.grad), the useful
-FLOPs and the minimal bytes moved, and an independent high-precision reference for the error column
-(float64 on the CPU, float32 without TF32 on CUDA), so a fast but wrong kernel shows up as wrong.
+FLOPs and the minimal bytes moved, and the kernel module's own plain-torch reference, in high precision, for the
+error column (float64 on the CPU, float32 without TF32 on CUDA), so a fast but wrong kernel shows up as wrong.
 """
 import functools
 import math
 import re
 import time
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -21,6 +22,8 @@ from kernels import cross_entropy as cross_entropy_kernel
 from kernels import dispatch
 from kernels import newton_schulz as newton_schulz_kernel
 from kernels.dispatch import KernelUnavailable
+from model.config import config_from_depth
+from model.gpt import GPT
 from train.errors import UserError, first_line
 from train.metrics import H100_PEAK_BF16, peak_bf16_flops
 
@@ -113,24 +116,19 @@ def _ints(text: str, what: str) -> list[int]:
 # ----------------------------------------------------------------------------------------------
 # 1. Muon orthogonalization (Polar Express): a shape is one or more stacks (K, m, n)
 
-NS_MODELS = {  # depth: the stacks of the whole model (spec)
-    12: ((48, 768, 768), (12, 768, 3072), (12, 3072, 768)),
-    20: ((80, 1280, 1280), (20, 1280, 5120), (20, 5120, 1280)),
-    26: ((104, 1664, 1664), (26, 1664, 6656), (26, 6656, 1664)),
-}
+SPEC_DEPTHS = (12, 20, 26)  # the model sizes whose shapes the spec benchmarks (kernels.md)
 
 
-def polar_express(G: torch.Tensor, dtype) -> torch.Tensor:
-    """The 5 Polar Express iterations in dtype: our own math, independent of kernels/ (its coefficients)."""
-    X = G.to(dtype)
-    wide = X.size(-2) <= X.size(-1)
-    if not wide:
-        X = X.mT
-    X = X / (X.norm(dim=(-2, -1), keepdim=True) * newton_schulz_kernel.NORM_MARGIN + newton_schulz_kernel.NORM_EPS)
-    for a, b, c in newton_schulz_kernel.POLAR_EXPRESS_COEFFS:
-        A = X @ X.mT
-        X = a * X + (b * A + c * (A @ A)) @ X
-    return X if wide else X.mT
+def muon_stacks(depth: int) -> tuple:
+    """(K, rows, cols) of every stack Muon orthogonalizes at that depth (one per matrix shape, the value-embedding
+    gates' too), from the model itself (built on the meta device: no memory)."""
+    with torch.device("meta"):
+        model = GPT(config_from_depth(depth))
+    shapes = Counter(tuple(p.shape) for p in model.param_groups()["matrices"])
+    return tuple((k, m, n) for (m, n), k in sorted(shapes.items()))
+
+
+NS_MODELS = {depth: muon_stacks(depth) for depth in SPEC_DEPTHS}
 
 
 class NewtonSchulz(Op):
@@ -146,8 +144,8 @@ class NewtonSchulz(Op):
 
     def gpu_shapes(self):
         out = []
-        for depth, stacks in NS_MODELS.items():
-            out += [self._shape([s], f"d{depth} {s[1]}x{s[2]} x{s[0]}") for s in stacks]
+        for depth, stacks in NS_MODELS.items():  # alone: the block matrices (the spec's), not the tiny gates
+            out += [self._shape([s], f"d{depth} {s[1]}x{s[2]} x{s[0]}") for s in stacks if min(s[1:]) >= 128]
         return out + [self._shape(NS_MODELS[20], "d20 whole model")]
 
     def cpu_shapes(self):
@@ -179,7 +177,8 @@ class NewtonSchulz(Op):
 
     def reference(self, inputs, backward):
         with exact_fp32():
-            return tuple(polar_express(G, reference_dtype(G.device)) for G in inputs)
+            return tuple(newton_schulz_kernel.orthogonalize_reference(G.to(reference_dtype(G.device)))
+                         for G in inputs)
 
     def tolerance(self, dtype):
         # bf16 Polar Express itself lands a few 1e-2 from the float64 iteration on random inputs: the error
@@ -280,16 +279,6 @@ TORCH_ATTENTION_MAX_SCORE_BYTES = 2 ** 30  # the fp32 dense-mask reference is O(
 REFERENCE_SEQUENCES = 2  # the error column checks the first sequences of the batch (rows are independent)
 
 
-def attention_reference(q, k, v, window: int, dtype) -> torch.Tensor:
-    """softmax(q kᵀ/√D + mask) v with an explicit causal window mask, in dtype. (B, T, H, D) layout.
-    Our own math; the mask and the GQA repeat are the kernels' definitions (kernels.attention)."""
-    q, k, v = attention_kernel.heads_first(*(t.to(dtype) for t in (q, k, v)))
-    i = torch.arange(q.size(2), device=q.device)
-    scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.size(-1))
-    scores = scores.masked_fill(~attention_kernel.visible(i, i, window), float("-inf"))
-    return (scores.softmax(-1) @ v).transpose(1, 2)
-
-
 class Attention(Op):
     name = "attention"
     cpu_impls = ("torch", "blocked", "sdpa")
@@ -355,7 +344,7 @@ class Attention(Op):
         rdt = reference_dtype(q.device)
         leaves = [t[:n].detach().to(rdt).requires_grad_(backward) for t in (q, k, v)]
         with exact_fp32(), torch.enable_grad():
-            ref = attention_reference(*leaves, window, rdt)
+            ref = attention_kernel.reference(*leaves, window)
             if not backward:
                 return (ref.detach(),)
             return (ref.detach(), *torch.autograd.grad(ref, leaves, inputs[4][:n].to(rdt)))

@@ -5,10 +5,9 @@ and how long choosing takes.
     python -m bench.tune --depth 20 --out DIR    # one depth; the table goes to DIR/<device>.json
     python -m bench.tune --merge FILE.json       # fold a table written elsewhere (a GPU run's results) into ours
 
-Per depth, the shapes a training step launches: the whole-model Newton-Schulz stacks (triton_full, auto's; then
-triton_fused, whose first-step kernels share those keys) and attention (fwd + bwd) at B 32, T 2048, D 128 with the
-window of S layers (T/2), in every variant (two-kernel, fused dq, TMA, dq delta), and full L layers (auto runs
-SDPA there for bf16; a forced --kernel-attention triton does not). Each kernel's first call autotunes (tables
+Per depth, the shapes a training step launches: the whole-model Newton-Schulz stacks (triton_full, auto's) and
+attention (fwd + bwd) at B 32, T 2048, D 128 with the window of S layers (T/2), and full L layers (auto runs SDPA
+there for bf16; a forced --kernel-attention triton does not). Each kernel's first call autotunes (tables
 ignored, so the choice is made afresh); its seconds are reported next to a second, tuned call.
 Every key the autotuners chose is then added to the table (a key already there is replaced). Needs CUDA.
 """
@@ -20,12 +19,12 @@ import torch
 import triton
 
 from bench import timing
-from bench.ops import NS_MODELS
+from bench.ops import NS_MODELS, SPEC_DEPTHS
 from kernels import tuned
+from model.config import config_from_depth
 from train.errors import Parser, UserError, run_cli
 from train.paths import atomic_write
 
-HEADS = {12: 6, 20: 10, 26: 13}  # model_dim / 128 (spec: head_dim 128)
 SEQ_LEN, BATCH = 2048, 32
 
 
@@ -33,8 +32,8 @@ def choices() -> dict:
     """{kernel: {key text: config}} of every autotuned kernel, from what its autotuner has chosen so far."""
     from bench import triton_shim
     out = {}
-    for name, autotuner in tuned.AUTOTUNED.items():
-        chosen = {tuned.key_text(key): cfg for key, cfg in triton_shim.autotune_choices(autotuner)}
+    for name, kernel in tuned.AUTOTUNED.items():
+        chosen = {tuned.key_text(key): cfg for key, cfg in triton_shim.autotune_choices(kernel.autotuner)}
         if chosen:
             out[name] = chosen
     return out
@@ -75,20 +74,18 @@ def tune_depth(depth: int, device) -> list[dict]:
     rows = []
     for k, m, n in NS_MODELS[depth]:
         G = torch.randn(k, m, n, device=device, dtype=torch.bfloat16)
-        for impl in ("triton_full", "triton_fused"):  # auto on CUDA, then the variant
-            first, second = _first_and_second(lambda G=G, impl=impl: orthogonalize(G, impl=impl))
-            rows.append({"depth": depth, "kernel": f"newton_schulz ({impl})", "shape": f"{k}x{m}x{n}",
-                         "first_s": first, "second_s": second})
-    H = HEADS[depth]
-    for impl, window in (("triton", SEQ_LEN // 2), ("triton_fused_bwd", SEQ_LEN // 2), ("triton_tma", SEQ_LEN // 2),
-                         ("triton_dq_delta", SEQ_LEN // 2), ("triton", -1), ("triton_tma", -1)):
+        first, second = _first_and_second(lambda G=G: orthogonalize(G, impl="triton_full"))
+        rows.append({"depth": depth, "kernel": "newton_schulz (triton_full)", "shape": f"{k}x{m}x{n}",
+                     "first_s": first, "second_s": second})
+    H = config_from_depth(depth).n_head
+    for window in (SEQ_LEN // 2, -1):
         q, k, v = (torch.randn(BATCH, SEQ_LEN, H, 128, device=device, dtype=torch.bfloat16, requires_grad=True)
                    for _ in range(3))
 
-        def fwd_bwd(q=q, k=k, v=v, window=window, impl=impl):
-            attention(q, k, v, window=window, impl=impl).sum().backward()
+        def fwd_bwd(q=q, k=k, v=v, window=window):
+            attention(q, k, v, window=window, impl="triton").sum().backward()
         first, second = _first_and_second(fwd_bwd)
-        rows.append({"depth": depth, "kernel": f"attention fwd+bwd ({impl})", "shape": f"{BATCH}x{SEQ_LEN}x{H}x128",
+        rows.append({"depth": depth, "kernel": "attention fwd+bwd (triton)", "shape": f"{BATCH}x{SEQ_LEN}x{H}x128",
                      "window": window, "first_s": first, "second_s": second})
     return rows
 
@@ -111,8 +108,8 @@ def main(argv=None) -> None:
         print(f"merged {args.merge} into {path}")
         return
     depths = [int(d) for d in args.depth.split(",")]
-    if set(depths) - set(HEADS):
-        raise UserError(f"--depth takes {', '.join(map(str, HEADS))}, got {args.depth}")
+    if set(depths) - set(SPEC_DEPTHS):
+        raise UserError(f"--depth takes {', '.join(map(str, SPEC_DEPTHS))}, got {args.depth}")
     if not torch.cuda.is_available():
         raise UserError("bench.tune autotunes Triton kernels on a GPU; no CUDA device here")
     info = timing.device_info("cuda")

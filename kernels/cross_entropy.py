@@ -46,7 +46,7 @@ def _tanh(x):
 def _softcap_ce_rows_kernel(
     logits_ptr, stride_row, targets_ptr, nats_ptr, lse_ptr, row_grad_ptr,
     V, ignore_index, softcap,
-    SOFTCAP: tl.constexpr, LSE_GIVEN: tl.constexpr, WRITE_GRAD: tl.constexpr, ROW_GRAD: tl.constexpr,
+    CAPPED: tl.constexpr, LSE_GIVEN: tl.constexpr, WRITE_GRAD: tl.constexpr, ROW_GRAD: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0)
@@ -57,7 +57,7 @@ def _softcap_ce_rows_kernel(
 
     # the target's capped logit, read before the gradient overwrites the row
     z_y = tl.load(row_ptr + y, mask=valid, other=0.0).to(tl.float32)
-    if SOFTCAP:
+    if CAPPED:
         z_y = softcap * _tanh(z_y / softcap)
 
     if LSE_GIVEN:
@@ -69,7 +69,7 @@ def _softcap_ce_rows_kernel(
         for start in range(0, V, BLOCK_V):
             mask = start + cols < V
             z = tl.load(row_ptr + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
-            if SOFTCAP:
+            if CAPPED:
                 z = softcap * _tanh(z / softcap)  # tanh(-inf) = -1: re-mask below
                 z = tl.where(mask, z, float("-inf"))
             m_new = tl.maximum(m, tl.max(z, axis=0))
@@ -87,7 +87,7 @@ def _softcap_ce_rows_kernel(
         for start in range(0, V, BLOCK_V):
             mask = start + cols < V
             z = tl.load(row_ptr + start + cols, mask=mask, other=0.0).to(tl.float32)
-            if SOFTCAP:
+            if CAPPED:
                 t = _tanh(z / softcap)
                 g = tl.exp(softcap * t - lse) - tl.where(start + cols == y, 1.0, 0.0)
                 g = g * (1.0 - t * t)
@@ -144,7 +144,7 @@ def _ce_rows(logits, targets, nats, lse, softcap, ignore_index, lse_given, write
     _softcap_ce_rows_kernel[(n,)](
         logits, logits.stride(0), targets, nats, lse, row_grad if row_grad is not None else lse,
         V, ignore_index, softcap or 1.0,
-        SOFTCAP=bool(softcap), LSE_GIVEN=lse_given, WRITE_GRAD=write_grad, ROW_GRAD=row_grad is not None,
+        CAPPED=bool(softcap), LSE_GIVEN=lse_given, WRITE_GRAD=write_grad, ROW_GRAD=row_grad is not None,
         BLOCK_V=block_v, num_warps=num_warps,
     )
 

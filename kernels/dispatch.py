@@ -13,10 +13,9 @@ import torch
 
 # Every implementation name of every op: the flags' choices (with "auto"), the dispatch and the bench read these.
 IMPLS = {
-    "attention": ("triton", "triton_fused_bwd", "triton_tma", "triton_dq_delta",
-                  "blocked", "sdpa", "flex", "fa3", "fa2", "torch"),
+    "attention": ("triton", "blocked", "sdpa", "flex", "fa3", "fa2", "torch"),
     "cross_entropy": ("triton", "torch", "compile", "liger", "cce"),
-    "newton_schulz": ("triton", "triton_full", "triton_fused", "torch", "compile"),
+    "newton_schulz": ("triton", "triton_full", "torch", "compile"),
 }
 OPS = tuple(IMPLS)
 OURS = {"attention": "triton", "cross_entropy": "triton", "newton_schulz": "triton_full"}  # auto on CUDA
@@ -25,9 +24,6 @@ OURS = {"attention": "triton", "cross_entropy": "triton", "newton_schulz": "trit
 FULL_CAUSAL_BF16 = "sdpa"
 TRITON = {op: tuple(n for n in names if n.startswith("triton")) for op, names in IMPLS.items()}  # ours, in Triton
 PORTABLE = {"attention": "blocked", "cross_entropy": "torch", "newton_schulz": "torch"}  # auto elsewhere
-# ours, selectable but never auto: written without a GPU, each waits for a GPU measurement that shows it faster
-VARIANTS = {"attention": ("triton_fused_bwd", "triton_tma", "triton_dq_delta"), "cross_entropy": (),
-            "newton_schulz": ("triton_fused",)}
 
 log = logging.getLogger("kernels")
 _registry: dict[tuple[str, str], object] = {}
@@ -70,14 +66,15 @@ def force(op: str, impl: str | None) -> None:
 
 @contextlib.contextmanager
 def forced(**impls: str | None):
-    """Within the block, each op named runs the implementation given (None: auto); cleared afterwards."""
+    """Within the block, each op named runs the implementation given (None: auto); as before it afterwards."""
+    saved = {op: _forced.get(op) for op in impls}
     for op, impl in impls.items():
         force(op, impl)
     try:
         yield
     finally:
-        for op in impls:
-            force(op, None)
+        for op, impl in saved.items():
+            force(op, impl)
 
 
 def requested(op: str, impl: str = "auto") -> str:

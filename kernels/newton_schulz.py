@@ -10,14 +10,6 @@ below the diagonal and store each tile twice (at (i, j) and, transposed, at (j, 
 dense product. The third product a·X + B·X is not symmetric: cuBLAS (torch.baddbmm) by default,
 or our plain tiled kernel with impl="triton_full".
 
-impl="triton_fused" (selectable, not auto until a GPU shows it faster) also folds the normalisation into the
-first step: ||G||²_F = trace(G Gᵀ), so the first X·Xᵀ runs on G itself, the b·A + c·A·A kernel reads the trace
-off that product's diagonal and scales b by 1/s², c by 1/s⁴ (s = ||G||_F * NORM_MARGIN + NORM_EPS), and the
-first a·X + B·X is scaled by 1/s: no pass of its own over G. And a tall stack stays in its own layout (the
-kernels write X through transposed strides), so the result needs no transposing copy. The unnormalised products
-are held in fp32 (A·A overflows there once ||G||_F passes ~1e9, far above a Muon update's) and stored in G's
-dtype: bf16 and fp32 only, since G Gᵀ can overflow fp16.
-
 dtype: the iteration runs in G's dtype and returns it. The optimizer passes bf16 stacks on GPU (what
 nanochat's polar_express does with G.bfloat16()) and fp32 on CPU. Dots always accumulate in fp32.
 """
@@ -95,35 +87,16 @@ def _tile_product(acc, a_ptr, s_ar, s_ak, rows, b_ptr, s_bk, s_bc, cols, M, K, N
 
 
 @triton.jit
-def _inverse_norm(a_ptr, m, s_ar, s_ac, MARGIN: tl.constexpr, EPS: tl.constexpr, BLOCK: tl.constexpr):
-    """1 / (||G||_F * MARGIN + EPS) from A = G Gᵀ: the square root of its trace, summed in a fixed order."""
-    diag = tl.zeros((BLOCK,), dtype=tl.float32)
-    for d0 in range(0, m, BLOCK):
-        d = d0 + tl.arange(0, BLOCK)
-        diag += tl.load(a_ptr + d * (s_ar + s_ac), mask=d < m, other=0.0).to(tl.float32)
-    return 1.0 / (tl.sqrt(tl.sum(diag, 0)) * MARGIN + EPS)
-
-
-@triton.jit
-def _symmetric_kernel(x_ptr, out_ptr, scale_ptr, m, n, coef_b, coef_c, s_xb, s_xr, s_xc, s_yk, s_yc,
-                      s_ob, s_or, s_oc, POLY: tl.constexpr, NORMALISE: tl.constexpr, MARGIN: tl.constexpr,
-                      EPS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+def _symmetric_kernel(x_ptr, out_ptr, m, n, coef_b, coef_c, s_xb, s_xr, s_xc, s_yk, s_yc, s_ob, s_or, s_oc,
+                      POLY: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                       BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
     """A product known to be symmetric, X (K, m, n) times Y (K, n, m), one program per lower tile (i, j) and
     batch element, Y read through its own strides (s_yk, s_yc) from the same memory as X:
       POLY=False: A = X Xᵀ (Y = Xᵀ: X's strides swapped);
       POLY=True:  B = b·A + c·A·A for symmetric A (Y = A itself, n = m), A's (i, j) tile added in the epilogue.
-    NORMALISE (with POLY, on the first step's A = G Gᵀ of the unnormalised G): every program takes inv =
-    1/s from A's trace and computes B for A/s², b·inv² and c·inv⁴; the first program stores inv at scale_ptr.
     """
     i, j = _lower_tile(tl.program_id(0))
     x_ptr += tl.program_id(1).to(tl.int64) * s_xb
-    if NORMALISE:
-        inv = _inverse_norm(x_ptr, m, s_xr, s_xc, MARGIN, EPS, BLOCK)
-        coef_b = coef_b * inv * inv
-        coef_c = coef_c * inv * inv * inv * inv
-        if tl.program_id(0) == 0:
-            tl.store(scale_ptr + tl.program_id(1), inv)
     rows = i * BLOCK + tl.arange(0, BLOCK)
     cols = j * BLOCK + tl.arange(0, BLOCK)
     acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
@@ -136,11 +109,10 @@ def _symmetric_kernel(x_ptr, out_ptr, scale_ptr, m, n, coef_b, coef_c, s_xb, s_x
 
 
 @triton.jit
-def _update_kernel(b_ptr, x_ptr, out_ptr, scale_ptr, m, n, coef_a, s_bb, s_br, s_bc, s_xb, s_xr, s_xc,
-                   s_ob, s_or, s_oc, NORMALISE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+def _update_kernel(b_ptr, x_ptr, out_ptr, m, n, coef_a, s_bb, s_br, s_bc, s_xb, s_xr, s_xc, s_ob, s_or, s_oc,
+                   PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """out = a·X + B·X for B (K, m, m), X (K, m, n): a plain tiled matmul with the a·X epilogue. NORMALISE:
-    X is the unnormalised G, out = (a·G + B·G) · scale_ptr[batch] (1/s, stored by the B kernel)."""
+    """out = a·X + B·X for B (K, m, m), X (K, m, n): a plain tiled matmul with the a·X epilogue."""
     tiles_n = tl.cdiv(n, BLOCK_N)
     pid_m, pid_n = tl.program_id(0) // tiles_n, tl.program_id(0) % tiles_n
     batch = tl.program_id(1).to(tl.int64)
@@ -154,8 +126,6 @@ def _update_kernel(b_ptr, x_ptr, out_ptr, scale_ptr, m, n, coef_a, s_bb, s_br, s
     mask = (rows[:, None] < m) & (cols[None, :] < n)
     x_ij = tl.load(x_ptr + rows[:, None] * s_xr + cols[None, :] * s_xc, mask=mask, other=0.0)
     acc += coef_a * x_ij.to(tl.float32)
-    if NORMALISE:
-        acc *= tl.load(scale_ptr + batch)
     tl.store(out_ptr + rows[:, None] * s_or + cols[None, :] * s_oc, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -164,30 +134,21 @@ def _update_kernel(b_ptr, x_ptr, out_ptr, scale_ptr, m, n, coef_a, s_bb, s_br, s
 # device (fp32 inputs at 4 stages) are skipped by the autotuner. The symmetric kernels use square BLOCK x BLOCK
 # tiles (a tile and its mirror have the same shape). Under the interpreter one small config: autotuning there
 # is slow, and small tiles exercise the tails.
-SYM_CONFIGS = [triton.Config({"BLOCK": b, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-               for b, bk, w, s in [(128, 64, 8, 3), (128, 64, 8, 4), (128, 32, 4, 4), (64, 64, 4, 4)]]
-MM_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 64}, num_warps=w, num_stages=s)
-              for bm, bn, w, s in [(128, 128, 8, 3), (128, 128, 8, 4), (128, 256, 8, 3), (64, 128, 4, 4)]]
-INTERPRETER_SYM = {"BLOCK": 32, "BLOCK_K": 16}
-INTERPRETER_MM = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16}
-tuned.register("newton_schulz.symmetric",
-               triton.autotune(configs=SYM_CONFIGS, key=["m", "n", "POLY"])(_symmetric_kernel))
-tuned.register("newton_schulz.update", triton.autotune(configs=MM_CONFIGS, key=["m", "n"])(_update_kernel))
-# triton_fused: its own autotuners (and table entries), keyed also on NORMALISE and on X's column stride (1: a wide
-# stack's rows; the row count: a tall stack's transposed layout), so neither choice overwrites the other's
-tuned.register("newton_schulz.symmetric_fused",
-               triton.autotune(configs=SYM_CONFIGS, key=["m", "n", "POLY", "NORMALISE", "s_xc"])(_symmetric_kernel))
-tuned.register("newton_schulz.update_fused",
-               triton.autotune(configs=MM_CONFIGS, key=["m", "n", "NORMALISE", "s_xc"])(_update_kernel))
+SYMMETRIC = tuned.autotune("newton_schulz.symmetric", _symmetric_kernel, ["m", "n", "POLY"], [
+    triton.Config({"BLOCK": b, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+    for b, bk, w, s in [(128, 64, 8, 3), (128, 64, 8, 4), (128, 32, 4, 4), (64, 64, 4, 4)]])
+UPDATE = tuned.autotune("newton_schulz.update", _update_kernel, ["m", "n"], [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 64}, num_warps=w, num_stages=s)
+    for bm, bn, w, s in [(128, 128, 8, 3), (128, 128, 8, 4), (128, 256, 8, 3), (64, 128, 4, 4)]])
+INTERPRETER_BLOCKS = {SYMMETRIC: {"BLOCK": 32, "BLOCK_K": 16}, UPDATE: {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16}}
 
 
-def _launch(name: str, kernel, small: dict, grid, args, kwargs, key: dict, like: torch.Tensor) -> None:
+def _launch_per_tile(kernel: tuned.Autotuned, grid, args, kwargs, key: dict, like: torch.Tensor) -> None:
     """kernel over grid(block sizes): the tuned table's config or autotuned on a GPU (kernels/tuned.py), the one
     small config under the interpreter."""
-    if interpreting():
-        kernel[grid(small)](*args, **kwargs, **small, num_warps=4, num_stages=1)
-    else:
-        tuned.launch(name, kernel, grid, args, kwargs, key | {"dtype": like.dtype}, like.device)
+    fixed = tuned.config(INTERPRETER_BLOCKS[kernel]) if interpreting() else None
+    tuned.launch(kernel, grid, args, kwargs, key | {"dtype": like.dtype}, like.device, fixed)
+
 
 # ----------------------------------------------------------------------------------------------------
 # plain-PyTorch reference
@@ -227,93 +188,63 @@ def _n_lower_tiles(m: int, block: int) -> int:
     return t * (t + 1) // 2
 
 
-_SYM_FLAGS = dict(MARGIN=NORM_MARGIN, EPS=NORM_EPS)
-
-
-def _autotuner(kind: str, key: dict, fused: bool, normalise: bool, s_xc: int) -> tuple[str, dict]:
-    """(tuned name, launch key) of a symmetric or update launch: triton_fused's own (normalising launches are only
-    its), keyed on more."""
-    if not (fused or normalise):
-        return f"newton_schulz.{kind}", key
-    return f"newton_schulz.{kind}_fused", key | dict(NORMALISE=normalise, s_xc=s_xc)
-
-
-def _gram(X: torch.Tensor, A: torch.Tensor, precision: str, upcast: bool, fused: bool = False) -> None:
+def _gram(X: torch.Tensor, A: torch.Tensor, precision: str, upcast: bool) -> None:
     """A = X Xᵀ."""
     K, m, n = X.shape
-    name, key = _autotuner("symmetric", dict(m=m, n=n, POLY=False), fused, False, X.stride(2))
-    _launch(name, _symmetric_kernel, INTERPRETER_SYM, lambda meta: (_n_lower_tiles(m, meta["BLOCK"]), K),
-            (X, A, A, m, n, 0.0, 0.0, *X.stride(), X.stride(2), X.stride(1), *A.stride()),
-            dict(POLY=False, NORMALISE=False, PRECISION=precision, UPCAST=upcast, **_SYM_FLAGS), key, X)
+    _launch_per_tile(SYMMETRIC, lambda meta: (_n_lower_tiles(m, meta["BLOCK"]), K),
+            (X, A, m, n, 0.0, 0.0, *X.stride(), X.stride(2), X.stride(1), *A.stride()),
+            dict(POLY=False, PRECISION=precision, UPCAST=upcast), dict(m=m, n=n, POLY=False), X)
 
 
-def _poly(A: torch.Tensor, B: torch.Tensor, b: float, c: float, precision: str, upcast: bool,
-          scale: torch.Tensor | None = None, fused: bool = False) -> None:
-    """B = b·A + c·A·A; with scale (K,) fp32 (triton_fused's first step), A is G Gᵀ of the unnormalised G: B of
-    A/s², 1/s stored in scale."""
+def _poly(A: torch.Tensor, B: torch.Tensor, b: float, c: float, precision: str, upcast: bool) -> None:
+    """B = b·A + c·A·A."""
     K, m, _ = A.shape
-    normalise = scale is not None
-    name, key = _autotuner("symmetric", dict(m=m, n=m, POLY=True), fused, normalise, A.stride(2))
-    _launch(name, _symmetric_kernel, INTERPRETER_SYM, lambda meta: (_n_lower_tiles(m, meta["BLOCK"]), K),
-            (A, B, A if scale is None else scale, m, m, b, c, *A.stride(), A.stride(1), A.stride(2), *B.stride()),
-            dict(POLY=True, NORMALISE=normalise, PRECISION=precision, UPCAST=upcast, **_SYM_FLAGS), key, A)
+    _launch_per_tile(SYMMETRIC, lambda meta: (_n_lower_tiles(m, meta["BLOCK"]), K),
+            (A, B, m, m, b, c, *A.stride(), A.stride(1), A.stride(2), *B.stride()),
+            dict(POLY=True, PRECISION=precision, UPCAST=upcast), dict(m=m, n=m, POLY=True), A)
 
 
 def _update(B: torch.Tensor, X: torch.Tensor, out: torch.Tensor, a: float, precision: str, upcast: bool,
-            ours: bool, scale: torch.Tensor | None = None, fused: bool = False) -> None:
-    """out = a·X + B·X; with scale (K,) fp32 (triton_fused's first step), out = (a·X + B·X) · scale."""
+            ours: bool) -> None:
+    """out = a·X + B·X."""
     if not ours:  # cuBLAS (on CPU: the torch kernel), fp32 epilogue, one rounding
-        assert scale is None, "the normalising update is our kernel's"
         torch.baddbmm(X, B, X, beta=a, out=out)
         return
     K, m, n = X.shape
-    normalise = scale is not None
-    name, key = _autotuner("update", dict(m=m, n=n), fused, normalise, X.stride(2))
-    _launch(name, _update_kernel, INTERPRETER_MM,
-            lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), K),
-            (B, X, out, B if scale is None else scale, m, n, a, *B.stride(), *X.stride(), *out.stride()),
-            dict(NORMALISE=normalise, PRECISION=precision, UPCAST=upcast), key, B)
+    _launch_per_tile(UPDATE, lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), K),
+            (B, X, out, m, n, a, *B.stride(), *X.stride(), *out.stride()),
+            dict(PRECISION=precision, UPCAST=upcast), dict(m=m, n=n), B)
 
 
 def _buffer(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
     return torch.empty(shape, device=like.device, dtype=like.dtype)  # tests swap in a NaN-filled one
 
 
-def _wide(G: torch.Tensor) -> torch.Tensor:
-    return G.mT if G.size(-2) > G.size(-1) else G  # the kernels take strides: a view, no copy
-
-
 @torch.library.custom_op("nanochat::polar_express", mutates_args=())
-def _polar_express_op(G: torch.Tensor, steps: int, impl: str) -> torch.Tensor:
-    """The Polar Express iteration on a (K, m, n) stack with our symmetric kernels; returns G's dtype. impl: "triton"
-    (cuBLAS for the update), "triton_full" (our update kernel), "triton_fused" (that, with the normalisation folded
-    into the first step and a tall G's layout kept throughout)."""
-    ours_update, fused = impl != "triton", impl == "triton_fused" and steps > 0
-    X = _wide(G)
-    if not fused:
-        X = X / (X.norm(dim=(-2, -1), keepdim=True) * NORM_MARGIN + NORM_EPS)
+def _polar_express_op(G: torch.Tensor, steps: int, ours_update: bool) -> torch.Tensor:
+    """The Polar Express iteration on a (K, m, n) stack with our symmetric kernels; returns G's dtype.
+    ours_update: a·X + B·X with our kernel too (impl "triton_full"), else cuBLAS ("triton")."""
+    tall = G.size(-2) > G.size(-1)
+    X = G.mT if tall else G  # the kernels take strides: a view, no copy
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) * NORM_MARGIN + NORM_EPS)
     K, m, n = X.shape
     # fp32 dots follow torch's own matmul setting (tf32 under "high", like cuBLAS); the interpreter is exact
     ieee = interpreting() or torch.get_float32_matmul_precision() == "highest"
     precision = "ieee" if (G.dtype == torch.float32 and ieee) else "tf32"  # ignored for 16-bit inputs
     upcast = interpreting() and G.dtype == torch.bfloat16
     A, B = _buffer((K, m, m), G), _buffer((K, m, m), G)
-    # X ping-pongs between two buffers, in G's own layout when fused (a tall G: wide views of tall memory)
-    buffers = [_wide(_buffer(G.shape, G)) if fused else _buffer((K, m, n), G) for _ in range(min(steps, 2))]
-    scale = _buffer((K,), G.new_empty(0, dtype=torch.float32)) if fused else None  # 1/s, by the first B kernel
+    buffers = [_buffer((K, m, n), G) for _ in range(min(steps, 2))]  # X ping-pongs between two
     for step, (a, b, c) in enumerate(POLAR_EXPRESS_COEFFS[:steps]):
-        first = scale if step == 0 else None
-        _gram(X, A, precision, upcast, fused)
-        _poly(A, B, b, c, precision, upcast, first, fused)
+        _gram(X, A, precision, upcast)
+        _poly(A, B, b, c, precision, upcast)
         out = buffers[step % 2]
-        _update(B, X, out, a, precision, upcast, ours_update, first, fused)
+        _update(B, X, out, a, precision, upcast, ours_update)
         X = out
-    X = X.mT if G.size(-2) > G.size(-1) else X
-    return X.contiguous()  # fused: a tall X is a view of G-shaped memory already, no copy
+    return (X.mT if tall else X).contiguous()
 
 
 @_polar_express_op.register_fake
-def _(G, steps, impl):
+def _(G, steps, ours_update):
     return torch.empty_like(G, memory_format=torch.contiguous_format)
 
 
@@ -323,36 +254,27 @@ def _(G, steps, impl):
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _run_triton(G: torch.Tensor, steps: int, name: str) -> torch.Tensor:
-    fused = name == "triton_fused"
+def _run_triton(G: torch.Tensor, steps: int, name: str, ours_update: bool) -> torch.Tensor:
     if not triton_runs_on(G):
         raise KernelUnavailable(f"newton_schulz: impl {name!r} needs a CUDA tensor (or TRITON_INTERPRET=1 on CPU)")
-    if G.dtype not in _TRITON_DTYPES or (fused and G.dtype == torch.float16):
-        kinds = "fp32/bf16 (G Gᵀ of an unnormalised G can overflow fp16)" if fused else "fp32/fp16/bf16"
-        raise KernelUnavailable(f"newton_schulz: impl {name!r} takes {kinds}, got {G.dtype}")
+    if G.dtype not in _TRITON_DTYPES:
+        raise KernelUnavailable(f"newton_schulz: impl {name!r} takes fp32/fp16/bf16, got {G.dtype}")
     if G.numel() == 0:
         return orthogonalize_reference(G, steps)
-    X = _polar_express_op(G if G.dim() == 3 else G.unsqueeze(0), steps, name)
+    X = _polar_express_op(G if G.dim() == 3 else G.unsqueeze(0), steps, ours_update)
     return X if G.dim() == 3 else X.squeeze(0)
 
 
 @register("newton_schulz", "triton")
 def _triton(G: torch.Tensor, steps: int) -> torch.Tensor:
     """Our symmetric kernels for X·Xᵀ and b·A + c·A·A, cuBLAS for a·X + B·X."""
-    return _run_triton(G, steps, "triton")
+    return _run_triton(G, steps, "triton", ours_update=False)
 
 
 @register("newton_schulz", "triton_full")
 def _triton_full(G: torch.Tensor, steps: int) -> torch.Tensor:
     """Our kernels for all three products."""
-    return _run_triton(G, steps, "triton_full")
-
-
-@register("newton_schulz", "triton_fused")
-def _triton_fused(G: torch.Tensor, steps: int) -> torch.Tensor:
-    """Our kernels for all three products, the normalisation folded into the first step, no transposing copy;
-    selectable, not auto, until a GPU shows it faster."""
-    return _run_triton(G, steps, "triton_fused")
+    return _run_triton(G, steps, "triton_full", ours_update=True)
 
 
 def orthogonalize(G: torch.Tensor, steps: int = 5, impl: str = "auto") -> torch.Tensor:

@@ -8,21 +8,42 @@ as before. A table that does not parse is warned about once and ignored (a speed
 import functools
 import json
 import re
+import threading
 import warnings
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import triton
 
 TABLE_DIR = Path(__file__).resolve().parent / "tuned"
-AUTOTUNED: dict[str, object] = {}  # kernel name -> its triton.autotune object (what bench.tune reads)
-_use_table = True
 
 
-def register(name: str, autotuned):
-    """Name an autotuned kernel (the table's key); returns it, so the definition reads `x = register(...)`."""
-    AUTOTUNED[name] = autotuned
-    return autotuned
+@dataclass(frozen=True, eq=False)
+class Autotuned:
+    """One autotuned kernel: its name in the tables, its @triton.jit function and that under triton.autotune."""
+    name: str
+    kernel: object
+    autotuner: object
+
+
+AUTOTUNED: dict[str, Autotuned] = {}  # by name: what bench.tune reads the choices of
+# set within autotuning_only(): process-wide on purpose, so a backward on autograd's own thread sees it too
+_tables_ignored = threading.Event()
+
+
+def autotune(name: str, kernel, key: list[str], configs: list, **kwargs) -> Autotuned:
+    """kernel autotuned over configs on key (triton.autotune; kwargs such as reset_to_zero go there), named
+    `name` in the tables."""
+    tuned = Autotuned(name, kernel, triton.autotune(configs, key=key, **kwargs)(kernel))
+    AUTOTUNED[name] = tuned
+    return tuned
+
+
+def config(block_sizes: dict, num_warps: int = 4, num_stages: int = 1) -> dict:
+    """A launch config in the tables' format: {"kwargs": block sizes, "num_warps": w, "num_stages": s}."""
+    return {"kwargs": dict(block_sizes), "num_warps": num_warps, "num_stages": num_stages}
 
 
 def device_slug(device_name: str) -> str:
@@ -68,28 +89,30 @@ def _device_name(device: torch.device) -> str:
 
 def lookup(name: str, key: dict, device: torch.device) -> dict | None:
     """The tuned config of kernel `name` for this key on this device, or None (autotune)."""
-    if not _use_table or device.type != "cuda":
+    if _tables_ignored.is_set() or device.type != "cuda":
         return None
     return table(_device_name(device)).get(name, {}).get(key_text(key))
 
 
-def launch(name: str, kernel, grid, args: tuple, kwargs: dict, key: dict, device: torch.device) -> None:
-    """kernel (the jit function) with the table's config for key, else its autotuned version (AUTOTUNED[name]).
-    grid(meta) gives the launch grid from the block sizes."""
-    cfg = lookup(name, key, device)
+def launch(tuned: Autotuned, grid, args: tuple, kwargs: dict, key: dict, device: torch.device,
+           fixed: dict | None = None) -> None:
+    """tuned's kernel with `fixed` (a config(); the interpreter's small blocks), else with the table's config for
+    key on this GPU, else autotuned. grid(block sizes) gives the launch grid."""
+    cfg = fixed or lookup(tuned.name, key, device)
     if cfg is None:
-        AUTOTUNED[name][grid](*args, **kwargs)
+        tuned.autotuner[grid](*args, **kwargs)
     else:
-        kernel[grid(cfg["kwargs"])](*args, **kwargs, **cfg["kwargs"], num_warps=cfg["num_warps"],
-                                    num_stages=cfg["num_stages"])
+        tuned.kernel[grid(cfg["kwargs"])](*args, **kwargs, **cfg["kwargs"], num_warps=cfg["num_warps"],
+                                          num_stages=cfg["num_stages"])
 
 
 @contextmanager
 def autotuning_only():
     """Ignore the tables within the block (bench.tune measures what autotuning chooses and costs)."""
-    global _use_table
-    saved, _use_table = _use_table, False
+    was_ignored = _tables_ignored.is_set()
+    _tables_ignored.set()
     try:
         yield
     finally:
-        _use_table = saved
+        if not was_ignored:
+            _tables_ignored.clear()

@@ -42,14 +42,14 @@ def test_cli_json_line(capsys):
 # Peaks measured on one H100 80GB (bench/results/20261124-113712/, commit 3fa1957), relu² kept, with the model of
 # then: bench.activations read 45.1 bytes per channel per layer for it. The estimate built on that count must stay
 # within 5% of those peaks, and must say that d20 at device batch 32 did not fit.
-SESSION1_BYTES_PER_CHANNEL = 45.1
+BYTES_PER_CHANNEL_AT_3FA1957 = 45.1
 H100_TOTAL_GIB = 85.0e9 / 2**30  # the device info recorded with those results: memory_gb 85.0
 
 
 @pytest.mark.parametrize("depth, batch, measured_gib", [(12, 32, 29.3), (20, 16, 48.9)])
 def test_estimate_matches_measured_h100_peaks(depth, batch, measured_gib):
     plan = make_plan(depth, device_batch_size=batch)
-    estimate = estimate_memory_gib(plan, bytes_per_channel=SESSION1_BYTES_PER_CHANNEL)
+    estimate = estimate_memory_gib(plan, bytes_per_channel=BYTES_PER_CHANNEL_AT_3FA1957)
     assert estimate == pytest.approx(measured_gib, rel=0.05)
 
 
@@ -58,7 +58,7 @@ def test_d20_at_32_fits_80gb_by_the_traced_bytes(traced):
     estimate puts d20 at device batch 32 under 80% of an 80 GB H100, where the model of the first H100 run
     (45.1 bytes) did not fit at all."""
     plan = make_plan(20, device_batch_size=32)
-    assert estimate_memory_gib(plan, bytes_per_channel=SESSION1_BYTES_PER_CHANNEL) > H100_TOTAL_GIB  # it ran out then
+    assert estimate_memory_gib(plan, bytes_per_channel=BYTES_PER_CHANNEL_AT_3FA1957) > H100_TOTAL_GIB  # it ran out then
     now = traced[True]["bytes_per_channel_per_layer"]
     assert estimate_memory_gib(plan, bytes_per_channel=now) < 0.8 * H100_TOTAL_GIB
 

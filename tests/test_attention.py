@@ -55,13 +55,8 @@ def poison(monkeypatch):
                                                                                  device=device))
 
 
-def triton_attention(q, k, v, window, impl="triton"):
-    return attention(q, k, v, window=window, impl=impl)
-
-
-# ours, ours with the one-kernel backward (dq by atomics), ours with the forward and dq kernels through tensor
-# descriptors (TMA), ours with delta computed by the dq kernel
-TRITON_IMPLS = attn.TRITON_IMPLS
+def triton_attention(q, k, v, window):
+    return attention(q, k, v, window=window, impl="triton")
 
 
 # (B, T, Hq, Hkv, D, window, dtype)
@@ -76,47 +71,29 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("impl", TRITON_IMPLS)
 @pytest.mark.parametrize("B,T,Hq,Hkv,D,window,dtype", CASES)
-def test_triton_matches_reference(poison, B, T, Hq, Hkv, D, window, dtype, impl):
+def test_triton_matches_reference(poison, B, T, Hq, Hkv, D, window, dtype):
     q, k, v, dout = make(B, T, Hq, Hkv, D, dtype)
-    outs = run(lambda *a: triton_attention(*a, impl=impl), q, k, v, dout, window)
+    outs = run(triton_attention, q, k, v, dout, window)
     check(outs, ref_run(q, k, v, dout, window), 1e-4 if dtype == torch.float32 else 1e-2, window)
 
 
-@pytest.mark.parametrize("blocks", [{"fwd": (16, 16), "dkdv": (16, 16), "dq": (16, 16)},
-                                    {"fwd": (64, 16), "dkdv": (16, 64), "dq": (64, 32)}])
+@pytest.mark.parametrize("blocks", [((16, 16), (16, 16), (16, 16)), ((64, 16), (16, 64), (64, 32))])
 @pytest.mark.parametrize("window", [5, 33])
-@pytest.mark.parametrize("impl", TRITON_IMPLS)
-def test_triton_other_block_shapes(poison, monkeypatch, blocks, window, impl):
+def test_triton_other_block_shapes(poison, monkeypatch, blocks, window):
     """The block-range arithmetic with square blocks and with 4:1 blocks (several masked steps per diagonal)."""
-    monkeypatch.setattr(attn, "SMALL_BLOCKS", blocks)
+    monkeypatch.setattr(attn, "SMALL_BLOCKS", dict(zip((attn.FWD, attn.DKDV, attn.DQ), blocks)))
     q, k, v, dout = make(1, 147, 2, 1, 32, torch.float32)
-    check(run(lambda *a: triton_attention(*a, impl=impl), q, k, v, dout, window), ref_run(q, k, v, dout, window),
-          1e-4, window)
+    check(run(triton_attention, q, k, v, dout, window), ref_run(q, k, v, dout, window), 1e-4, window)
 
 
-@pytest.mark.parametrize("impl", TRITON_IMPLS)
-def test_triton_strided_inputs(poison, impl):
+def test_triton_strided_inputs(poison):
     """q, k, v as views of one fused projection (non-contiguous in T and H), dout a transposed view."""
     B, T, H, D = 1, 90, 2, 32
     qkv = torch.randn(B, T, 3 * H, D, device=DEV)
     q, k, v = qkv[:, :, :H], qkv[:, :, H:2 * H], qkv[:, :, 2 * H:]
     dout = torch.randn(B, H, T, D, device=DEV).transpose(1, 2)
-    check(run(lambda *a: triton_attention(*a, impl=impl), q, k, v, dout, 20), ref_run(q, k, v, dout, 20), 1e-4, 20)
-
-
-def test_tma_needs_aligned_tensors_else_copies():
-    """A tensor descriptor needs 16-byte aligned base and strides: aligned views go as they are, others as copies."""
-    qkv = torch.randn(1, 8, 6, 16, device=DEV)
-    q = qkv[:, :, :2]
-    assert attn._tma_ready(q) is q
-    odd = torch.randn(1, 8, 2, 17, device=DEV)[..., 1:]  # base 4 bytes in, strides of 17 floats
-    shifted = torch.randn(257, device=DEV)[1:].view(1, 8, 2, 16)  # contiguous, base 4 bytes in
-    expanded = torch.randn(1, 1, 1, 16, device=DEV).expand(1, 8, 2, 16)  # strides 0
-    for t in (odd, shifted, expanded):
-        ready = attn._tma_ready(t)
-        assert ready.data_ptr() % 16 == 0 and ready.is_contiguous() and torch.equal(ready, t)
+    check(run(triton_attention, q, k, v, dout, 20), ref_run(q, k, v, dout, 20), 1e-4, 20)
 
 
 def test_triton_bf16_on_the_interpreter_runs_in_fp32():
@@ -257,29 +234,22 @@ def test_flops_count_visible_pairs(T, window):
 @pytest.mark.parametrize("window", [0, 1, 128, 700, -1])
 @pytest.mark.parametrize("D,Hq,Hkv", [(64, 4, 4), (128, 4, 2)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16])
-@pytest.mark.parametrize("impl", TRITON_IMPLS)
-def test_triton_cuda(poison, window, D, Hq, Hkv, dtype, impl):
+def test_triton_cuda(poison, window, D, Hq, Hkv, dtype):
     q, k, v, dout = make(2, 1000, Hq, Hkv, D, dtype)
-    check(run(lambda *a: triton_attention(*a, impl=impl), q, k, v, dout, window), ref_run(q, k, v, dout, window),
-          1e-2, window)
+    check(run(triton_attention, q, k, v, dout, window), ref_run(q, k, v, dout, window), 1e-2, window)
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("impl", TRITON_IMPLS)
-def test_triton_cuda_fp32_exact_dots(poison, impl):
+def test_triton_cuda_fp32_exact_dots(poison):
     q, k, v, dout = make(1, 513, 2, 1, 128, torch.float32)
-    check(run(lambda *a: triton_attention(*a, impl=impl), q, k, v, dout, 100), ref_run(q, k, v, dout, 100), 1e-4,
-          100)
+    check(run(triton_attention, q, k, v, dout, 100), ref_run(q, k, v, dout, 100), 1e-4, 100)
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("impl", TRITON_IMPLS)
-def test_triton_cuda_batch_one_single_kv_head(poison, impl):
-    """B = 1 and Hkv = 1 reach the kernels as compile-time constants (triton specialises an int argument of 1), the
-    tensor descriptors' shapes included."""
+def test_triton_cuda_batch_one_single_kv_head(poison):
+    """B = 1 and Hkv = 1 reach the kernels as compile-time constants (triton specialises an int argument of 1)."""
     q, k, v, dout = make(1, 777, 4, 1, 128, torch.bfloat16)
-    check(run(lambda *a: triton_attention(*a, impl=impl), q, k, v, dout, 300), ref_run(q, k, v, dout, 300), 1e-2,
-          300)
+    check(run(triton_attention, q, k, v, dout, 300), ref_run(q, k, v, dout, 300), 1e-2, 300)
 
 
 @pytest.mark.cuda
@@ -298,60 +268,14 @@ def test_compiled_model_style_call_on_cuda():
     check(run(fn, q, k, v, dout, 100), ref_run(q, k, v, dout, 100), 1e-2, 100)
 
 
-@pytest.mark.skipif(DEV == "cuda", reason="stands in for the GPU's autotuning on the interpreter")
-@pytest.mark.parametrize("impl, tested, other", [("triton_fused_bwd", "attention.dkdv_fused", None),
-                                                 ("triton_dq_delta", "attention.dq_delta", "attention.dkdv")])
-def test_backward_variants_survive_autotuning(monkeypatch, impl, tested, other):
-    """The autotuner runs each config several times on the real arguments before the chosen one. The fused
-    backward's dq, added into with atomics, must be zeroed before each run (reset_to_zero), or dq comes out a
-    multiple of itself; the dq-delta kernel rewrites delta on each run, which the dk/dv kernel then reads. The
-    registered autotuners' settings, with two small configs and a stand-in do_bench, on the GPU launch path
-    (kernels still interpreted)."""
-    import triton
-
-    def bench_three_times(fn, quantiles=None, **kw):
-        for _ in range(3):
-            fn()
-        return [1.0, 1.0, 1.0]
-    tuners = {}
-    for name in filter(None, (tested, other)):
-        registered = attn.tuned.AUTOTUNED[name]
-        blocks = [(16, n) for n in (16, 32)] if "dkdv" in name else [(m, 16) for m in (16, 32)]
-        configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=4, num_stages=1) for m, n in blocks]
-        tuners[name] = triton.autotune(configs, key=registered.keys, reset_to_zero=registered.reset_to_zero,
-                                       do_bench=bench_three_times)(registered.fn)
-        monkeypatch.setitem(attn.tuned.AUTOTUNED, name, tuners[name])
-    q, k, v, dout = make(1, 64, 2, 2, 16, torch.float32)
-    out, lse = torch.empty_like(q), torch.empty(1, 2, 64)
-    scale = attn.default_scale(q)
-    attn._forward_into(q, k, v, 20, scale, out, lse)  # the interpreter's small blocks
-    monkeypatch.setattr(attn, "interpreting", lambda: False)
-    monkeypatch.setattr(attn, "_precision", lambda t: "tf32")  # not the exact-fp32 path: the autotuned one
-    dq, dk, dv = (torch.full_like(t, float("nan")) for t in (q, k, v))
-    attn._backward_into(dout, q, k, v, out, lse, 20, scale, dq, dk, dv, impl)
-    refs = ref_run(q, k, v, dout, 20)
-    assert tuners[tested].cache, "the autotuner did not run"
-    assert rel(dq, refs[1]) < 1e-4 and rel(dk, refs[2]) < 1e-4 and rel(dv, refs[3]) < 1e-4
-
-
-@pytest.mark.parametrize("impl,kernels", [
-    ("triton", ["_attn_fwd", "_attn_bwd_preprocess", "_attn_bwd_dkdv", "_attn_bwd_dq"]),
-    ("triton_fused_bwd", ["_attn_fwd", "_attn_bwd_preprocess", "_attn_bwd_dkdv"]),
-    ("triton_tma", ["_attn_fwd+tma", "_attn_bwd_preprocess", "_attn_bwd_dkdv", "_attn_bwd_dq+tma"]),
-    ("triton_dq_delta", ["_attn_fwd", "_attn_bwd_dq+delta", "_attn_bwd_dkdv"])])
-def test_triton_impl_launches_our_kernels(monkeypatch, impl, kernels):
-    """Guard for the Triton tests above: impl="triton" runs our three Triton kernels (on a CPU, on the
-    interpreter), forward and backward, and not some other path that also matches the reference; the fused
-    backward runs no dq kernel, the TMA variant its forward and dq kernels with TMA on, the dq-delta variant no
-    preprocessing kernel and its dq kernel first. In launch order."""
+def test_triton_launches_our_kernels(monkeypatch):
+    """Guard for the Triton tests above: impl="triton" runs our Triton kernels (on a CPU, on the interpreter),
+    forward and backward, in launch order, and not some other path that also matches the reference."""
     launched = []
-
-    def tagged(name, kw):
-        return name + ("+tma" if kw.get("TMA") else "") + ("+delta" if kw.get("OWN_DELTA") else "")
     for name in ("_attn_fwd", "_attn_bwd_preprocess", "_attn_bwd_dkdv", "_attn_bwd_dq"):
         kernel = getattr(attn, name)
-        monkeypatch.setattr(kernel, "run", lambda *a, _run=kernel.run, _name=name, **kw: launched.append(
-            tagged(_name, kw)) or _run(*a, **kw))
+        monkeypatch.setattr(kernel, "run", lambda *a, _run=kernel.run, _name=name, **kw: launched.append(_name)
+                            or _run(*a, **kw))
     q, k, v, dout = make(1, 40, 2, 2, 16, torch.float32)
-    check(run(lambda *a: triton_attention(*a, impl=impl), q, k, v, dout, 7), ref_run(q, k, v, dout, 7), 1e-4, 7)
-    assert launched == kernels, launched
+    check(run(triton_attention, q, k, v, dout, 7), ref_run(q, k, v, dout, 7), 1e-4, 7)
+    assert launched == ["_attn_fwd", "_attn_bwd_preprocess", "_attn_bwd_dkdv", "_attn_bwd_dq"], launched

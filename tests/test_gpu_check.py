@@ -1,10 +1,13 @@
-"""bench/gpu_check.sh and what it stands on: the CPU smoke run and its check.json, steps under a deadline, the
-commit in a results file, the profile's categories, and the tuned-config table (lookup, fallback, key format)."""
+"""bench/gpu_check.sh and what it stands on: check.json and check.md from a results folder (a CPU run's, in
+tests/data), the whole script on the CPU (marked long), steps under a deadline, the commit in a results file, the
+profile's categories, and the tuned-config table (lookup, fallback, key format)."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,24 +16,19 @@ import triton
 from bench import check, step_profile, timing, triton_shim, tune
 from kernels import attention as attention_kernel
 from kernels import newton_schulz as ns_kernel
-from kernels import tuned
+from kernels import dispatch, tuned
 from tests.helpers import REPO
 
 
-@pytest.mark.slow
-def test_cpu_smoke_run_writes_every_key(tmp_path):
-    pytest.importorskip("torchao", reason="the FP8 step needs torchao (pip install -e .[fp8])")
-    results, out = tmp_path / "results", tmp_path / "out"
-    env = dict(os.environ, RESULTS=str(results), OUT=str(out), PYTHON=sys.executable)
-    proc = subprocess.run(["bash", "bench/gpu_check.sh", "--cpu"], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    doc = json.loads((results / "check.json").read_text())
+CPU_RESULTS = Path(__file__).parent / "data" / "gpu_check_cpu"  # `RESULTS=... bash bench/gpu_check.sh --cpu`
+
+
+def check_cpu_results(doc: dict, folder: Path) -> None:
+    """What check.json and check.md of a CPU run of the check hold."""
     assert set(check.KEYS) <= set(doc), set(check.KEYS) - set(doc)
-    assert doc["mode"] == "cpu" and doc["env"]["git_commit"] == timing.git_commit()
+    assert doc["mode"] == "cpu" and doc["env"]["device"] == "cpu"
     assert [s["step"] for s in doc["steps"]] == ["env", "d20", "fp8", "ab_newton_schulz", "ab_cross_entropy",
-                                                 "ab_attention", "fp8_rowwise", "ab_variants_attention",
-                                                 "ab_variants_newton_schulz"]
+                                                 "ab_attention", "fp8_rowwise"]
     assert all(s["status"] == "ok" for s in doc["steps"]), doc["steps"]
     d20 = doc["d20_step"]
     assert d20["ours"]["status"] == d20["torch_only"]["status"] == "ok" and d20["speedup"] > 0
@@ -38,24 +36,71 @@ def test_cpu_smoke_run_writes_every_key(tmp_path):
     shares = [c["share"] for c in doc["profile"]["categories"]]
     assert sum(shares) == pytest.approx(1.0) and len(doc["profile"]["top_kernels"]) == 15
     assert doc["fp8"]["tensorwise"]["status"] == "ok" and doc["fp8"]["speedup_tensorwise"] > 0
-    assert set(doc["kernels_ab"]) == set(check.AB_OPS)
+    assert set(doc["kernels_ab"]) == set(dispatch.OPS)
     assert doc["bf16_correctness"]["all_ok"] and doc["bf16_correctness"]["rows"]
-    assert "## Profile of our step" in (results / "check.md").read_text()
+    md = (folder / "check.md").read_text()
+    assert "## Profile of our step" in md and "### attention" in md and "| B1 T128 H2 D32 full | fwd+bwd |" in md
+
+
+def test_check_assembles_every_key_of_a_results_folder(tmp_path):
+    folder = tmp_path / "results"
+    shutil.copytree(CPU_RESULTS, folder)
+    check.main([str(folder), "--mode", "cpu"])
+    check_cpu_results(json.loads((folder / "check.json").read_text()), folder)
+
+
+def test_check_marks_the_fastest_correct_impl_and_the_wrong_ones():
+    def row(impl, ms, shape="B8 T2048 H6 D128 w1024", mode="fwd", ok=True, status="ok", reason=None):
+        return {"shape": shape, "mode": mode, "impl": impl, "status": status, "reason": reason, "ms": ms,
+                "tflops": 1e3 / ms if ms else None, "ok": ok}
+    table = check.ab_table([row("triton", 2.0), row("sdpa", 3.0), row("flex", 1.0, ok=False),
+                            row("fa3", None, status="skipped", reason="flash_attn_interface is not installed"),
+                            row("triton", 5.0, mode="fwd+bwd"), row("sdpa", 4.0, mode="fwd+bwd"),
+                            row("flex", None, mode="fwd+bwd", status="error", reason="out of memory")])
+    assert "| B8 T2048 H6 D128 w1024 | fwd | **2 (500)** | 3 (333) | 1 (1e+03) ! wrong | - |" in table
+    assert "| B8 T2048 H6 D128 w1024 | fwd+bwd | 5 (200) | **4 (250)** | error | - |" in table
+    assert "- fa3 skipped (1 case): flash_attn_interface is not installed" in table
+    assert "- flex error (1 case): out of memory" in table
+
+
+@pytest.mark.long
+def test_cpu_run_of_the_whole_script_writes_every_key(tmp_path):
+    """The script itself, at tiny shapes on the CPU: every step, and $OUT holds the last check.json."""
+    pytest.importorskip("torchao", reason="the FP8 step needs torchao (pip install -e .[fp8])")
+    results, out = tmp_path / "results", tmp_path / "out"
+    env = dict(os.environ, RESULTS=str(results), OUT=str(out), PYTHON=sys.executable)
+    proc = subprocess.run(["bash", "bench/gpu_check.sh", "--cpu"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    doc = json.loads((results / "check.json").read_text())
+    check_cpu_results(doc, results)
+    assert doc["env"]["git_commit"] == timing.git_commit()
     # copied to $OUT after the steps: the last check.json, rebuilt after the last step
     assert (out / "results" / "results" / "check.json").read_text() == (results / "check.json").read_text()
 
 
+def test_the_script_parses_and_refuses_an_unknown_part():
+    assert subprocess.run(["bash", "-n", "bench/gpu_check.sh"], cwd=REPO).returncode == 0
+    proc = subprocess.run(["bash", "bench/gpu_check.sh", "--cpu", "everything"], cwd=REPO, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2 and "unknown argument everything" in proc.stderr
+
+
 def _steps(tmp_path, script: str) -> list[dict]:
-    body = f"set -u; cd {REPO}; dir={tmp_path}; PY={sys.executable}; source bench/steps.sh; {script}"
+    body = f"set -u; cd {REPO}; dir={tmp_path}; PY={sys.executable}; source bench/gpu_check.sh; {script}"
     subprocess.run(["bash", "-c", body], check=True, capture_output=True, text=True, timeout=120)
     return [json.loads(line) for line in (tmp_path / "steps.jsonl").read_text().splitlines()]
 
 
 def test_steps_past_their_limit_or_the_deadline_are_marked(tmp_path):
+    """And the tests part runs a test file as a step."""
     rows = _steps(tmp_path, "deadline=$(( $(date +%s) + 100 )); step quick 20 true; step slow 11 sleep 60; "
-                            "step broken 20 false; deadline=$(date +%s); step late 20 true")
+                            "step broken 20 false; TEST_FILES=tests/test_lint.py part_tests; "
+                            "deadline=$(date +%s); step late 20 true")
     assert [(r["step"], r["status"].split(" (")[0]) for r in rows] == [
-        ("quick", "ok"), ("slow", "timed out"), ("broken", "failed or wrong results"), ("late", "not run")]
+        ("quick", "ok"), ("slow", "timed out"), ("broken", "failed or wrong results"), ("test_lint", "ok"),
+        ("late", "not run")]
+    assert (tmp_path / "test_lint.xml").exists()
 
 
 def test_a_forced_stale_commit_never_reaches_a_results_file(monkeypatch):
@@ -118,15 +163,17 @@ def test_a_tuned_key_launches_its_config_and_others_autotune(table_dir, monkeypa
     key = dict(m=1280, n=1280, dtype=torch.bfloat16)
     _write(table_dir, {"fake": {tuned.key_text(key): {"kwargs": {"BLOCK": 64}, "num_warps": 4, "num_stages": 3}}})
     plain, autotuned = FakeKernel(), FakeKernel()
-    monkeypatch.setitem(tuned.AUTOTUNED, "fake", autotuned)
+    fake = tuned.Autotuned("fake", plain, autotuned)
     cuda = torch.device("cuda")
-    tuned.launch("fake", plain, lambda meta: (1280 // meta["BLOCK"],), (1, 2), {"POLY": True}, key, cuda)
+    tuned.launch(fake, lambda meta: (1280 // meta["BLOCK"],), (1, 2), {"POLY": True}, key, cuda)
     assert plain.calls == [((20,), (1, 2), {"POLY": True, "BLOCK": 64, "num_warps": 4, "num_stages": 3})]
     assert autotuned.calls == []
-    tuned.launch("fake", plain, lambda meta: (1,), (1, 2), {}, key | {"m": 768}, cuda)  # a key not in the table
+    tuned.launch(fake, lambda meta: (1,), (1, 2), {}, key | {"m": 768}, cuda)  # a key not in the table
     with tuned.autotuning_only():  # bench.tune: tables ignored
-        tuned.launch("fake", plain, lambda meta: (1,), (1, 2), {}, key, cuda)
+        tuned.launch(fake, lambda meta: (1,), (1, 2), {}, key, cuda)
     assert len(autotuned.calls) == 2 and len(plain.calls) == 1
+    tuned.launch(fake, lambda meta: (meta["BLOCK"],), (1,), {}, key, cuda, fixed=tuned.config({"BLOCK": 16}))
+    assert plain.calls[-1] == ((16,), (1,), {"BLOCK": 16, "num_warps": 4, "num_stages": 1})  # a fixed config wins
     assert tuned.lookup("fake", key, torch.device("cpu")) is None
 
 
@@ -153,8 +200,9 @@ def test_the_kernels_launch_with_their_autotuners_keys(monkeypatch):
     """Every launch of an autotuned kernel (GPU path) passes the key its autotuner tunes on, plus the dtype."""
     seen = {}
 
-    def record(name, kernel, grid, args, kwargs, key, device):
-        seen[name] = key  # and nothing runs
+    def record(kernel, grid, args, kwargs, key, device, fixed=None):
+        assert fixed is None  # the GPU path: the table or the autotuner
+        seen[kernel.name] = key  # and nothing runs
 
     monkeypatch.setattr(tuned, "launch", record)
     monkeypatch.setattr(attention_kernel, "interpreting", lambda: False)
@@ -163,27 +211,17 @@ def test_the_kernels_launch_with_their_autotuners_keys(monkeypatch):
     out, lse = torch.empty_like(q), torch.empty(1, 2, 64)
     for call in (lambda: attention_kernel._forward_into(q, k, v, 32, 0.25, out, lse),
                  lambda: attention_kernel._backward_into(q, q, k, v, out, lse, 32, 0.25, q, k, v),
-                 lambda: attention_kernel._backward_into(q, q, k, v, out, lse, 32, 0.25, q, k, v, "triton_fused_bwd"),
-                 lambda: attention_kernel._forward_into(q, k, v, 32, 0.25, out, lse, "triton_tma"),
-                 lambda: attention_kernel._backward_into(q, q, k, v, out, lse, 32, 0.25, q, k, v, "triton_tma"),
-                 lambda: attention_kernel._backward_into(q, q, k, v, out, lse, 32, 0.25, q, k, v, "triton_dq_delta"),
                  lambda: ns_kernel._gram(torch.randn(2, 32, 48, dtype=torch.float16), torch.empty(2, 32, 32,
                                          dtype=torch.float16), "tf32", False),
                  lambda: ns_kernel._update(torch.randn(2, 32, 32, dtype=torch.float16),
                                            torch.randn(2, 32, 48, dtype=torch.float16),
-                                           torch.empty(2, 32, 48, dtype=torch.float16), 1.0, "tf32", False, True),
-                 lambda: ns_kernel._gram(torch.randn(2, 32, 48, dtype=torch.float16), torch.empty(2, 32, 32,
-                                         dtype=torch.float16), "tf32", False, fused=True),
-                 lambda: ns_kernel._update(torch.randn(2, 32, 32, dtype=torch.float16),
-                                           torch.randn(2, 32, 48, dtype=torch.float16),
-                                           torch.empty(2, 32, 48, dtype=torch.float16), 1.0, "tf32", False, True,
-                                           fused=True)):
+                                           torch.empty(2, 32, 48, dtype=torch.float16), 1.0, "tf32", False, True)):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             call()
     assert set(seen) == set(tuned.AUTOTUNED)  # every autotuned kernel launched once at least
     for name, key in seen.items():
-        assert list(key) == list(tuned.AUTOTUNED[name].keys) + ["dtype"], name
+        assert list(key) == list(tuned.AUTOTUNED[name].autotuner.keys) + ["dtype"], name
         assert key["dtype"] == torch.float16
 
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from kernels.newton_schulz import orthogonalize
 from train.errors import UserError
-from train.optim import (DistMuonAdamW, MuonAdamW, lr_multiplier, make_optimizer, muon_momentum,
+from train.optim import (DistMuonAdamW, MuonAdamW, Schedule, lr_multiplier, make_optimizer, muon_momentum,
                          weight_decay_at)
 
 VOCAB, DIM, LAYERS = 64, 16, 3
@@ -72,9 +72,7 @@ def batch(seed, rows=4, T=8):
 
 def train_step(model, opt, x, y, step):
     model(x, y).backward()
-    for group in opt.param_groups:
-        if "initial_weight_decay" in group:
-            group["momentum"] = muon_momentum(step, 100, 0.5)
+    Schedule(100).apply(opt, step)
     opt.step()
     opt.zero_grad(set_to_none=True)
 
@@ -134,6 +132,23 @@ def test_weight_decay_cosine():
     assert weight_decay_at(25, 100, 0.2) == pytest.approx(0.1 * (1 + math.cos(math.pi / 4)))
     assert weight_decay_at(100, 100, 0.2) == pytest.approx(0.0, abs=1e-12)
 
+def test_schedule_sets_every_group_for_its_step():
+    """Schedule.apply: every group's lr is its initial_lr times the LR multiplier; the Muon groups' momentum and
+    weight decay follow their schedules; AdamW's decay stays constant."""
+    opt = make_optimizer(make_model().param_groups(), weight_decay=0.2)
+    schedule = Schedule(100, warmup_ratio=0.1, warmdown_ratio=0.5, final_lr_frac=0.1)
+    for step in (0, 5, 50, 75, 99):
+        lrm = schedule.apply(opt, step)
+        assert lrm == lr_multiplier(step, 100, 0.1, 0.5, 0.1)
+        for g in opt.param_groups:
+            assert g["lr"] == g["initial_lr"] * lrm
+            if g["kind"] == "muon":
+                assert g["momentum"] == muon_momentum(step, 100, 0.5)
+                assert g["weight_decay"] == weight_decay_at(step, 100, 0.2)
+            else:
+                assert g["weight_decay"] == dict(lm_head=0.01, wte=0.001, value_embeds=0.01, resid_lambdas=0.05,
+                                                 x0_lambdas=0.0, smear_backout=0.0)[g["name"]]
+
 # -----------------------------------------------------------------------------
 # groups and AdamW
 
@@ -155,7 +170,7 @@ def test_group_lrs_and_scaling():
         assert g["kind"] == "adamw"
         assert g["lr"] == pytest.approx(lr) and g["initial_lr"] == pytest.approx(lr)
         assert g["betas"] == betas and g["eps"] == 1e-10 and g["weight_decay"] == wd, name
-        assert "initial_weight_decay" not in g  # the train loop tells Muon groups by this key
+        assert "initial_weight_decay" not in g
     muon = [g for g in opt.param_groups if g["kind"] == "muon"]
     assert {g["name"] for g in muon} == {"matrices 16x16", "matrices 32x16", "matrices 16x32"}
     for g in muon:  # one stack per shape, the lr before the per-shape factor
@@ -362,7 +377,7 @@ def test_muon_closes_a_rank_one_gap_where_plain_muon_is_slow(monkeypatch):
         opt = make_optimizer(groups, matrix_lr=0.02)
         for step in range(steps):
             w.grad = 2 * (w.detach() - target)
-            opt.param_groups[0]["momentum"] = muon_momentum(step, 1000, 0.5)
+            Schedule(1000).apply(opt, step)
             opt.step()
         return (w.detach() - target).norm().item(), gap.norm().item()
     ours, start = distance_after(50)

@@ -182,26 +182,6 @@ def test_wandb_offline_run_logs_the_metrics(base, tmp_path):
     assert json.dumps(bpb).encode() in log
 
 
-def test_pretrain_ab_compares_runs_side_by_side(base, tmp_path):
-    """bench.pretrain_ab: real runs per variant, tok/s after the warm-up, the last val bpb, a table and JSON."""
-    pytest.importorskip("torchao", reason="torchao is not installed (pip install -e .[fp8])")
-    out = tmp_path / "ab.json"
-    args = ["--depth", "2", "--steps", "14", "--json", out, "--variant", "bf16:",
-            "--variant", "fp8:--fp8 --fp8-emulate", "--", *TINY, "--aspect-ratio", "64", "--head-dim", "64"]
-    proc = run(args, base, module="bench.pretrain_ab")
-    rows = json.loads(out.read_text())["rows"]
-    assert [r["variant"] for r in rows] == ["bf16", "fp8"] and all(r["status"] == "ok" for r in rows), rows
-    for r in rows:
-        assert r["steps_timed"] == 4 and r["tok_per_sec"] > 0 and r["val_bpb_step"] == 14 and 0 < r["val_bpb"] < 20
-    assert rows[0]["val_bpb"] != rows[1]["val_bpb"]  # the FP8 run really ran differently
-    assert "| fp8 |" in proc.stdout and "1.000x" in proc.stdout
-
-
-def test_pretrain_ab_bad_variant_is_one_line(base):
-    proc = run(["--variant", "no colon here"], base, check=False, module="bench.pretrain_ab")
-    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-
-
 def test_waiting_for_a_job_that_died_fails_at_once(tmp_path):
     import time
     proc = subprocess.Popen([sys.executable, "-c", "import sys; sys.exit(3)"], stdout=subprocess.PIPE,
@@ -212,28 +192,25 @@ def test_waiting_for_a_job_that_died_fails_at_once(tmp_path):
     assert time.time() - t0 < 30
 
 
-def test_sigterm_saves_a_checkpoint_that_resumes_the_same_curve(base):
-    """A scheduler's SIGTERM: the run finishes a step, checkpoints, exits 143; resuming from there continues the
-    loss curve of an uninterrupted run."""
+def test_sigterm_saves_a_checkpoint_that_resumes(base):
+    """A scheduler's SIGTERM: the run finishes a step, checkpoints, exits 143; a resumed run goes on from there, each
+    step logged once. (That a resumed run continues the uninterrupted loss curve: test_resume_continues_the_same_loss_
+    curve.)"""
     import signal
-    steps = ["--num-iterations", "60", "--eval-every", "-1"]
-    run([*TINY, *steps, "--model-tag", "sig-full"], base)
-    env = cli_env(base)
-    proc = subprocess.Popen([sys.executable, "-m", "train.pretrain", *TINY, *steps, "--model-tag", "sig"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
-    log = base / "base_checkpoints" / "sig" / "metrics.jsonl"
-    wait_for_lines(log, 5, proc)
+    proc = subprocess.Popen([sys.executable, "-m", "train.pretrain", *TINY, "--num-iterations", "400", "--eval-every",
+                             "-1", "--model-tag", "sig"], env=cli_env(base), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=REPO)
+    wait_for_lines(base / "base_checkpoints" / "sig" / "metrics.jsonl", 5, proc)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, (out[-2000:], err[-2000:])
     stopped = int(re.search(r"stopped by SIGTERM at step (\d+)", out).group(1))
-    assert 5 <= stopped < 60 and "Traceback" not in err
+    assert 5 <= stopped < 400 and "Traceback" not in err
+    assert f"resume with --resume-from-step {stopped}" in out
     assert (base / "base_checkpoints" / "sig" / f"step_{stopped:06d}_meta.json").exists()
-    run([*TINY, *steps, "--model-tag", "sig", "--resume-from-step", stopped], base)
-    full, resumed = step_losses(metrics(base, "sig-full")), step_losses(metrics(base, "sig"))
-    assert sorted(resumed) == list(range(1, 61))  # the first run's steps, then the resumed run's
-    for s in range(stopped + 1, 61):
-        assert resumed[s] == pytest.approx(full[s], rel=1e-5, abs=1e-6), (s, resumed[s], full[s])
+    run([*TINY, "--num-iterations", stopped + 2, "--eval-every", "-1", "--model-tag", "sig", "--resume-from-step",
+         stopped], base)
+    assert sorted(step_losses(metrics(base, "sig"))) == list(range(1, stopped + 3))
 
 
 def test_sigterm_to_torchrun_saves_every_ranks_shard(base):

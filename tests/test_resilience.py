@@ -243,21 +243,19 @@ def test_ctrl_c_and_sighup_save_and_say_how_to_resume(tiny_base, sig):
     assert checkpoint.saved_steps(ckpt(tiny_base, tag)) == [step]
 
 
-def test_a_second_ctrl_c_stops_at_once():
-    """Real SIGINTs to this process, with the run's handler: the first asks for a save, the second stops."""
+def test_a_second_ctrl_c_stops_at_once_and_the_handlers_are_restored_after_the_run():
+    """Real SIGINTs to this process, with the run's handler: the first asks for a save, the second stops. The
+    handlers are the run's only while it runs (stop_signals)."""
     import time
     saved = {sig: signal.getsignal(sig) for sig in pretrain.StopSignal.SIGNALS}
-    try:
-        stop = pretrain.StopSignal()
+    with pretrain.stop_signals() as stop:
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(0.05)
         assert stop.received == signal.SIGINT
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.05)
-    finally:
-        for sig, handler in saved.items():
-            signal.signal(sig, handler)
+    assert {sig: signal.getsignal(sig) for sig in saved} == saved
 
 
 # ----------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from kernels import dispatch
 from model.config import GPTConfig
 from model.gpt import GPT
 from train.errors import UserError
-from train.optim import make_optimizer
+from train.optim import Schedule, make_optimizer
 
 
 def build_model(config: GPTConfig, device, seed: int | None = None, recompute_mlp: bool = False) -> GPT:
@@ -70,3 +70,8 @@ def load_weights(model: GPT, state: dict) -> None:
                         if earlier else f"the checkpoint's weights are not this model's: missing "
                         f"{sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
     model.load_state_dict(state)
+
+
+def schedule_of(plan, args) -> Schedule:
+    """The run's LR, momentum and weight-decay schedules from train.pretrain's flags."""
+    return Schedule(plan.num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)

@@ -27,11 +27,13 @@ tokens; when it has too few row groups to give every rank one, every rank reads 
 import bisect
 import os
 import re
+from collections.abc import Iterator
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
-from train.dataset import open_shard, read_texts, split_shards
+from train.dataset import DEFAULT_DATASET, open_shard, read_texts, split_shards
 from train.errors import UserError
 
 # Where a long text may be cut before tokenizing without changing its first tokens: right after an ASCII
@@ -60,7 +62,7 @@ class DataLoader:
     rest = (text, characters counted) to count on when its real length decides the crop; else rest is None.
     """
 
-    def __init__(self, tokenizer, batch_size: int, seq_len: int, split: str = "train", dataset: str = "climbmix",
+    def __init__(self, tokenizer, batch_size: int, seq_len: int, split: str = "train", dataset: str = DEFAULT_DATASET,
                  rank: int = 0, world_size: int = 1, device="cpu", state: dict | None = None,
                  buffer_size: int = 1000, num_threads: int | None = None):
         if batch_size < 1 or seq_len < 1 or buffer_size < 1:
@@ -199,11 +201,17 @@ class DataLoader:
         stay buffered for the whole run, and that count would never move."""
         return self.batch_epoch - 1
 
-    def next_with_state(self) -> tuple[torch.Tensor, torch.Tensor, "ResumePoint"]:
-        """The next batch and where it came from: a loader built with state=that.to_dict() yields it again."""
+    def batches(self) -> Iterator["Batch"]:
+        """next_batch(), endlessly."""
+        while True:
+            yield self.next_batch()
+
+    def next_batch(self) -> "Batch":
+        """The next batch and where it came from: a loader built with state=its resume_point.to_dict() yields it
+        again."""
         point = self._resume_point()
         x, y = next(self)
-        return x, y, point
+        return Batch(x, y, point)
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         B, cap, buffer = self.batch_size, self.capacity, self.buffer
@@ -259,3 +267,10 @@ class ResumePoint:
         return {"epoch": self.epoch, "shard": self.shard, "row_group": self.row_group, "rank": self.rank,
                 "world_size": self.world_size,
                 "buffer": [[e, s, g, sorted(idx)] for (e, s, g), idx in sorted(groups.items())]}
+
+
+class Batch(NamedTuple):
+    """One micro-step's rows: inputs, targets, and where the loader stood before them (None: not from a loader)."""
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    resume_point: ResumePoint | None = None

@@ -39,6 +39,7 @@ DATASETS = {
     "climbmix": HubDataset("karpathy/climbmix-400b-shuffle", 6543, "{base}/shard_{index:05d}.parquet"),
     "fineweb-edu": HubDataset("karpathy/fineweb-edu-100b-shuffle", 1823, "{base}/shard_{index:05d}.parquet"),
 }
+DEFAULT_DATASET = "climbmix"  # what pretraining, the tokenizer and a download read when not told otherwise
 DEFAULT_DOWNLOAD_SHARDS = 8  # training shards fetched when a run finds none (~2B characters: enough for a tokenizer)
 LOCAL_EXTENSIONS = (".txt", ".md", ".py", ".jsonl", ".parquet")
 
@@ -322,7 +323,7 @@ def main(argv=None) -> None:
     d = sub.add_parser("download", help="fetch pre-shuffled shards from the Hugging Face hub")
     d.add_argument("--num-shards", type=int, default=DEFAULT_DOWNLOAD_SHARDS,
                    help="training shards to fetch (-1 = all); the validation shard always comes too")
-    d.add_argument("--name", default="climbmix", choices=sorted(DATASETS))
+    d.add_argument("--name", default=DEFAULT_DATASET, choices=sorted(DATASETS))
     d.add_argument("--base-url", default=None,
                    help="where the shard files live (default: $NANOCHAT_DATA_URL, else the hub)")
     d.add_argument("--workers", type=int, default=8, help="parallel downloads")

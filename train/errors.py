@@ -7,6 +7,12 @@ class UserError(Exception):
     """A problem with what the user asked for or gave us (flags, files, data)."""
 
 
+def require(ok: bool, message: str) -> None:
+    """Bad input unless ok: a UserError with message."""
+    if not ok:
+        raise UserError(message)
+
+
 def first_line(e: BaseException) -> str:
     """An exception's message cut to its first line (its type's name when it has none): for one-line reports."""
     lines = str(e).strip().splitlines()

@@ -16,6 +16,7 @@ HEADROOM = 0.9  # a plan "fits" when its estimate is at most this fraction of th
 # Bytes the compiled training step keeps for the backward, per token, per layer, per model_dim channel, with
 # relu² recomputed (True) or kept (False): `python -m bench.activations --depth 20 [--no-recompute-mlp]`.
 ACTIVATION_BYTES_PER_CHANNEL = {True: 25.1, False: 33.1}
+RECOMPUTE_SAVES = 1 - ACTIVATION_BYTES_PER_CHANNEL[True] / ACTIVATION_BYTES_PER_CHANNEL[False]  # of a layer's: 24%
 # once per model: the embedding output, the first layer's input, the loss's input, and backout's kept residual
 ACTIVATION_BYTES_PER_CHANNEL_ONCE = 12.0
 

@@ -13,13 +13,14 @@ Muon, per shape (all matrices of one shape are stacked and updated as one batch)
 AdamW: decoupled weight decay per group, bias-corrected moments, eps 1e-10, fp32 math and fp32 state even
 for bf16 parameters. The groups and their settings: ADAMW_GROUPS.
 
-Schedules (lr_multiplier, muon_momentum, weight_decay_at) live here too; the train loop sets
-group["lr"] = group["initial_lr"] * lr_multiplier(...), and for Muon groups (the ones with
-"initial_weight_decay") group["momentum"] and group["weight_decay"].
+Schedules live here too: Schedule.apply sets, before each step, every group's lr (its initial_lr times
+lr_multiplier) and the Muon groups' momentum (muon_momentum) and weight decay (weight_decay_at).
 """
 import functools
 import math
 from collections import defaultdict
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -41,6 +42,7 @@ MUON_MOMENTUM_RAMP = 400
 SMEAR_BACKOUT_LR = 0.2  # the smear and backout parameters: not rescaled by batch or width
 MUON_NS_STEPS = 5
 SHARD_MIN_NUMEL = 1024  # distributed AdamW: smaller tensors are all-reduced and updated whole
+WARMUP_RATIO, WARMDOWN_RATIO, FINAL_LR_FRAC = 0.0, 0.5, 0.0  # the LR schedule's defaults (train.pretrain's flags)
 
 # -----------------------------------------------------------------------------
 # Schedules
@@ -81,6 +83,27 @@ def weight_decay_at(step: int, num_iterations: int, weight_decay: float) -> floa
         return weight_decay
     progress = min(max(step / num_iterations, 0.0), 1.0)
     return weight_decay * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The schedules of a run of num_iterations steps: what every step, in training and in bench.mfu, applies."""
+    num_iterations: int
+    warmup_ratio: float = WARMUP_RATIO
+    warmdown_ratio: float = WARMDOWN_RATIO
+    final_lr_frac: float = FINAL_LR_FRAC
+
+    def apply(self, optimizer: "MuonAdamW", step: int) -> float:
+        """Set every group's lr for step (its initial_lr x the LR multiplier) and the Muon groups' momentum and
+        weight decay; returns the LR multiplier."""
+        N = self.num_iterations
+        lrm = lr_multiplier(step, N, self.warmup_ratio, self.warmdown_ratio, self.final_lr_frac)
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * lrm
+            if group["kind"] == "muon":
+                group["momentum"] = muon_momentum(step, N, self.warmdown_ratio)
+                group["weight_decay"] = weight_decay_at(step, N, group["initial_weight_decay"])
+        return lrm
 
 # -----------------------------------------------------------------------------
 # The update math. Works with Python floats (eager) or 0-D CPU tensors (compiled: a new lr value
@@ -415,31 +438,38 @@ class DistMuonAdamW(MuonAdamW):
 # -----------------------------------------------------------------------------
 
 
-# (group, its LR's flag or a fixed LR, the LR's factor, scaled by width too, betas (None: --adam-beta1/2),
-# decoupled weight decay)
+class AdamWGroup(NamedTuple):
+    """One AdamW group of the model's parameters and how its settings follow from the flags."""
+    name: str
+    lr_flag: str | None  # the flag its LR comes from (None: SMEAR_BACKOUT_LR, not rescaled)
+    lr_factor: float = 1.0
+    by_width: bool = False  # also scaled by adam_width_scale
+    betas: tuple = (None, None)  # None: --adam-beta1 / --adam-beta2
+    weight_decay: float = 0.0  # decoupled
+
+
 ADAMW_GROUPS = (
-    ("lm_head", "unembedding_lr", 1.0, True, None, 0.01),
-    ("wte", "embedding_lr", 1.0, True, None, 0.001),
-    ("value_embeds", "embedding_lr", 0.5, True, None, 0.01),
-    ("resid_lambdas", "scalar_lr", 0.01, False, None, 0.05),
-    ("x0_lambdas", "scalar_lr", 1.0, False, (0.96, None), 0.0),
-    ("smear_backout", None, 1.0, None, (0.8, 0.95), 0.0),
+    AdamWGroup("lm_head", "unembedding_lr", by_width=True, weight_decay=0.01),
+    AdamWGroup("wte", "embedding_lr", by_width=True, weight_decay=0.001),
+    AdamWGroup("value_embeds", "embedding_lr", lr_factor=0.5, by_width=True, weight_decay=0.01),
+    AdamWGroup("resid_lambdas", "scalar_lr", lr_factor=0.01, weight_decay=0.05),
+    AdamWGroup("x0_lambdas", "scalar_lr", betas=(0.96, None)),
+    AdamWGroup("smear_backout", None, betas=(0.8, 0.95)),
 )
 
 
 def adamw_settings(lrs: dict, adam_betas: tuple[float, float], lr_scale: float, adam_width_scale: float) -> list:
-    """(name, lr, betas, weight decay) of every AdamW group. lrs: the flags' {matrix_lr, embedding_lr, ...};
+    """(name, lr, betas, weight decay) of every AdamW group. lrs: the flags' {embedding_lr, ...};
     lr_scale (sqrt(B / B_ref), the batch-size law) scales every LR but smear/backout's, adam_width_scale
     ((model_dim / 768)^-0.5, muP-style) those of lm_head, wte and value_embeds too, as nanochat does."""
     out = []
-    for name, flag, factor, by_width, betas, weight_decay in ADAMW_GROUPS:
-        if flag is None:
+    for g in ADAMW_GROUPS:
+        if g.lr_flag is None:
             lr = SMEAR_BACKOUT_LR
         else:
-            lr = lrs[flag] * factor * lr_scale * (adam_width_scale if by_width else 1.0)
-        b1, b2 = betas or (None, None)
-        out.append((name, lr, (adam_betas[0] if b1 is None else b1, adam_betas[1] if b2 is None else b2),
-                    weight_decay))
+            lr = lrs[g.lr_flag] * g.lr_factor * lr_scale * (adam_width_scale if g.by_width else 1.0)
+        betas = tuple(default if b is None else b for b, default in zip(g.betas, adam_betas))
+        out.append((g.name, lr, betas, g.weight_decay))
     return out
 
 
@@ -452,9 +482,9 @@ def make_optimizer(groups: dict[str, list[torch.nn.Parameter]], *, matrix_lr: fl
 
     AdamW groups: adamw_settings(). Muon: matrix_lr x lr_scale; weight_decay is its decay at step 0
     (weight_decay_at() anneals it). compile: None compiles the update math for CUDA tensors only.
-    Each group carries "initial_lr" (and Muon groups "initial_weight_decay") for the schedules.
+    Each group carries "initial_lr" (and Muon groups "initial_weight_decay") for Schedule.apply.
     """
-    expected = {"matrices"} | {name for name, *_ in ADAMW_GROUPS}
+    expected = {"matrices"} | {g.name for g in ADAMW_GROUPS}
     if set(groups) != expected:
         raise ValueError(f"param groups must be exactly {sorted(expected)}, got {sorted(groups)}")
     lrs = dict(embedding_lr=embedding_lr, unembedding_lr=unembedding_lr, scalar_lr=scalar_lr)

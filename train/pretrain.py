@@ -5,32 +5,39 @@
     python -m train.pretrain --depth 20 --dry-run            # the plan, no data, no memory
 
 Every hyperparameter not given follows from --depth through the scaling laws in train/scaling.py.
-train() reads as the loop it runs: set up, then per step evaluate if due, save if due, one optimizer step, log.
+train() sets the run up (start) and runs loop(): per step evaluate if due, save if due, one optimizer step, log.
 """
 import argparse
+import dataclasses
 import json
 import math
 import os
 import signal
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from kernels import dispatch
 from model import config as model_config
+from model.gpt import GPT
 from train import checkpoint, distributed, fp8, metrics, optim, resume, scaling
-from train.builder import build_model_and_optimizer
+from train.builder import build_model_and_optimizer, schedule_of
 from train.dataloader import DataLoader
-from train.dataset import ensure_dataset, split_shards
-from train.errors import Parser, UserError, run_cli
+from train.dataset import DEFAULT_DATASET, ensure_dataset, split_shards
+from train.distributed import DistInfo
+from train.errors import Parser, UserError, require, run_cli
 from train.evaluate import evaluate_bpb, sample
-from train.memory import choose_recompute_mlp, estimate_memory_gib, gpu_memory_gib, memory_advice
+from train.memory import (RECOMPUTE_SAVES, choose_recompute_mlp, estimate_memory_gib, gpu_memory_gib,
+                          memory_advice)
 from train.metrics import MetricsLog, format_duration, mfu, peak_bf16_flops
 from train.paths import checkpoint_dir, plain_name, tokenizer_dir
-from train.scaling import make_plan
-from train.tokenizer import load_tokenizer
+from train.scaling import Plan, make_plan
+from train.step import TrainStep
+from train.tokenizer import Tokenizer, load_tokenizer
 
 print0 = distributed.print0
 
@@ -44,7 +51,7 @@ def build_parser() -> Parser:
       help="model_dim = depth x aspect_ratio, rounded up to a multiple of head_dim")
     a("--head-dim", type=int, default=model_config.HEAD_DIM, help="target size of one attention head")
     a("--max-seq-len", type=int, default=model_config.MAX_SEQ_LEN, help="context length")
-    a("--window-pattern", default=model_config.WINDOW_PATTERN,
+    a("--window-pattern", type=str.upper, default=model_config.WINDOW_PATTERN,
       help="per-layer window, tiled: L = full, S = half context; last layer always L")
     a("--num-iterations", type=int, default=-1, help="explicit number of optimizer steps (highest precedence)")
     a("--target-flops", type=float, default=-1, help="steps = target_flops / (flops_per_token x total_batch_size)")
@@ -61,9 +68,10 @@ def build_parser() -> Parser:
       help="Muon weight decay at the reference size (rescaled)")
     a("--adam-beta1", type=float, default=optim.ADAM_BETAS[0])
     a("--adam-beta2", type=float, default=optim.ADAM_BETAS[1])
-    a("--warmup-ratio", type=float, default=0.0, help="fraction of steps with linear LR warmup")
-    a("--warmdown-ratio", type=float, default=0.5, help="fraction of steps, at the end, with linear LR warmdown")
-    a("--final-lr-frac", type=float, default=0.0, help="final LR as a fraction of the peak")
+    a("--warmup-ratio", type=float, default=optim.WARMUP_RATIO, help="fraction of steps with linear LR warmup")
+    a("--warmdown-ratio", type=float, default=optim.WARMDOWN_RATIO,
+      help="fraction of steps, at the end, with linear LR warmdown")
+    a("--final-lr-frac", type=float, default=optim.FINAL_LR_FRAC, help="final LR as a fraction of the peak")
     a("--eval-every", type=int, default=250, help="val bpb every N steps (and at the last); -1 disables")
     a("--eval-tokens", type=int, default=40 * 524288, help="tokens per validation pass")
     a("--core-metric-every", type=int, default=2000, help="CORE metric every N steps (and at the last); -1 disables")
@@ -79,19 +87,19 @@ def build_parser() -> Parser:
       help="resume from the checkpoint at that step; 'latest': the last one saved, if any (for requeued jobs)")
     a("--model-tag", default=None, help="checkpoint folder name; default d{depth}")
     # beyond the spec's table
-    a("--dataset", default="climbmix", help="folder of parquet shards under $NANOCHAT_BASE_DIR/data/")
+    a("--dataset", default=DEFAULT_DATASET, help="folder of parquet shards under $NANOCHAT_BASE_DIR/data/")
     a("--allow-data-change", action="store_true",
       help="resume even though the dataset's name or training shards differ from the checkpoint's")
     a("--compile", action=argparse.BooleanOptionalAction, default=None,
       help="torch.compile the model (default: on for CUDA)")
     a("--seed", type=int, default=42, help="seed for the initial weights")
     a("--recompute-mlp", action=argparse.BooleanOptionalAction, default=None,
-      help="recompute each MLP's relu² in the backward instead of keeping it: 18%% less activation memory for "
-           "one more elementwise pass per layer (default: on when the plan would not fit in 90%% of the GPU's "
-           "memory otherwise)")
-    for op, what in (("attention", "attention"), ("cross_entropy", "loss"), ("newton_schulz", "Muon's NS")):
+      help=f"recompute each MLP's relu² in the backward instead of keeping it: {round(100 * RECOMPUTE_SAVES)}%% less "
+           "activation memory per layer for one more elementwise pass (default: on when the plan would not fit in "
+           "90%% of the GPU's memory otherwise)")
+    for op in dispatch.OPS:
         a(f"--kernel-{op.replace('_', '-')}", default="auto", choices=dispatch.choices(op),
-          help=f"force the {what} implementation (A/B)")
+          help=f"force the {op.replace('_', ' ')} implementation (A/B)")
     a("--dry-run", action="store_true", help="print the plan (and one JSON line) and exit; needs no data")
     return p
 
@@ -109,37 +117,31 @@ CADENCES = ("eval_every", "save_every", "sample_every", "core_metric_every")  # 
 LEARNING_RATES = ("matrix_lr", "embedding_lr", "unembedding_lr", "scalar_lr")
 
 
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise UserError(message)
-
-
 def validate(args) -> None:
     """Range checks of the flags (train.scaling.make_plan checks the model's shape and the batch): 0 and
     negative values mean something only where the spec gives -1 a meaning."""
-    args.window_pattern = args.window_pattern.upper()
-    _require(0 <= args.warmup_ratio <= 1 and 0 <= args.warmdown_ratio <= 1
-             and args.warmup_ratio + args.warmdown_ratio <= 1,
-             "--warmup-ratio and --warmdown-ratio must lie in [0, 1] and add up to at most 1")
-    _require(0 <= args.final_lr_frac <= 1, f"--final-lr-frac must lie in [0, 1], got {args.final_lr_frac}")
+    require(0 <= args.warmup_ratio <= 1 and 0 <= args.warmdown_ratio <= 1
+            and args.warmup_ratio + args.warmdown_ratio <= 1,
+            "--warmup-ratio and --warmdown-ratio must lie in [0, 1] and add up to at most 1")
+    require(0 <= args.final_lr_frac <= 1, f"--final-lr-frac must lie in [0, 1], got {args.final_lr_frac}")
     for name in LEARNING_RATES + ("weight_decay",):
         value = getattr(args, name)
-        _require(math.isfinite(value) and value >= 0, f"--{name.replace('_', '-')} must be a finite number >= 0, "
-                                                      f"got {value}")
+        require(math.isfinite(value) and value >= 0, f"--{name.replace('_', '-')} must be a finite number >= 0, "
+                                                     f"got {value}")
     for name in ("adam_beta1", "adam_beta2"):
-        _require(0 <= getattr(args, name) < 1, f"--{name.replace('_', '-')} must lie in [0, 1), got "
-                                               f"{getattr(args, name)}")
+        require(0 <= getattr(args, name) < 1, f"--{name.replace('_', '-')} must lie in [0, 1), got "
+                                              f"{getattr(args, name)}")
     for name in CADENCES + ("num_iterations", "core_metric_max_per_task", "keep_last"):
         value = getattr(args, name)
-        _require(value == -1 or value >= 1, f"--{name.replace('_', '-')} must be at least 1, or -1 "
-                                            f"({'off' if name in CADENCES else 'the default'}); got {value}")
-    _require(args.target_flops == -1 or (math.isfinite(args.target_flops) and args.target_flops > 0),
-             f"--target-flops must be a positive number, or -1; got {args.target_flops}")
-    _require(math.isfinite(args.target_param_data_ratio),
-             f"--target-param-data-ratio must be a finite number, got {args.target_param_data_ratio}")
-    _require(args.eval_tokens >= 1, f"--eval-tokens must be positive, got {args.eval_tokens}")
-    _require(args.resume_from_step == "latest" or args.resume_from_step >= -1,
-             f"--resume-from-step must be a step (>= 0), -1 (start fresh) or latest; got {args.resume_from_step}")
+        require(value == -1 or value >= 1, f"--{name.replace('_', '-')} must be at least 1, or -1 "
+                                           f"({'off' if name in CADENCES else 'the default'}); got {value}")
+    require(args.target_flops == -1 or (math.isfinite(args.target_flops) and args.target_flops > 0),
+            f"--target-flops must be a positive number, or -1; got {args.target_flops}")
+    require(math.isfinite(args.target_param_data_ratio),
+            f"--target-param-data-ratio must be a finite number, got {args.target_param_data_ratio}")
+    require(args.eval_tokens >= 1, f"--eval-tokens must be positive, got {args.eval_tokens}")
+    require(args.resume_from_step == "latest" or args.resume_from_step >= -1,
+            f"--resume-from-step must be a step (>= 0), -1 (start fresh) or latest; got {args.resume_from_step}")
     if args.model_tag is not None:
         plain_name(args.model_tag, "--model-tag")
 
@@ -147,20 +149,30 @@ def validate(args) -> None:
 class StopSignal:
     """Remembers SIGTERM or SIGUSR1 (what schedulers send before they stop a job), SIGINT (Ctrl-C) and SIGHUP
     (a closed terminal) instead of dying at once: the run saves at the end of its step. A second Ctrl-C stops
-    at once (KeyboardInterrupt)."""
+    at once (KeyboardInterrupt). Its handlers are installed by stop_signals()."""
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP)
 
     def __init__(self):
         self.received: signal.Signals | None = None
-        for sig in self.SIGNALS:
-            signal.signal(sig, self._receive)
 
-    def _receive(self, number, frame) -> None:
+    def receive(self, number, frame) -> None:
         if number == signal.SIGINT and self.received is not None:
             raise KeyboardInterrupt
         self.received = self.received or signal.Signals(number)
         if number == signal.SIGINT:
             print0(f"{signal.Signals(number).name}: saving at the end of this step (Ctrl-C again to stop now)")
+
+
+@contextmanager
+def stop_signals() -> Iterator[StopSignal]:
+    """A StopSignal receiving the signals within the block; the previous handlers are back after it."""
+    stop = StopSignal()
+    previous = {sig: signal.signal(sig, stop.receive) for sig in StopSignal.SIGNALS}
+    try:
+        yield stop
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def load_tokenizer_or_none():
@@ -245,24 +257,37 @@ def main(argv=None) -> None:
 
 
 @dataclass
+class LoopState:
+    """What a resumed run continues (each checkpoint's meta holds it as loop_state)."""
+    smooth_loss: float = 0.0
+    training_time: float = 0.0
+    val_bpb: float | None = None
+    min_val_bpb: float | None = None
+    core_metric: float | None = None
+    passes_done: int = 0  # passes over the train split announced so far
+
+    @classmethod
+    def from_meta(cls, saved: dict) -> "LoopState":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in saved.items() if k in names})
+
+
+@dataclass
 class Run:
     args: argparse.Namespace
-    plan: object
-    tokenizer: object
-    dist: object  # distributed.DistInfo
-    ckpt_dir: object
-    orig_model: torch.nn.Module  # the uncompiled module: evaluation, sampling, saving
-    model: torch.nn.Module  # what trains (compiled on CUDA)
-    optimizer: object
-    fp8: object  # the train.fp8 module when --fp8 is on, else None
-    loader: object
-    batch: tuple  # (x, y, resume point) of the next micro-step
-    log: object  # train.metrics.MetricsLog
-    loop: dict  # what a resumed run continues: smoothed loss, training time, val bpb, CORE
+    plan: Plan
+    tokenizer: Tokenizer
+    dist: DistInfo
+    ckpt_dir: Path
+    orig_model: GPT  # the uncompiled module: evaluation, sampling, saving
+    train_step: TrainStep  # the (compiled) model, the optimizer, the schedules, the batches
+    loader: DataLoader
+    log: MetricsLog
+    loop_state: LoopState
+    stop: StopSignal
     start_step: int
     resumed: bool
-    step: int = 0
-    stop: StopSignal = field(default_factory=StopSignal)
+    step: int
     stop_at: int | None = None  # the step a stop signal ends the run at, once every rank knows of it
     val_repeats_said: bool = False
 
@@ -271,12 +296,21 @@ class Run:
         return self.dist.device
 
     @property
+    def optimizer(self) -> optim.MuonAdamW:
+        return self.train_step.optimizer
+
+    @property
     def autocast(self):
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
+        return self.train_step.autocast
 
     def in_bf16(self):
         """Evaluation, sampling and saving see plain linears (bf16 weights), FP8 training or not."""
-        return self.fp8.fp8_disabled(self.orig_model) if self.fp8 else nullcontext()
+        return fp8.fp8_disabled(self.orig_model) if self.args.fp8 else nullcontext()
+
+
+def autocast_for(device: torch.device):
+    """bf16 autocast on CUDA, nothing elsewhere (fp32 on the CPU)."""
+    return torch.autocast(device_type="cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
 def train(args, plan, tokenizer, dist_info) -> None:
@@ -285,12 +319,14 @@ def train(args, plan, tokenizer, dist_info) -> None:
     check_inputs(args, tokenizer, dist_info.device)
     ckpt_dir = checkpoint_dir(args.model_tag or f"d{args.depth}")
     lock = take_folder(ckpt_dir) if dist_info.is_master else None  # released however the run ends, but killed
+    forced = {op: getattr(args, f"kernel_{op}") for op in dispatch.OPS}
     try:
-        run = start(args, plan, tokenizer, dist_info, ckpt_dir)
-        try:
-            loop(run)
-        finally:
-            run.log.close()
+        with dispatch.forced(**forced), stop_signals() as stop:
+            run = start(args, plan, tokenizer, dist_info, ckpt_dir, stop)
+            try:
+                loop(run)
+            finally:
+                run.log.close()
     finally:
         if lock is not None:
             lock.release()
@@ -298,7 +334,7 @@ def train(args, plan, tokenizer, dist_info) -> None:
         plot_curves(ckpt_dir)
 
 
-def loop(run: "Run") -> None:
+def loop(run: Run) -> None:
     """Until the last step: evaluate if due, save if due, stop if a signal came, one optimizer step, log."""
     plan = run.plan
     while True:
@@ -318,8 +354,9 @@ def loop(run: "Run") -> None:
         log_step(run, loss, lrm, dt)
     if run.device.type == "cuda":
         print0(f"peak memory {torch.cuda.max_memory_allocated(run.device) / 2**30:.2f} GiB")
-    print0(f"done: val bpb {run.loop['val_bpb']}, min val bpb {run.loop['min_val_bpb']}, "
-           f"training time {format_duration(run.loop['training_time'])}")
+    state = run.loop_state
+    print0(f"done: val bpb {state.val_bpb}, min val bpb {state.min_val_bpb}, "
+           f"training time {format_duration(state.training_time)}")
 
 
 def plot_curves(ckpt_dir) -> None:
@@ -331,16 +368,13 @@ def plot_curves(ckpt_dir) -> None:
         print0(f"no curves plotted: {e}")
 
 
-def start(args, plan, tokenizer, dist_info, ckpt_dir) -> Run:
+def start(args, plan, tokenizer, dist_info, ckpt_dir, stop: StopSignal) -> Run:
     """Check the inputs, find the checkpoint to resume, build model, optimizer, loader and metrics log."""
     device, rank, world = dist_info.device, dist_info.rank, dist_info.world_size
-    for op in dispatch.OPS:
-        dispatch.force(op, getattr(args, f"kernel_{op}"))
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    meta = resume_meta(args, plan, tokenizer, ckpt_dir)
-    start_step = meta["step"] if meta else 0
+    start_step, meta = resume_meta(args, plan, tokenizer, ckpt_dir)
     if dist_info.is_master:
         said = metrics.continue_file(ckpt_dir / "metrics.jsonl", start_step if meta else None)
         if said:
@@ -357,14 +391,16 @@ def start(args, plan, tokenizer, dist_info, ckpt_dir) -> Run:
                         rank=rank, world_size=world, device=device, state=state)
     log = MetricsLog(ckpt_dir / "metrics.jsonl", run=args.run, config=vars(args) | plan.to_json(),
                      enabled=dist_info.is_master)
-    loop = (meta or {}).get("loop_state", {"smooth_loss": 0.0, "training_time": 0.0, "val_bpb": None,
-                                           "min_val_bpb": None, "core_metric": None})
     use_compile = args.compile if args.compile is not None else device.type == "cuda"
-    compiled = torch.compile(model, dynamic=False) if use_compile else model
+    batches = loader.batches()
+    train_step = TrainStep(torch.compile(model, dynamic=False) if use_compile else model, optimizer,
+                           schedule_of(plan, args), batches, plan.grad_accum_steps, autocast_for(device),
+                           next(batches))
     print0(f"training {plan.num_iterations} steps from step {start_step} on {world} x {device.type}, "
            f"compile={'on' if use_compile else 'off'}, checkpoints in {ckpt_dir}")
-    return Run(args, plan, tokenizer, dist_info, ckpt_dir, model, compiled, optimizer, fp8 if args.fp8 else None,
-               loader, loader.next_with_state(), log, loop, start_step, resumed=meta is not None, step=start_step)
+    return Run(args, plan, tokenizer, dist_info, ckpt_dir, model, train_step, loader, log,
+               LoopState.from_meta(meta["loop_state"]) if meta else LoopState(), stop, start_step,
+               resumed=meta is not None, step=start_step)
 
 
 def take_folder(ckpt_dir) -> checkpoint.FolderLock:
@@ -395,12 +431,12 @@ def check_inputs(args, tokenizer, device) -> None:
             raise UserError(f"{e} (or turn CORE off with --core-metric-every -1)") from None
 
 
-def resume_meta(args, plan, tokenizer, ckpt_dir) -> dict | None:
-    """The meta of the checkpoint to resume, checked against this model, tokenizer and data, or None."""
+def resume_meta(args, plan, tokenizer, ckpt_dir) -> tuple[int, dict | None]:
+    """(the step to start from, the meta of the checkpoint to resume, checked against this model, tokenizer and
+    data; or 0, None)."""
     step = resume.pick_step(args.resume_from_step, ckpt_dir, print0)
-    args.resume_from_step = step
     if step < 0:
-        return None
+        return 0, None
     meta = checkpoint.load_meta(ckpt_dir, step)
     if resume.check_meta(meta, args, plan, tokenizer, [p.name for p in split_shards(args.dataset, "train")],
                          ckpt_dir):
@@ -409,7 +445,7 @@ def resume_meta(args, plan, tokenizer, ckpt_dir) -> dict | None:
     changed = resume.changed_flags(meta, args)
     if changed:
         print0(f"resuming step {step} with other settings than its run, in effect from here: {', '.join(changed)}")
-    return meta
+    return step, meta
 
 
 def describe_model(args, plan, device, model, converted: list[str]) -> None:
@@ -437,8 +473,9 @@ def evaluate_if_due(run: Run, last: bool) -> None:
         bpb = val_bpb(run)
         if not math.isfinite(bpb):
             raise UserError(f"val bpb became {bpb} at step {step}; {resume.last_good(run.ckpt_dir)}")
-        run.loop["val_bpb"] = bpb
-        run.loop["min_val_bpb"] = bpb if run.loop["min_val_bpb"] is None else min(run.loop["min_val_bpb"], bpb)
+        state = run.loop_state
+        state.val_bpb = bpb
+        state.min_val_bpb = bpb if state.min_val_bpb is None else min(state.min_val_bpb, bpb)
         print0(f"step {step:05d} | val bpb {bpb:.4f}")
         run.log.log({"step": step, "val/bpb": bpb})
     if due(args.core_metric_every, step, last) and step > run.start_step:
@@ -446,7 +483,7 @@ def evaluate_if_due(run: Run, last: bool) -> None:
         with evaluating(run):
             core = evaluate_core(run.orig_model, run.tokenizer, run.device, args.core_metric_max_per_task,
                                  run.autocast)
-        run.loop["core_metric"] = core["core_metric"]
+        run.loop_state.core_metric = core["core_metric"]
         print0(f"step {step:05d} | CORE {core['core_metric']:.4f}"
                + (f" ({core['cropped']} example(s) cropped to what the model can take)" if core["cropped"] else ""))
         run.log.log({"step": step, "core_metric": core["core_metric"]})
@@ -492,11 +529,12 @@ def save(run: Run) -> None:
                         f"{f' and {len(bad) - 3} more' if len(bad) > 3 else ''}: not saved; "
                         f"{resume.last_good(run.ckpt_dir)}")
     meta = {"step": step, "model_config": run.plan.config.to_dict(), "user_config": vars(run.args),
-            "plan": run.plan.to_json(), "val_bpb": run.loop["val_bpb"], "world_size": run.dist.world_size,
-            "dataloader": distributed.all_gather_objects(run.batch[2].to_dict()), "loop_state": run.loop,
+            "plan": run.plan.to_json(), "val_bpb": run.loop_state.val_bpb, "world_size": run.dist.world_size,
+            "dataloader": distributed.all_gather_objects(run.train_step.batch.resume_point.to_dict()),
+            "loop_state": dataclasses.asdict(run.loop_state),
             "tokenizer": run.tokenizer.fingerprint,
             "dataset": {"name": run.args.dataset, "train_shards": [p.name for p in run.loader.paths]}}
-    model_state = run.fp8.plain_state_dict(run.orig_model) if run.fp8 else run.orig_model.state_dict()
+    model_state = fp8.plain_state_dict(run.orig_model) if run.args.fp8 else run.orig_model.state_dict()
     try:
         checkpoint.save_checkpoint(run.ckpt_dir, step, model_state, run.optimizer.state_dict(), meta,
                                    rank=run.dist.rank, gather=distributed.all_gather_objects)
@@ -523,38 +561,20 @@ def nonfinite(run: Run) -> list[str]:
 
 
 def optimizer_step(run: Run) -> tuple[float, float, float]:
-    """grad_accum micro-steps (the next batch fetched while the GPU works), then the optimizer with this step's
-    schedules; returns (the mean loss of the micro-batches, the LR multiplier, seconds)."""
-    args, N, step = run.args, run.plan.num_iterations, run.step
-    grad_accum = run.plan.grad_accum_steps
+    """One step of run.train_step, timed; returns (the mean loss of its micro-batches, the LR multiplier, seconds)."""
     if run.device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.time()
-    train_loss = 0.0
-    for _ in range(grad_accum):
-        x, y, _ = run.batch
-        with run.autocast:
-            loss = run.model(x, y) / grad_accum
-        train_loss = train_loss + loss.detach()
-        loss.backward()
-        run.batch = run.loader.next_with_state()
-    lrm = optim.lr_multiplier(step, N, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
-    for group in run.optimizer.param_groups:
-        group["lr"] = group["initial_lr"] * lrm
-        if "initial_weight_decay" in group:
-            group["momentum"] = optim.muon_momentum(step, N, args.warmdown_ratio)
-            group["weight_decay"] = optim.weight_decay_at(step, N, group["initial_weight_decay"])
-    run.optimizer.step()
-    run.optimizer.zero_grad(set_to_none=True)
-    loss_value = train_loss.item()  # syncs the device
+    loss, lrm = run.train_step(run.step)
+    loss_value = loss.item()  # syncs the device
     dt = time.time() - t0
     if not math.isfinite(loss_value):
-        raise UserError(f"loss became {loss_value} at step {step}; {resume.last_good(run.ckpt_dir)}")
+        raise UserError(f"loss became {loss_value} at step {run.step}; {resume.last_good(run.ckpt_dir)}")
     run.step += 1
-    if run.loader.passes_done > run.loop.get("passes_done", 0):  # once per pass (the loop state is resumed)
-        run.loop["passes_done"] = run.loader.passes_done
+    if run.loader.passes_done > run.loop_state.passes_done:  # once per pass (the loop state is resumed)
+        run.loop_state.passes_done = run.loader.passes_done
         print0(f"step {run.step:05d} | the train split of {run.args.dataset!r} is being read again "
-               f"(pass {run.loop['passes_done'] + 1}): the data repeats")
+               f"(pass {run.loop_state.passes_done + 1}): the data repeats")
     return loss_value, lrm, dt
 
 
@@ -568,19 +588,19 @@ def agree_on_stop_signal(run: Run) -> None:
 
 
 def log_step(run: Run, loss: float, lrm: float, dt: float) -> None:
-    plan, loop, step = run.plan, run.loop, run.step
-    loop["smooth_loss"] = 0.9 * loop["smooth_loss"] + 0.1 * loss
-    debiased = loop["smooth_loss"] / (1 - 0.9 ** step)
+    plan, state, step = run.plan, run.loop_state, run.step
+    state.smooth_loss = 0.9 * state.smooth_loss + 0.1 * loss
+    debiased = state.smooth_loss / (1 - 0.9 ** step)
     done = step - run.start_step
     if done > 10:  # the first steps include compilation
-        loop["training_time"] += dt
+        state.training_time += dt
     tok_per_sec = plan.total_batch_size / dt
     peak = peak_bf16_flops(torch.cuda.get_device_name(run.device)) if run.device.type == "cuda" else None
     util = mfu(plan.flops_per_token, tok_per_sec, peak, run.dist.world_size)
-    eta = (loop["training_time"] / (done - 10)) * (plan.num_iterations - step) if done > 10 else float("nan")
+    eta = (state.training_time / (done - 10)) * (plan.num_iterations - step) if done > 10 else float("nan")
     print0(f"step {step:05d}/{plan.num_iterations} ({100 * step / plan.num_iterations:.1f}%) | loss {debiased:.4f} | "
            f"lrm {lrm:.3f} | dt {dt * 1000:.0f}ms | tok/s {tok_per_sec:,.0f} | "
-           f"mfu {'n/a' if util is None else f'{util:.1f}%'} | time {format_duration(loop['training_time'])} | "
+           f"mfu {'n/a' if util is None else f'{util:.1f}%'} | time {format_duration(state.training_time)} | "
            f"eta {'?' if math.isnan(eta) else format_duration(eta)}")
     run.log.log({"step": step, "train/loss": debiased, "train/loss_step": loss, "train/lrm": lrm, "train/dt": dt,
                  "train/tok_per_sec": tok_per_sec, "train/mfu": util,

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from model.config import ASPECT_RATIO, HEAD_DIM, MAX_SEQ_LEN, VOCAB_SIZE, WINDOW_PATTERN, GPTConfig, config_from_depth
-from train.errors import UserError
+from train.errors import require
 
 REF_DEPTH = 12
 B_REF = 2 ** 19  # tokens per step at d12
@@ -60,30 +60,25 @@ def param_counts(config: GPTConfig) -> tuple[dict, float]:
     return model.num_scaling_params(), model.estimate_flops()
 
 
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise UserError(message)
-
-
 def make_plan(depth: int, aspect_ratio: int = ASPECT_RATIO, head_dim: int = HEAD_DIM, max_seq_len: int = MAX_SEQ_LEN,
               vocab_size: int = VOCAB_SIZE, window_pattern: str = WINDOW_PATTERN,
               device_batch_size: int = DEVICE_BATCH_SIZE, total_batch_size: int = -1, num_iterations: int = -1,
               target_flops: float = -1, target_param_data_ratio: float = TARGET_PARAM_DATA_RATIO,
               weight_decay: float = WEIGHT_DECAY, world_size: int = 1) -> Plan:
     """Turn the depth dial (and the user's overrides) into every derived training number."""
-    _check(depth >= 1, f"--depth must be at least 1, got {depth}")
-    _check(aspect_ratio >= 1, f"--aspect-ratio must be at least 1, got {aspect_ratio}")
-    _check(head_dim >= 2 and head_dim % 2 == 0, f"--head-dim must be a positive even number, got {head_dim}")
-    _check(max_seq_len >= 1, f"--max-seq-len must be at least 1, got {max_seq_len}")
-    _check(vocab_size >= 1, f"the vocabulary size must be at least 1, got {vocab_size}")
-    _check(len(window_pattern) > 0 and set(window_pattern) <= {"S", "L"},
-           f"--window-pattern must use only the letters S and L, got {window_pattern!r}")
-    _check(device_batch_size >= 1, f"--device-batch-size must be at least 1, got {device_batch_size}")
-    _check(world_size >= 1, f"the world size must be at least 1, got {world_size}")
-    _check(total_batch_size == -1 or total_batch_size >= 1,
-           f"--total-batch-size must be -1 (automatic) or positive, got {total_batch_size}")
-    _check(target_param_data_ratio > 0, f"--target-param-data-ratio must be positive, got {target_param_data_ratio}")
-    _check(weight_decay >= 0, f"--weight-decay must not be negative, got {weight_decay}")
+    require(depth >= 1, f"--depth must be at least 1, got {depth}")
+    require(aspect_ratio >= 1, f"--aspect-ratio must be at least 1, got {aspect_ratio}")
+    require(head_dim >= 2 and head_dim % 2 == 0, f"--head-dim must be a positive even number, got {head_dim}")
+    require(max_seq_len >= 1, f"--max-seq-len must be at least 1, got {max_seq_len}")
+    require(vocab_size >= 1, f"the vocabulary size must be at least 1, got {vocab_size}")
+    require(len(window_pattern) > 0 and set(window_pattern) <= {"S", "L"},
+            f"--window-pattern must use only the letters S and L, got {window_pattern!r}")
+    require(device_batch_size >= 1, f"--device-batch-size must be at least 1, got {device_batch_size}")
+    require(world_size >= 1, f"the world size must be at least 1, got {world_size}")
+    require(total_batch_size == -1 or total_batch_size >= 1,
+            f"--total-batch-size must be -1 (automatic) or positive, got {total_batch_size}")
+    require(target_param_data_ratio > 0, f"--target-param-data-ratio must be positive, got {target_param_data_ratio}")
+    require(weight_decay >= 0, f"--weight-decay must not be negative, got {weight_decay}")
 
     config = config_from_depth(depth, aspect_ratio, head_dim, max_seq_len, vocab_size, window_pattern)
     params, flops_per_token = param_counts(config)
@@ -95,9 +90,9 @@ def make_plan(depth: int, aspect_ratio: int = ASPECT_RATIO, head_dim: int = HEAD
     if total_batch_size == -1:
         total_batch_size = 2 ** round(math.log2(B_REF * (target_tokens / d_ref) ** BATCH_EXPONENT))
     micro_tokens = device_batch_size * max_seq_len * world_size
-    _check(total_batch_size % micro_tokens == 0,
-           f"total batch size {total_batch_size:,} tokens is not a multiple of device_batch_size x max_seq_len x "
-           f"world_size = {device_batch_size} x {max_seq_len} x {world_size} = {micro_tokens:,}")
+    require(total_batch_size % micro_tokens == 0,
+            f"total batch size {total_batch_size:,} tokens is not a multiple of device_batch_size x max_seq_len x "
+            f"world_size = {device_batch_size} x {max_seq_len} x {world_size} = {micro_tokens:,}")
     grad_accum_steps = total_batch_size // micro_tokens
 
     if num_iterations > 0:
@@ -106,7 +101,7 @@ def make_plan(depth: int, aspect_ratio: int = ASPECT_RATIO, head_dim: int = HEAD
         steps = round(target_flops / (flops_per_token * total_batch_size))
     else:
         steps = target_tokens // total_batch_size
-    _check(steps >= 1, f"the plan has {steps} optimizer steps (tokens or FLOPs too few for a batch of "
+    require(steps >= 1, f"the plan has {steps} optimizer steps (tokens or FLOPs too few for a batch of "
                        f"{total_batch_size:,} tokens); raise the target or give --num-iterations")
 
     batch_ratio = total_batch_size / B_REF

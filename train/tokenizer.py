@@ -17,7 +17,8 @@ from pathlib import Path
 import tiktoken
 import torch
 
-from train.dataset import ensure_dataset, open_shard, read_texts, split_shards
+from model.config import VOCAB_SIZE
+from train.dataset import DEFAULT_DATASET, ensure_dataset, open_shard, read_texts, split_shards
 from train.errors import Parser, UserError, run_cli
 from train.paths import atomic_write, tokenizer_dir
 
@@ -149,7 +150,7 @@ def training_texts(dataset: str, max_chars: int, doc_cap: int):
                     return
 
 
-def train_tokenizer(dataset: str, vocab_size: int = 32768, max_chars: int = 2_000_000_000, doc_cap: int = 10_000,
+def train_tokenizer(dataset: str, vocab_size: int = VOCAB_SIZE, max_chars: int = 2_000_000_000, doc_cap: int = 10_000,
                     out_dir: Path | None = None) -> Tokenizer:
     import rustbpe
 
@@ -194,8 +195,8 @@ def main(argv=None) -> None:
     parser = Parser(prog="python -m train.tokenizer", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     t = sub.add_parser("train", help="train the BPE tokenizer on a dataset's training shards")
-    t.add_argument("--dataset", default="climbmix", help="folder of shards under $NANOCHAT_BASE_DIR/data/")
-    t.add_argument("--vocab-size", type=int, default=32768, help="including the special tokens")
+    t.add_argument("--dataset", default=DEFAULT_DATASET, help="folder of shards under $NANOCHAT_BASE_DIR/data/")
+    t.add_argument("--vocab-size", type=int, default=VOCAB_SIZE, help="including the special tokens")
     t.add_argument("--max-chars", type=int, default=2_000_000_000, help="characters of training text to use")
     t.add_argument("--doc-cap", type=int, default=10_000, help="characters kept from each document")
     t.add_argument("--out", type=Path, default=None, help="output folder (default $NANOCHAT_BASE_DIR/tokenizer)")

@@ -1,9 +1,9 @@
 """Pretraining A/B: the same short train.pretrain run under several settings, side by side.
 
-    python -m bench.pretrain_ab --depth 20 --steps 300                       # bf16 vs FP8 tensorwise vs rowwise
-    python -m bench.pretrain_ab --depth 20 --steps 200 --variant torch-ns:"--kernel-newton-schulz torch" \\
+    python -m bench.studies.pretrain_ab --depth 20 --steps 300                       # bf16 vs FP8 tensorwise vs rowwise
+    python -m bench.studies.pretrain_ab --depth 20 --steps 200 --variant torch-ns:"--kernel-newton-schulz torch" \\
         --variant ours:"" -- --dataset pystdlib --total-batch-size 65536
-    python -m bench.pretrain_ab --depth 20 --json bench/results/fp8.json
+    python -m bench.studies.pretrain_ab --depth 20 --json bench/results/fp8.json
 
 Each variant is a real run (`python -m train.pretrain`, compiled on CUDA, same seed, same data): tok/s is the
 median over the steps after the first 10 (compilation), val bpb is measured at the last step on the same
@@ -87,7 +87,7 @@ def main(argv=None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     common_extra = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[:argv.index("--")] if "--" in argv else argv
-    p = Parser(prog="bench.pretrain_ab", description="The same short pretraining run under several settings.")
+    p = Parser(prog="bench.studies.pretrain_ab", description="The same short pretraining run under several settings.")
     p.add_argument("--depth", type=int, default=20)
     p.add_argument("--steps", type=int, default=300, help="optimizer steps per run (val bpb at the last)")
     p.add_argument("--variant", action="append", default=None,

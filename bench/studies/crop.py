@@ -1,4 +1,4 @@
-"""How much document text the best-fit packing crops away: `python -m bench.crop [--batches 200]`.
+"""How much document text the best-fit packing crops away: `python -m bench.studies.crop [--batches 200]`.
 
 Runs the train loader at B x T on a dataset (default: the stdlib corpus, built and tokenized in the base dir if
 missing) and counts, over the documents the batches took, the tokens they had against the tokens the rows
@@ -11,7 +11,7 @@ from train.errors import Parser, run_cli
 
 
 def main(argv=None) -> None:
-    p = Parser(prog="bench.crop", description=__doc__.splitlines()[0])
+    p = Parser(prog="bench.studies.crop", description=__doc__.splitlines()[0])
     p.add_argument("--dataset", default="pystdlib")
     p.add_argument("--batches", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=8)
