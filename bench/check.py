@@ -135,7 +135,8 @@ def ab_table(rows: list[dict]) -> str:
                     notes.setdefault((impl, r["status"], r["reason"]), []).append(r)
                 line.append("-" if r is None or r["status"] == "skipped" else "error")
                 continue
-            text = f"{_num(r['ms'], '.3g')} ({_num(r['tflops'], '.3g')})" + ("" if r["ok"] else " ! wrong")
+            text = f"{_num(r['ms'], '.3g')} ({_num(r['tflops'], '.3g')}) {_num(r['rel_error'], '.0e')}" + \
+                ("" if r["ok"] else " ! wrong")
             line.append(f"**{text}**" if r["ms"] == best else text)
         out.append(f"| {shape} | {mode} | " + " | ".join(line) + " |")
     out += [""] * bool(notes) + [f"- {impl} {status} ({len(rs)} case{'s' * (len(rs) > 1)}): {reason}"
@@ -179,7 +180,8 @@ def markdown(doc: dict) -> str:
                 out.append(f"- {recipe}: {r['status']}: {r['reason']}")
     if doc["kernels_ab"]:
         out += ["", f"## Kernels at {'the d20 shapes' if doc['mode'] == 'gpu' else 'tiny CPU shapes'}", "",
-                "Median ms (TFLOP/s); bold: the fastest within its error tolerance; '! wrong': above it."]
+                "Median ms (TFLOP/s) and the relative error against the fp32 reference; bold: the fastest within "
+                "its error tolerance; '! wrong': above it."]
         for op, rows in doc["kernels_ab"].items():
             out += ["", f"### {op}", "", ab_table(rows)]
         c = doc["bf16_correctness"]
@@ -188,6 +190,8 @@ def markdown(doc: dict) -> str:
     out += ["", f"autotune: first d20 step {_num(a['d20_first_step_s'], '.0f')} s (ours), "
             f"{_num(a['torch_only_first_step_s'], '.0f')} s (torch only); committed table used: "
             f"{a['committed_table_used']}; table written: {', '.join(a['table_written']) or 'none'}"]
+    out += [f"- first call (compile, autotune) of {case}: {seconds:.1f} s" for case, seconds in
+            a["ab_first_call_s"].items()]
     return "\n".join(out) + "\n"
 
 

@@ -44,11 +44,24 @@ ROOT = Path(__file__).resolve().parents[1]
 REPORTS = ROOT / "bench" / "results" / "compile_check"
 
 
+def triton_settings(environ=os.environ) -> list:
+    """The TRITON_* settings of environ but the interpreter switch, the default fp fusion as 1 when unset."""
+    settings = {k: v for k, v in environ.items() if k.startswith("TRITON_") and k != "TRITON_INTERPRET"}
+    settings.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton's own default: set or not, the same builds
+    return sorted(settings.items())
+
+
+# as the process started: compiling sets some of Triton's own knobs in os.environ
+STARTING_SETTINGS = triton_settings()
+
+
 def build_key(arch: int, root: Path = ROOT, versions: str | None = None) -> str:
     """sha256 (16 hex digits) of everything a full report's builds depend on: the content of every file under
     kernels/ and of the launch recorder (this file, bench/triton_shim.py), the Triton (its compiler and ptxas)
-    and torch versions, and the target."""
-    h = hashlib.sha256(f"sm_{arch} {versions or f'triton {triton.__version__} torch {torch.__version__}'}".encode())
+    and torch versions, the target, and the TRITON_* settings of the environment (another ptxas, other codegen
+    knobs)."""
+    versions = versions or f"triton {triton.__version__} torch {torch.__version__} {STARTING_SETTINGS}"
+    h = hashlib.sha256(f"sm_{arch} {versions}".encode())
     files = sorted(p for p in (root / "kernels").rglob("*") if p.is_file() and "__pycache__" not in p.parts)
     for path in files + [root / "bench" / "compile_check.py", root / "bench" / "triton_shim.py"]:
         h.update(b"\0" + path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())

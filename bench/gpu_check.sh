@@ -25,7 +25,7 @@
 # prints where .git is>: it is recorded only when its source hash is that of the tree the check runs on.
 set -u
 export PYTHONUNBUFFERED=1
-PY=${PYTHON:-python3}
+PY=${PY:-${PYTHON:-python3}}
 
 publish() {
     if [ -n "${OUT:-}" ]; then
@@ -114,10 +114,16 @@ part_check() {
 }
 
 part_tests() {  # TEST_FILES, default: the kernels first (what only a GPU can check), the end-to-end CLI tests last
+    if [ "${MODE:-gpu}" = gpu ] && ! $PY -c "import torch; assert torch.cuda.is_available()" > /dev/null 2>&1; then
+        record tests "failed: no CUDA device visible to torch (every cuda test would be skipped)" 0
+        return
+    fi
     for f in ${TEST_FILES:-tests/test_cross_entropy.py tests/test_newton_schulz.py tests/test_attention.py
              tests/test_model.py tests/test_optim.py tests/test_fp8.py tests/test_step.py tests/test_pretrain.py}; do
-        step "$(basename "$f" .py)" "${TIME_TEST_FILE:-240}" $PY -m pytest -q -rs "$f" \
-            --junitxml="$dir/$(basename "$f" .py).xml"
+        local name
+        name=$(basename "$f" .py)
+        step "$name" "${TIME_TEST_FILE:-240}" $PY -m pytest -q -rs "$f" --junitxml="$dir/$name.xml"
+        echo "$name: $(tail -n 1 "$dir/$name.log")" | tee -a "$dir/summary.txt"  # passed, skipped, failed
     done
 }
 

@@ -25,13 +25,13 @@ import torch
 
 from bench import step_profile, timing
 from kernels import dispatch
-from model.config import VOCAB_SIZE, WINDOW_PATTERN
+from model.config import MAX_SEQ_LEN, VOCAB_SIZE, WINDOW_PATTERN
 from train.dataloader import Batch
 from train.errors import Parser, UserError, first_line, run_cli
 from train.fp8 import RECIPES as FP8_RECIPES
 from train.metrics import H100_PEAK_BF16, mfu, peak_bf16_flops
-from train.scaling import Plan
-from train.step import TrainStep
+from train.scaling import DEVICE_BATCH_SIZE, Plan
+from train.step import TrainStep, autocast_for
 
 # "Its torch version" per op, for --compare. Attention's plain reference is fp32 with a dense T x T mask
 # (it would need ~100 GB at d20), so attention falls back to torch's own SDPA, as nanochat does without FA3.
@@ -66,7 +66,7 @@ def build_trainer(depth: int, device, device_batch_size: int, seq_len: int, grad
     flags' defaults for everything not given here)."""
     from train.builder import build_model_and_optimizer, schedule_of
     from train.memory import choose_recompute_mlp
-    from train.pretrain import autocast_for, build_parser
+    from train.pretrain import build_parser
     from train.scaling import make_plan
 
     device = torch.device(device)
@@ -184,8 +184,9 @@ def build_parser() -> Parser:
     p = Parser(prog="bench.mfu", description="Time real training steps on random tokens: tok/s and MFU.")
     a = p.add_argument
     a("--depth", type=int, default=20, help="model depth (the one dial)")
-    a("--device-batch-size", type=int, default=None, help="sequences per micro-step (default: 32 on CUDA, 2 on CPU)")
-    a("--seq-len", type=int, default=None, help="context length (default: 2048 on CUDA, 128 on CPU)")
+    a("--device-batch-size", type=int, default=None,
+      help=f"sequences per micro-step (default: {DEVICE_BATCH_SIZE} on CUDA, 2 on CPU)")
+    a("--seq-len", type=int, default=None, help=f"context length (default: {MAX_SEQ_LEN} on CUDA, 128 on CPU)")
     a("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
     a("--steps", type=int, default=10, help="optimizer steps timed")
     a("--warmup", type=int, default=3, help="steps run before timing (compilation, autotuning)")
@@ -218,8 +219,10 @@ def validate(args) -> None:
     if args.device == "cuda" and not cuda:
         raise UserError("--device cuda, but no CUDA device is available")
     on_cuda = args.device == "cuda"
-    args.device_batch_size = args.device_batch_size or (32 if on_cuda else 2)
-    args.seq_len = args.seq_len or (2048 if on_cuda else 128)
+    if args.device_batch_size is None:
+        args.device_batch_size = DEVICE_BATCH_SIZE if on_cuda else 2
+    if args.seq_len is None:
+        args.seq_len = MAX_SEQ_LEN if on_cuda else 128
     args.compile = on_cuda if args.compile is None else args.compile
     for name in ("depth", "device_batch_size", "seq_len", "grad_accum", "steps", "vocab_size"):
         if getattr(args, name) < 1:
@@ -230,8 +233,6 @@ def validate(args) -> None:
             raise UserError(f"--compare takes ops among {', '.join(TORCH_VERSIONS)}, got {', '.join(unknown)}")
     if args.warmup < 0:
         raise UserError(f"--warmup must not be negative, got {args.warmup}")
-    if not args.window_pattern or set(args.window_pattern) - {"S", "L"}:
-        raise UserError(f"--window-pattern may contain only S and L, got {args.window_pattern!r}")
     if args.fp8:
         from train import fp8
         fp8.check_fp8_available(torch.device(args.device), emulate=args.fp8_emulate)  # before building anything

@@ -294,7 +294,8 @@ class Attention(Op):
         return Shape(sid, f"B{B} T{T} H{heads} D{D} {w}", (B, T, Hq, Hkv, D, window))
 
     def gpu_shapes(self):
-        return [self._shape(B, 2048, H, 128, w) for H in (6, 10, 13) for B in (8, 32) for w in (1024, -1)]
+        heads = [config_from_depth(depth).n_head for depth in SPEC_DEPTHS]  # 6, 10, 13 at head dim 128
+        return [self._shape(B, 2048, H, 128, w) for H in heads for B in (8, 32) for w in (1024, -1)]
 
     def cpu_shapes(self):
         return [self._shape(2, 128, 2, 32, 32), self._shape(1, 128, 2, 32, -1), self._shape(1, 96, 4, 32, 48, Hkv=2)]

@@ -12,10 +12,12 @@ import time
 import pytest
 
 from bench.conftest import DEVICE, synced
-from model.config import VOCAB_SIZE
+from model.config import MAX_SEQ_LEN, VOCAB_SIZE
+from train.scaling import DEVICE_BATCH_SIZE
 
 REQUIRED_TOKENS_PER_CPU_S = 300_000
-BATCH, SEQ_LEN, BATCHES_PER_ROUND, ROUNDS = 32, 2048, 8, 5
+BATCH, SEQ_LEN = DEVICE_BATCH_SIZE, MAX_SEQ_LEN  # the pretraining defaults
+BATCHES_PER_ROUND, ROUNDS = 8, 5
 
 
 @pytest.fixture(scope="module")

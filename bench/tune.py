@@ -21,11 +21,12 @@ import triton
 from bench import timing
 from bench.ops import NS_MODELS, SPEC_DEPTHS
 from kernels import tuned
-from model.config import config_from_depth
+from model.config import MAX_SEQ_LEN, config_from_depth
 from train.errors import Parser, UserError, run_cli
 from train.paths import atomic_write
+from train.scaling import DEVICE_BATCH_SIZE
 
-SEQ_LEN, BATCH = 2048, 32
+SEQ_LEN, BATCH = MAX_SEQ_LEN, DEVICE_BATCH_SIZE  # train.pretrain's defaults
 
 
 def choices() -> dict:

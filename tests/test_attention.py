@@ -247,7 +247,8 @@ def test_triton_cuda_fp32_exact_dots(poison):
 
 @pytest.mark.cuda
 def test_triton_cuda_batch_one_single_kv_head(poison):
-    """B = 1 and Hkv = 1 reach the kernels as compile-time constants (triton specialises an int argument of 1)."""
+    """Hkv = 1 (group = Hq) and B * Hkv = 1 reach the kernels as ints triton specialises (a value of 1 becomes a
+    compile-time constant)."""
     q, k, v, dout = make(1, 777, 4, 1, 128, torch.bfloat16)
     check(run(triton_attention, q, k, v, dout, 300), ref_run(q, k, v, dout, 300), 1e-2, 300)
 

@@ -271,7 +271,7 @@ def test_mfu_compare_one_op(tmp_path):
 
 @pytest.mark.parametrize("args", [["--depth", "0"], ["--fp8", "--device", "cpu", "--depth", "1"],
                                   ["--window-pattern", "SXL"], ["--steps", "-1"], ["--device", "tpu"],
-                                  ["--compare", "newton"]])
+                                  ["--compare", "newton"], ["--device-batch-size", "0"], ["--seq-len", "0"]])
 def test_mfu_bad_input_is_one_line_and_exit_2(args, capsys):
     exits_2_with_one_line(mfu.main, args, capsys)
 

@@ -52,17 +52,19 @@ def test_check_assembles_every_key_of_a_results_folder(tmp_path):
 def test_check_marks_the_fastest_correct_impl_and_the_wrong_ones():
     def row(impl, ms, shape="B8 T2048 H6 D128 w1024", mode="fwd", ok=True, status="ok", reason=None):
         return {"shape": shape, "mode": mode, "impl": impl, "status": status, "reason": reason, "ms": ms,
-                "tflops": 1e3 / ms if ms else None, "ok": ok}
+                "tflops": 1e3 / ms if ms else None, "ok": ok, "rel_error": 2e-3 if ok else 0.5}
     table = check.ab_table([row("triton", 2.0), row("sdpa", 3.0), row("flex", 1.0, ok=False),
                             row("fa3", None, status="skipped", reason="flash_attn_interface is not installed"),
                             row("triton", 5.0, mode="fwd+bwd"), row("sdpa", 4.0, mode="fwd+bwd"),
                             row("flex", None, mode="fwd+bwd", status="error", reason="out of memory")])
-    assert "| B8 T2048 H6 D128 w1024 | fwd | **2 (500)** | 3 (333) | 1 (1e+03) ! wrong | - |" in table
-    assert "| B8 T2048 H6 D128 w1024 | fwd+bwd | 5 (200) | **4 (250)** | error | - |" in table
+    assert "| B8 T2048 H6 D128 w1024 | fwd | **2 (500) 2e-03** | 3 (333) 2e-03 | 1 (1e+03) 5e-01 ! wrong | - |" \
+        in table
+    assert "| B8 T2048 H6 D128 w1024 | fwd+bwd | 5 (200) 2e-03 | **4 (250) 2e-03** | error | - |" in table
     assert "- fa3 skipped (1 case): flash_attn_interface is not installed" in table
     assert "- flex error (1 case): out of memory" in table
 
 
+@pytest.mark.slow
 @pytest.mark.long
 def test_cpu_run_of_the_whole_script_writes_every_key(tmp_path):
     """The script itself, at tiny shapes on the CPU: every step, and $OUT holds the last check.json."""
@@ -87,7 +89,7 @@ def test_the_script_parses_and_refuses_an_unknown_part():
 
 
 def _steps(tmp_path, script: str) -> list[dict]:
-    body = f"set -u; cd {REPO}; dir={tmp_path}; PY={sys.executable}; source bench/gpu_check.sh; {script}"
+    body = f"set -u; cd {REPO}; dir={tmp_path}; PY={sys.executable}; MODE=cpu; source bench/gpu_check.sh; {script}"
     subprocess.run(["bash", "-c", body], check=True, capture_output=True, text=True, timeout=120)
     return [json.loads(line) for line in (tmp_path / "steps.jsonl").read_text().splitlines()]
 
@@ -100,7 +102,14 @@ def test_steps_past_their_limit_or_the_deadline_are_marked(tmp_path):
     assert [(r["step"], r["status"].split(" (")[0]) for r in rows] == [
         ("quick", "ok"), ("slow", "timed out"), ("broken", "failed or wrong results"), ("test_lint", "ok"),
         ("late", "not run")]
-    assert (tmp_path / "test_lint.xml").exists()
+    assert (tmp_path / "test_lint.xml").exists() and "test_lint: 1 passed" in (tmp_path / "summary.txt").read_text()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a GPU")
+def test_the_tests_part_fails_at_once_without_a_gpu(tmp_path):
+    """On a GPU machine whose torch sees no GPU every cuda test would skip and pass: the part says so instead."""
+    rows = _steps(tmp_path, "deadline=$(( $(date +%s) + 100 )); MODE=gpu; part_tests")
+    assert [(r["step"], r["status"].split(":")[0]) for r in rows] == [("tests", "failed")]
 
 
 def test_a_forced_stale_commit_never_reaches_a_results_file(monkeypatch):

@@ -95,8 +95,8 @@ def test_launched_kernels_found():
 
 
 def test_the_build_key_covers_what_the_builds_read(tmp_path):
-    """Any byte of a kernel file or of the launch recorder, the Triton or torch version, or the target changes the
-    key: a committed report can never stand for builds of other sources."""
+    """Any byte of a kernel file or of the launch recorder, the Triton or torch version, a Triton setting, or the
+    target changes the key: a committed report can never stand for builds of other sources."""
     import shutil
     root = tmp_path / "tree"
     shutil.copytree(ROOT / "kernels", root / "kernels", ignore=shutil.ignore_patterns("__pycache__"))
@@ -107,6 +107,10 @@ def test_the_build_key_covers_what_the_builds_read(tmp_path):
     assert key == compile_check.build_key(90)  # the copy is this tree
     assert compile_check.build_key(80, root) != key
     assert compile_check.build_key(90, root, versions="triton 3.6.0 torch 2.11.0") != key
+    other_ptxas = compile_check.triton_settings({"TRITON_PTXAS_PATH": "/opt/other/ptxas", "TRITON_INTERPRET": "1"})
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(compile_check, "STARTING_SETTINGS", other_ptxas)
+        assert compile_check.build_key(90, root) != key
     for changed in ("kernels/attention.py", "kernels/tuned/README.md", "bench/triton_shim.py"):
         path = root / changed
         saved = path.read_bytes()

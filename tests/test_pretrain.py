@@ -60,18 +60,16 @@ def test_resume_continues_the_same_loss_curve(base):
     (["--kernel-attention", "nonsense"], "invalid choice"),
 ])
 def test_bad_flags_exit_2_with_one_line(base, args, message, monkeypatch, capsys):
+    """In this process, as `python -m train.pretrain` would run it (a forced kernel that cannot run here is refused
+    by the first forward pass)."""
     argv = [*TINY, "--num-iterations", "2", *args]  # a later flag overrides TINY's
-    if "fa3" in args:  # refused by the first forward pass: in a process of its own (the run's signal handlers)
-        proc = run(argv, base, check=False)
-        code, stderr = proc.returncode, proc.stderr
-    else:  # refused before any training starts: in this process, as `python -m train.pretrain` would run it
-        monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base))
-        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-        from train import pretrain
-        from train.errors import run_cli as run_main
-        with pytest.raises(SystemExit) as e:
-            run_main(pretrain.main, argv)
-        code, stderr = e.value.code, capsys.readouterr().err
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    from train import pretrain
+    from train.errors import run_cli as run_main
+    with pytest.raises(SystemExit) as e:
+        run_main(pretrain.main, argv)
+    code, stderr = e.value.code, capsys.readouterr().err
     assert code == 2, stderr[-2000:]
     err = stderr.strip().splitlines()
     assert len(err) == 1 and "Traceback" not in stderr, stderr

@@ -248,7 +248,7 @@ def test_a_second_ctrl_c_stops_at_once_and_the_handlers_are_restored_after_the_r
     handlers are the run's only while it runs (stop_signals)."""
     import time
     saved = {sig: signal.getsignal(sig) for sig in pretrain.StopSignal.SIGNALS}
-    with pretrain.stop_signals() as stop:
+    with pretrain.stop_signals(pretrain.StopSignal()) as stop:
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(0.05)
         assert stop.received == signal.SIGINT

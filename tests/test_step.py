@@ -1,5 +1,6 @@
 """The one training step (train.step.TrainStep): micro-steps, the batch fetched ahead, the schedules; and that
 train.pretrain and bench.mfu both run it."""
+import signal
 from contextlib import nullcontext
 
 import torch
@@ -55,9 +56,12 @@ def test_pretrain_and_bench_mfu_step_with_the_schedules(tiny_base, monkeypatch):
 
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tiny_base))
     from train import pretrain
+    handlers = {sig: signal.getsignal(sig) for sig in pretrain.StopSignal.SIGNALS}
     pretrain.main([*TINY, "--num-iterations", "2", "--eval-every", "-1", "--model-tag", "zero-lr",
                    "--kernel-attention", "blocked"])
-    assert dispatch.requested("attention") == "auto"  # the run's kernel flags held for the run only
+    # the run's kernel flags and signal handlers held for the run only
+    assert dispatch.requested("attention") == "auto"
+    assert {sig: signal.getsignal(sig) for sig in handlers} == handlers
     folder = tiny_base / "base_checkpoints" / "zero-lr"
     saved = checkpoint.load_model_state(folder, 2, torch.device("cpu"))
     initial = build_model(GPTConfig(**checkpoint.load_meta(folder, 2)["model_config"]), "cpu", seed=42)

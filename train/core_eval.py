@@ -270,6 +270,7 @@ def evaluate_core(model, tokenizer, device, max_per_task: int = 500, autocast=No
 def main(argv=None) -> None:
     from train import checkpoint, distributed
     from train.builder import model_from_checkpoint
+    from train.step import autocast_for
     from train.tokenizer import load_tokenizer
 
     p = Parser(prog="train.core_eval", description="The DCLM CORE score of a pretrained checkpoint.")
@@ -293,8 +294,7 @@ def main(argv=None) -> None:
         device = dist_info.device
         bundle = ensure_eval_bundle()  # before the model: a missing bundle fails fast
         model, _ = model_from_checkpoint(ckpt_dir, meta["step"], device)
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-        out = evaluate_core(model, tokenizer, device, args.max_per_task, autocast, bundle)
+        out = evaluate_core(model, tokenizer, device, args.max_per_task, autocast_for(device), bundle)
         print0 = distributed.print0
         print0(f"{args.model_tag} step {meta['step']}, {args.max_per_task if args.max_per_task > 0 else 'all'} "
                "examples per task")

@@ -36,7 +36,7 @@ from train.memory import (RECOMPUTE_SAVES, choose_recompute_mlp, estimate_memory
 from train.metrics import MetricsLog, format_duration, mfu, peak_bf16_flops
 from train.paths import checkpoint_dir, plain_name, tokenizer_dir
 from train.scaling import Plan, make_plan
-from train.step import TrainStep
+from train.step import TrainStep, autocast_for
 from train.tokenizer import Tokenizer, load_tokenizer
 
 print0 = distributed.print0
@@ -164,9 +164,9 @@ class StopSignal:
 
 
 @contextmanager
-def stop_signals() -> Iterator[StopSignal]:
-    """A StopSignal receiving the signals within the block; the previous handlers are back after it."""
-    stop = StopSignal()
+def stop_signals(stop: StopSignal) -> Iterator[StopSignal]:
+    """stop receives the signals within the block (the training loop; during set-up they stop the process at once,
+    as by default); the previous handlers are back after it."""
     previous = {sig: signal.signal(sig, stop.receive) for sig in StopSignal.SIGNALS}
     try:
         yield stop
@@ -194,7 +194,7 @@ def plan_of(args, tokenizer):
 def optimizer_groups(plan, args) -> list[dict]:
     """Every optimizer group's peak LR, betas and weight decay as the plan sets them (AdamW's decay is constant
     and decoupled; Muon's LR is also x sqrt(max(1, rows / cols)) per shape, its decay a cosine to 0)."""
-    lrs = {k: getattr(args, k) for k in ("embedding_lr", "unembedding_lr", "scalar_lr")}
+    lrs = {g.lr_flag: getattr(args, g.lr_flag) for g in optim.ADAMW_GROUPS if g.lr_flag}
     groups = [{"group": name, "optimizer": "adamw", "lr": lr, "betas": list(betas), "weight_decay": wd}
               for name, lr, betas, wd in optim.adamw_settings(lrs, (args.adam_beta1, args.adam_beta2),
                                                              plan.lr_scale, plan.adam_width_scale)]
@@ -284,7 +284,7 @@ class Run:
     loader: DataLoader
     log: MetricsLog
     loop_state: LoopState
-    stop: StopSignal
+    stop: StopSignal  # receives the stop signals while loop() runs (stop_signals)
     start_step: int
     resumed: bool
     step: int
@@ -308,11 +308,6 @@ class Run:
         return fp8.fp8_disabled(self.orig_model) if self.args.fp8 else nullcontext()
 
 
-def autocast_for(device: torch.device):
-    """bf16 autocast on CUDA, nothing elsewhere (fp32 on the CPU)."""
-    return torch.autocast(device_type="cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-
-
 def train(args, plan, tokenizer, dist_info) -> None:
     if dist_info.is_master:
         print_plan(plan, args, None)
@@ -321,10 +316,11 @@ def train(args, plan, tokenizer, dist_info) -> None:
     lock = take_folder(ckpt_dir) if dist_info.is_master else None  # released however the run ends, but killed
     forced = {op: getattr(args, f"kernel_{op}") for op in dispatch.OPS}
     try:
-        with dispatch.forced(**forced), stop_signals() as stop:
-            run = start(args, plan, tokenizer, dist_info, ckpt_dir, stop)
+        with dispatch.forced(**forced):
+            run = start(args, plan, tokenizer, dist_info, ckpt_dir)
             try:
-                loop(run)
+                with stop_signals(run.stop):
+                    loop(run)
             finally:
                 run.log.close()
     finally:
@@ -368,7 +364,7 @@ def plot_curves(ckpt_dir) -> None:
         print0(f"no curves plotted: {e}")
 
 
-def start(args, plan, tokenizer, dist_info, ckpt_dir, stop: StopSignal) -> Run:
+def start(args, plan, tokenizer, dist_info, ckpt_dir) -> Run:
     """Check the inputs, find the checkpoint to resume, build model, optimizer, loader and metrics log."""
     device, rank, world = dist_info.device, dist_info.rank, dist_info.world_size
     if device.type == "cuda":
@@ -399,7 +395,7 @@ def start(args, plan, tokenizer, dist_info, ckpt_dir, stop: StopSignal) -> Run:
     print0(f"training {plan.num_iterations} steps from step {start_step} on {world} x {device.type}, "
            f"compile={'on' if use_compile else 'off'}, checkpoints in {ckpt_dir}")
     return Run(args, plan, tokenizer, dist_info, ckpt_dir, model, train_step, loader, log,
-               LoopState.from_meta(meta["loop_state"]) if meta else LoopState(), stop, start_step,
+               LoopState.from_meta(meta["loop_state"]) if meta else LoopState(), StopSignal(), start_step,
                resumed=meta is not None, step=start_step)
 
 

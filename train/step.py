@@ -2,13 +2,18 @@
 of the step training runs): grad_accum micro-steps, each a forward under autocast and a backward, the next batch
 fetched while the device works; then the optimizer, at this step's schedules."""
 from collections.abc import Iterator
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
 
 from train.dataloader import Batch
 from train.optim import MuonAdamW, Schedule
+
+
+def autocast_for(device: torch.device) -> AbstractContextManager:
+    """bf16 autocast on CUDA, nothing elsewhere (fp32 on the CPU)."""
+    return torch.autocast(device_type="cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
 @dataclass

@@ -22,7 +22,7 @@ def main(argv=None) -> None:
     from train.tokenizer import load_tokenizer, tokenizer_dir, train_tokenizer
     if args.dataset == "pystdlib" and not list_shards("pystdlib"):
         build()
-    tok = load_tokenizer() if tokenizer_dir().exists() else train_tokenizer(args.dataset, vocab_size=32768)
+    tok = load_tokenizer() if tokenizer_dir().exists() else train_tokenizer(args.dataset)
     loader = DataLoader(tok, args.batch_size, args.seq_len, dataset=args.dataset)
     taken, counting = [], {"on": True}
 
