@@ -1,6 +1,7 @@
 """What the end-to-end CLI tests share: the tiny run's flags, running a CLI, reading a run's metrics."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -13,6 +14,9 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = ["--dataset", "tiny", "--depth", "2", "--aspect-ratio", "32", "--head-dim", "32", "--max-seq-len", "64",
         "--device-batch-size", "4", "--total-batch-size", "256", "--eval-tokens", "1024",
         "--sample-every", "-1", "--core-metric-every", "-1", "--device-type", "cpu"]
+
+
+SHORT = [*TINY, "--eval-every", "-1"]
 
 
 def cli_env(base, **extra) -> dict:
@@ -78,3 +82,24 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def ckpt(base, tag):
+    return base / "base_checkpoints" / tag
+
+
+def one_line_error(proc, pattern: str) -> str:
+    """The run ended with exit 2 and one line on stderr that says pattern (a regular expression)."""
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(err) == 1 and "Traceback" not in proc.stderr, (proc.returncode, proc.stderr)
+    assert re.search(pattern, err[0]), err[0]
+    return err[0]
+
+
+def run_patched(patch: str, args, base):
+    """train.pretrain's CLI in a fresh process, after the Python lines `patch` (to reach a failure that no
+    flag can cause: a full disk, a NaN that the weights never show)."""
+    code = f"import sys\n{patch}\nfrom train import pretrain\nfrom train.errors import run_cli\n" \
+           f"run_cli(pretrain.main, sys.argv[1:])"
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], env=cli_env(base), capture_output=True,
+                          text=True, cwd=REPO, timeout=600)

@@ -250,6 +250,8 @@ def test_the_crop_takes_the_truly_shortest_long_document(toy):
     ({"split": "test"}, "split must be"),
     ({"state": {"shard": 0}}, "bad dataloader state"),
     ({"state": {"epoch": 1, "shard": 0, "row_group": 0, "buffer": [[1, 7, 0, [0]]]}}, "was the dataset rebuilt"),
+    ({"state": {"epoch": 1, "shard": 2, "row_group": 0}}, "shard 2 row group 0, which the train split"),
+    ({"state": {"epoch": 3, "shard": 1, "row_group": 3, "buffer": []}}, "shard 1 row group 3, which the train split"),
 ])
 def test_bad_input_is_one_clear_error(toy, kw, message):
     with pytest.raises(UserError, match=re.escape(message)):
@@ -264,6 +266,17 @@ def test_a_corrupt_shard_is_one_clear_error(toy, tmp_path, monkeypatch):
     (folder / "shard_00001.parquet").write_bytes(b"PAR1 truncated")
     with pytest.raises(UserError, match="shard_00001.parquet: not a readable parquet file"):
         DataLoader(toy[0], B, T, split="val", dataset="broken")
+
+
+@pytest.mark.parametrize("column", [[1, 2, 3], [b"bytes", b"not", b"text"]])
+def test_a_text_column_of_other_types_is_one_clear_error(toy, tmp_path, monkeypatch, column):
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    folder = tmp_path / "data" / "odd"
+    folder.mkdir(parents=True)
+    pq.write_table(pa.table({"text": ["fine"] * 3}), folder / "shard_00000.parquet")
+    pq.write_table(pa.table({"text": column}), folder / "shard_00001.parquet")
+    with pytest.raises(UserError, match=r"shard_00001\.parquet: the 'text' column holds (int64|binary), not strings"):
+        DataLoader(toy[0], B, T, split="val", dataset="odd")
 
 
 def test_a_split_of_empty_documents_is_one_clear_error(toy, tmp_path, monkeypatch):

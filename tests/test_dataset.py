@@ -48,8 +48,9 @@ def download(srv, num_shards=2, **kw):
 
 
 def leftovers(folder):
-    """Anything in the shard folder that is not a complete shard."""
-    return sorted(p.name for p in folder.iterdir() if not (p.suffix == ".parquet" and dataset.is_complete_parquet(p)))
+    """Anything in the shard folder that is not a complete shard or the shards' digests."""
+    return sorted(p.name for p in folder.iterdir() if p.name != dataset.DIGESTS and
+                  not (p.suffix == ".parquet" and dataset.is_complete_parquet(p)))
 
 
 def test_download_fetches_train_shards_plus_the_validation_shard_and_resumes(base, server):
@@ -59,6 +60,8 @@ def test_download_fetches_train_shards_plus_the_validation_shard_and_resumes(bas
     for p in shards:
         assert p.read_bytes() == (server.root / p.name).read_bytes()
     assert shards[0].parent == base / "data" / "climbmix"
+    stored = json.loads((shards[0].parent / dataset.DIGESTS).read_text())  # taken once, as they arrive
+    assert {n: d["sha256"] for n, d in stored.items()} == {p.name: dataset.file_sha256(p) for p in shards}
     # Resumable: complete shards are skipped; a damaged one (not from us) is fetched again.
     server.requests.clear()
     shards[1].write_bytes(b"PAR1 not really")
@@ -196,6 +199,8 @@ def test_build_without_sources_is_the_standard_library(base):
     ("corrupt", "not a readable parquet"),
     ("no-text-column", "no 'text' column"),
     ("bad-jsonl", "bad.jsonl:2"),
+    ("int-text-column", "numbers.parquet: the 'text' column holds int64, not strings"),
+    ("lone-surrogate", "odd.jsonl:2: the 'text' field is not valid Unicode"),
     ("unsupported", "unsupported file type"),
 ])
 def test_bad_corpus_is_one_line_and_exit_2(tmp_path, case, message):
@@ -211,6 +216,10 @@ def test_bad_corpus_is_one_line_and_exit_2(tmp_path, case, message):
         pq.write_table(pa.table({"body": ["x", "y"]}), src / "other.parquet")
     elif case == "bad-jsonl":
         (src / "bad.jsonl").write_text(json.dumps({"text": "fine"}) + "\n{not json\n")
+    elif case == "int-text-column":
+        pq.write_table(pa.table({"text": [1, 2]}), src / "numbers.parquet")
+    elif case == "lone-surrogate":  # valid JSON, but no UTF-8 can hold it
+        (src / "odd.jsonl").write_text(json.dumps({"text": "fine"}) + '\n{"text": "half \\ud800 a pair"}\n')
     elif case == "unsupported":
         src = src / "table.csv"
         src.write_text("a,b")

@@ -39,7 +39,7 @@ def test_resume_continues_the_same_loss_curve(base):
     shutil.copytree(ckpts / "full", ckpts / "resumed")
     (ckpts / "resumed" / "metrics.jsonl").unlink()
     proc = run([*TINY, "--num-iterations", "12", "--save-every", "6", "--eval-every", "-1", "--model-tag", "resumed",
-                "--resume-from-step", "6"], base)
+                "--resume-from-step", "6", "--set-aside"], base)
     assert "other settings" not in proc.stdout  # nothing changed: nothing to say
     full, resumed = step_losses(metrics(base, "full")), step_losses(metrics(base, "resumed"))
     assert sorted(resumed) == list(range(7, 13))
@@ -131,15 +131,18 @@ def test_torchrun_two_ranks_train_save_and_resume_exactly(base):
 
     shutil.copytree(ckpt, base / "base_checkpoints" / "ddp-resumed")
     (base / "base_checkpoints" / "ddp-resumed" / "metrics.jsonl").unlink()
-    torchrun([*ddp, "--model-tag", "ddp-resumed", "--resume-from-step", "4"], base)
+    torchrun([*ddp, "--model-tag", "ddp-resumed", "--resume-from-step", "4", "--set-aside"], base)
     full, resumed = step_losses(records), step_losses(metrics(base, "ddp-resumed"))
     assert sorted(resumed) == [5, 6, 7, 8]
     for s in resumed:
         assert resumed[s] == pytest.approx(full[s], rel=1e-5, abs=1e-6), (s, resumed[s], full[s])
 
-    proc = run([*ddp, "--model-tag", "ddp", "--resume-from-step", "4"], base, check=False)
+    # refused on 1 process, after every check and before any change: nothing set aside, no metrics record dropped
+    before = {p.name: p.read_bytes() for p in ckpt.iterdir() if p.is_file() and p.name != ".lock"}
+    proc = run([*ddp, "--model-tag", "ddp", "--resume-from-step", "4", "--set-aside"], base, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert "2 rank" in proc.stderr.strip().splitlines()[-1], proc.stderr
+    assert {p.name: p.read_bytes() for p in ckpt.iterdir() if p.is_file() and p.name != ".lock"} == before
 
 
 def test_two_nodes_meet_through_torchruns_rendezvous(base):

@@ -13,43 +13,20 @@ import sys
 import pytest
 import torch
 
-from helpers import REPO, TINY, cli_env, metrics, run, step_losses, wait_for_lines
+from helpers import (REPO, SHORT, TINY, ckpt, cli_env, metrics, one_line_error, run, run_patched, step_losses,
+                     wait_for_lines)
 from train import checkpoint, pretrain
 from train.errors import UserError, run_cli
 
 pytestmark = pytest.mark.slow  # the CLI in subprocesses
-SHORT = [*TINY, "--eval-every", "-1"]
-
-
-def ckpt(base, tag):
-    return base / "base_checkpoints" / tag
-
-
-def one_line_error(proc, pattern: str) -> str:
-    """The run ended with exit 2 and one line on stderr that says pattern (a regular expression)."""
-    import re
-    err = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2 and len(err) == 1 and "Traceback" not in proc.stderr, (proc.returncode, proc.stderr)
-    assert re.search(pattern, err[0]), err[0]
-    return err[0]
-
-
-def run_patched(patch: str, args, base):
-    """train.pretrain's CLI in a fresh process, after the Python lines `patch` (to reach a failure that no
-    flag can cause: a full disk, a NaN that the weights never show)."""
-    code = f"import sys\n{patch}\nfrom train import pretrain\nfrom train.errors import run_cli\n" \
-           f"run_cli(pretrain.main, sys.argv[1:])"
-    return subprocess.run([sys.executable, "-c", code, *map(str, args)], env=cli_env(base), capture_output=True,
-                          text=True, cwd=REPO, timeout=600)
-
-
 # ----------------------------------------------------------------------------------------------
 # 1. no poisoned checkpoint
 
 def test_weights_that_went_non_finite_are_never_saved(tiny_base):
     proc = run([*SHORT, "--num-iterations", "8", "--save-every", "1", "--embedding-lr", "1e39",
                 "--model-tag", "blowup"], tiny_base, check=False)
-    line = one_line_error(proc, r"(non-finite values at step \d+ in .*: not saved|loss became nan at step \d+)")
+    line = one_line_error(proc, r"(non-finite or diverged values at step \d+ in .*: not saved|"
+                                r"loss became nan at step \d+)")
     folder = ckpt(tiny_base, "blowup")
     saved = checkpoint.saved_steps(folder)
     for step in saved:  # every checkpoint that exists holds finite numbers only
@@ -77,13 +54,15 @@ def test_changed_flags_on_resume_take_effect_and_are_said(tiny_base):
     run([*args, "--model-tag", "flags"], tiny_base)
     for tag in ("flags-lr", "flags-batch"):
         shutil.copytree(ckpt(tiny_base, "flags"), ckpt(tiny_base, tag))
-    lr = run([*args, "--model-tag", "flags-lr", "--resume-from-step", "4", "--matrix-lr", "0.08"], tiny_base)
+    lr = run([*args, "--model-tag", "flags-lr", "--resume-from-step", "4", "--matrix-lr", "0.08", "--set-aside"],
+             tiny_base)
     assert "in effect from here: --matrix-lr 0.02 -> 0.08" in lr.stdout
     # an unchanged resume continues the same curve (test_pretrain): this one parts from it after step 5
     a, b = step_losses(metrics(tiny_base, "flags")), step_losses(metrics(tiny_base, "flags-lr"))
     assert a[5] == b[5] and a[8] != b[8]  # step 5's loss is the checkpoint's weights; then the new LR acts
     # another device batch at the same total batch (more accumulation) resumes too
-    run([*args, "--model-tag", "flags-batch", "--resume-from-step", "4", "--device-batch-size", "2"], tiny_base)
+    run([*args, "--model-tag", "flags-batch", "--resume-from-step", "4", "--device-batch-size", "2", "--set-aside"],
+        tiny_base)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -188,6 +167,8 @@ def test_a_small_tmpfs_filled_by_a_save(tiny_base):
     (["--adam-beta1", "2"], "--adam-beta1"), (["--adam-beta2", "-1"], "--adam-beta2"),
     (["--resume-from-step", "-5"], "--resume-from-step"), (["--embedding-lr", "nan"], "--embedding-lr"),
     (["--matrix-lr", "inf"], "--matrix-lr"), (["--target-flops", "0"], "--target-flops"),
+    (["--seed", str(2**64)], "--seed"), (["--seed", "-1"], "--seed"),
+    (["--target-param-data-ratio", "1e-300", "--total-batch-size", "-1"], "--target-param-data-ratio"),
 ])
 def test_bad_values_are_one_line_and_exit_2(flags, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -271,7 +252,7 @@ def test_epochs_are_announced_and_a_resume_logs_no_step_twice(tiny_base):
     said = passes(proc.stdout)
     assert said and [n for _, n in said] == sorted({n for _, n in said}), said  # each pass once, in order
     assert proc.stdout.count("more than the val split") == 1
-    again = run([*args, "--resume-from-step", "6"], tiny_base)  # as if killed after step 12 was logged
+    again = run([*args, "--resume-from-step", "6", "--set-aside"], tiny_base)  # as if killed after step 12 was logged
     steps = [r["step"] for r in metrics(tiny_base, "epochs") if "train/loss" in r]
     assert steps == list(range(1, 13)) and "dropped" in again.stdout
     assert passes(again.stdout) == [(s, n) for s, n in said if s > 6]  # what came after the checkpoint, again

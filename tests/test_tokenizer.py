@@ -148,7 +148,22 @@ def test_damaged_tokenizer_files_are_one_clear_error(trained, tmp_path):
     with pytest.raises(UserError, match="token_bytes.pt: cannot load"):
         load_tokenizer(tmp_path / "tok")
     tok.save(tmp_path / "tok")
+    meta = json.loads((tmp_path / "tok" / "tokenizer.json").read_text())
+    (tmp_path / "tok" / "tokenizer.json").write_text(json.dumps(meta | {"pattern": r"[\p{L}+"}))
+    with pytest.raises(UserError, match=r"tokenizer\.json: the split pattern does not compile"):
+        load_tokenizer(tmp_path / "tok")
+    tok.save(tmp_path / "tok")
     assert load_tokenizer(tmp_path / "tok").encode("ok") == tok.encode("ok")
+
+
+def test_training_on_a_text_column_of_ints_is_one_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    folder = tmp_path / "data" / "ints"
+    folder.mkdir(parents=True)
+    for i in range(2):
+        pq.write_table(pa.table({"text": [1, 2, 3]}), folder / f"shard_{i:05d}.parquet")
+    with pytest.raises(UserError, match=r"shard_00000\.parquet: the 'text' column holds int64, not strings"):
+        train_tokenizer("ints", vocab_size=300, out_dir=tmp_path / "tok")
 
 
 @pytest.mark.slow

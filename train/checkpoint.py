@@ -22,7 +22,7 @@ import torch
 from train.errors import UserError, first_line
 from train.paths import TEMP_MARK, atomic_write
 
-STEP_FILE = re.compile(r"step_(\d+)_(model\.pt|optimizer_rank\d+\.pt|meta\.json)")
+STEP_FILE = re.compile(r"step_(\d+)_(model\.pt|optimizer_rank\d+\.pt|meta\.json|suspect\.txt)")
 
 
 class CheckpointWriteError(OSError):
@@ -100,7 +100,8 @@ def save_checkpoint(ckpt_dir: Path, step: int, model_state: dict, optimizer_stat
         meta_error = None
         if rank == 0:
             try:
-                atomic_json_save(meta | {"files": {k: v for d, _ in every for k, v in d.items()}}, meta_path)
+                meta = meta | {"format": META_FORMAT, "files": {k: v for d, _ in every for k, v in d.items()}}
+                atomic_json_save(meta | {"meta_sha256": meta_digest(meta)}, meta_path)
             except (CheckpointWriteError, ValueError) as e:
                 meta_error = str(e)
         error = gather(meta_error)[0]
@@ -120,7 +121,22 @@ def saved_steps(ckpt_dir: Path) -> list[int]:
     return sorted(steps)
 
 
+def meta_digest(meta: dict) -> str:
+    """sha256 of a meta's content (its own digest left out), as JSON with sorted keys: written into the meta."""
+    body = {k: v for k, v in meta.items() if k != "meta_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, allow_nan=False).encode()).hexdigest()
+
+
+META_FORMAT = 2  # 2: the meta carries its own digest (meta_sha256); before it, only the files' digests ("files")
+# the type of each key a meta may hold (train.resume says which a run's meta must hold)
+NONE = type(None)
+META_TYPES = {"format": int, "step": int, "model_config": dict, "user_config": dict, "plan": dict,
+              "val_bpb": (int, float, NONE), "world_size": int, "dataloader": (list, NONE), "loop_state": dict,
+              "tokenizer": (str, NONE), "dataset": (dict, NONE), "files": dict, "meta_sha256": str}
+
+
 def load_meta(ckpt_dir: Path, step: int) -> dict:
+    """The meta of step, checked: JSON, of that step, its digest (written with it) and its keys' types."""
     _, _, meta_path = _paths(Path(ckpt_dir), step, 0)
     if not meta_path.exists():
         have = saved_steps(ckpt_dir)
@@ -132,12 +148,36 @@ def load_meta(ckpt_dir: Path, step: int) -> dict:
         raise UserError(f"checkpoint meta {meta_path} is unreadable: {first_line(e)}") from None
     if not isinstance(meta, dict) or meta.get("step") != step:
         raise UserError(f"checkpoint meta {meta_path} is not the meta of step {step}")
+    wrong = [k for k, types in META_TYPES.items() if k in meta and (not isinstance(meta[k], types)
+                                                                     or isinstance(meta[k], bool))]
+    if wrong:
+        raise UserError(f"checkpoint meta {meta_path} has values of the wrong type for {', '.join(wrong)}")
+    # a meta written with its digest says so twice (its format and the digest): one flipped bit cannot hide both
+    if (meta.get("format", 1) >= META_FORMAT or "meta_sha256" in meta) and meta.get("meta_sha256") != meta_digest(meta):
+        raise UserError(f"checkpoint meta {meta_path} is damaged: its content differs from the digest written with "
+                        "it")
     return meta
 
 
+def suspect_marker(ckpt_dir: Path, step: int) -> Path:
+    return Path(ckpt_dir) / f"step_{step:06d}_suspect.txt"
+
+
+def mark_suspect(ckpt_dir: Path, step: int, why: str) -> None:
+    """Mark the checkpoint of step as one a run diverged from at once: `latest` passes over it (damage says why)."""
+    try:
+        with atomic_write(suspect_marker(ckpt_dir, step), "w") as f:
+            f.write(why + "\n")
+    except OSError:
+        pass  # the message that follows names the checkpoint anyway
+
+
 def damage(ckpt_dir: Path, step: int) -> str | None:
-    """Why the checkpoint of step can't be trusted (its meta, or a file it lists missing, of another size, or with
-    another sha256), or None."""
+    """Why the checkpoint of step can't be trusted (marked suspect; its meta, or a file it lists missing, of another
+    size, with another sha256, or unreadable), or None."""
+    marker = suspect_marker(ckpt_dir, step)
+    if marker.exists():
+        return f"marked suspect ({marker.read_text(errors='replace').strip()}; delete {marker} to use it again)"
     try:
         meta = load_meta(ckpt_dir, step)
     except UserError as e:
@@ -149,7 +189,10 @@ def damage(ckpt_dir: Path, step: int) -> str | None:
         path = Path(ckpt_dir) / name
         if not path.is_file():
             return f"{path} is missing"
-        found = file_digest(path)
+        try:
+            found = file_digest(path)
+        except OSError as e:
+            return f"{path} is unreadable: {e.strerror or e}"
         if found["bytes"] != files[name].get("bytes"):
             return f"{path} has {found['bytes']} bytes, the checkpoint wrote {files[name].get('bytes')}"
         if found["sha256"] != files[name].get("sha256"):
@@ -184,7 +227,11 @@ def _load(ckpt_dir: Path, step: int, path: Path, device) -> dict:
     meta_path = _paths(Path(ckpt_dir), step, 0)[2]
     if meta_path.exists():
         files = load_meta(ckpt_dir, step).get("files")
-        if isinstance(files, dict) and path.name in files and file_digest(path) != files[path.name]:
+        try:
+            digest = file_digest(path) if isinstance(files, dict) and path.name in files else None
+        except OSError as e:  # unreadable, a folder
+            raise UserError(f"checkpoint file {path} is unreadable: {e.strerror or e}") from None
+        if digest is not None and digest != files[path.name]:
             raise UserError(f"checkpoint file {path} is damaged: its size or sha256 differs from the one written "
                             "with it")
     try:
@@ -214,6 +261,22 @@ def prune(ckpt_dir: Path, keep: int) -> list[int]:
         for f in files.get(step, []):
             f.unlink(missing_ok=True)
     return doomed
+
+
+def set_aside(ckpt_dir: Path, steps: list[int]) -> Path:
+    """Move the files of these steps into ckpt_dir/set-aside-<UTC time>/ (each step's meta last, so a step cut
+    short by a crash is never complete in either folder); returns that folder."""
+    import time
+    aside = Path(ckpt_dir) / time.strftime("set-aside-%Y%m%d-%H%M%S", time.gmtime())
+    try:
+        aside.mkdir()
+        files = _step_files(ckpt_dir)
+        for step in steps:
+            for f in sorted(files.get(step, []), key=lambda p: p.name.endswith("_meta.json")):
+                os.replace(f, aside / f.name)
+    except OSError as e:
+        raise UserError(f"cannot set the checkpoints of steps {steps} aside in {aside}: {e.strerror or e}") from None
+    return aside
 
 
 def remove_leftovers(ckpt_dir: Path) -> list[str]:
@@ -253,8 +316,12 @@ class FolderLock:
             raise UserError(f"{folder} is in use by another run ({holder or 'its holder is not named'}): wait "
                             "for it to end, or give this run another --model-tag") from None
         self.previous = self._read()
-        os.ftruncate(self.fd, 0)
-        os.write(self.fd, f"host {socket.gethostname()} pid {os.getpid()}\n".encode())
+        try:
+            os.ftruncate(self.fd, 0)
+            os.write(self.fd, f"host {socket.gethostname()} pid {os.getpid()}\n".encode())
+        except OSError as e:  # a full disk
+            os.close(self.fd)
+            raise UserError(f"cannot write {self.path}: {e.strerror or e}") from None
 
     def _read(self) -> str:
         os.lseek(self.fd, 0, os.SEEK_SET)

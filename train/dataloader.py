@@ -177,6 +177,9 @@ class DataLoader:
             raise UserError(f"bad dataloader state {str(state)[:200]}") from None
         if epoch < 1 or shard < 0 or row_group < 0:
             raise UserError(f"bad dataloader state: epoch {epoch}, shard {shard}, row group {row_group}")
+        if not (shard < len(self.paths) and row_group < self.num_row_groups[shard]):  # saved ones are (_seek's)
+            raise UserError(f"the dataloader state resumes at shard {shard} row group {row_group}, which the "
+                            f"{self.split} split of {self.dataset!r} does not have: was the dataset rebuilt?")
         if same_layout:  # otherwise the documents belong to another rank's share: start clean
             for e, s, g, indices in buffered:
                 if not (s < len(self.paths) and g < self.num_row_groups[s]):

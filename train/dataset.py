@@ -8,7 +8,10 @@ Two ways to get shards:
 
 A shard only ever appears under its final name once it is complete: downloads and builds write to a
 temporary name and rename, so an interrupted or failed transfer never leaves a half shard behind.
+Beside the shards, digests.json holds each one's sha256 (taken once, when it is made or downloaded): what a
+checkpoint records of its data (dataset_fingerprint), so that a rebuilt dataset is told from the one it trained on.
 """
+import hashlib
 import json
 import os
 import random
@@ -42,6 +45,7 @@ DATASETS = {
 DEFAULT_DATASET = "climbmix"  # what pretraining, the tokenizer and a download read when not told otherwise
 DEFAULT_DOWNLOAD_SHARDS = 8  # training shards fetched when a run finds none (~2B characters: enough for a tokenizer)
 LOCAL_EXTENSIONS = (".txt", ".md", ".py", ".jsonl", ".parquet")
+DIGESTS = "digests.json"  # beside the shards: {shard name: {"bytes", "mtime_ns", "sha256"}}
 
 
 def shard_name(index: int) -> str:
@@ -105,7 +109,15 @@ def open_shard(path: Path) -> pq.ParquetFile:
         raise UserError(f"{path}: not a readable parquet file ({str(e).splitlines()[0]})") from None
     if "text" not in pf.schema_arrow.names:
         raise UserError(f"{path}: parquet file has no 'text' column (columns: {pf.schema_arrow.names})")
+    kind = pf.schema_arrow.field("text").type
+    if not is_text_type(kind.value_type if pa.types.is_dictionary(kind) else kind):
+        raise UserError(f"{path}: the 'text' column holds {kind}, not strings")
     return pf
+
+
+def is_text_type(kind: pa.DataType) -> bool:
+    """Strings, or nulls only (a column of None: empty documents)."""
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_null(kind)
 
 
 def read_texts(pf: pq.ParquetFile, row_group: int, path: Path) -> list[str]:
@@ -115,6 +127,51 @@ def read_texts(pf: pq.ParquetFile, row_group: int, path: Path) -> list[str]:
     except (pa.ArrowException, OSError) as e:
         raise UserError(f"{path}: corrupt parquet row group {row_group} ({str(e).splitlines()[0]})") from None
     return [t or "" for t in texts]
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 23):
+                h.update(chunk)
+        return h.hexdigest()
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
+
+
+def shard_digests(folder: Path) -> dict[str, str]:
+    """{shard name: sha256 of its bytes} of every shard in folder, read from its digests.json. A shard the file
+    does not know at its size and mtime (a folder made before the digests were kept, a shard put there by hand)
+    is hashed, and the file rewritten: each shard is hashed once, not at every start."""
+    store = folder / DIGESTS
+    try:
+        stored = json.loads(store.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        stored = {}
+    stored = stored if isinstance(stored, dict) else {}
+    known = {}
+    for path in sorted(folder.glob("*.parquet")):
+        stat = path.stat()
+        entry = {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+        old = stored.get(path.name)
+        same = isinstance(old, dict) and isinstance(old.get("sha256"), str) and old.items() >= entry.items()
+        known[path.name] = old if same else entry | {"sha256": file_sha256(path)}
+    if known != stored:
+        try:
+            with atomic_write(store, "w") as f:
+                json.dump(known, f, indent=1)
+        except OSError as e:  # a read-only folder: correct all the same, only slower
+            print(f"note: cannot store the shard digests in {store} ({e.strerror or e}): they are computed again "
+                  "at every start")
+    return {name: entry["sha256"] for name, entry in known.items()}
+
+
+def dataset_fingerprint(name: str) -> dict[str, str]:
+    """What a checkpoint records of its data: {shard name: sha256} of every shard of the dataset, sorted, the last
+    being the validation split ({} without shards). Cheap: the digests were taken when the shards were made."""
+    folder = data_dir(name)
+    return shard_digests(folder) if folder.is_dir() else {}
 
 
 # -----------------------------------------------------------------------------
@@ -190,6 +247,7 @@ def download(name: str, num_shards: int, base_url: str | None = None, workers: i
         missing = sum(not (folder / shard_name(i)).exists() for i in indices)
         raise UserError(f"download failed: {failures[0]}; {missing} of {len(indices)} shards are missing, "
                         "rerun the command to resume")
+    shard_digests(folder)  # while the new shards are likely still in the page cache
     return list_shards(name)
 
 
@@ -238,6 +296,11 @@ def read_documents(path: Path) -> Iterator[str]:
                         raise UserError(f"{path}:{lineno}: expected a JSON object with a 'text' field") from None
                     if not isinstance(text, str):
                         raise UserError(f"{path}:{lineno}: the 'text' field is not a string")
+                    try:  # JSON can spell a lone surrogate ("\ud800"), which no UTF-8 shard can hold
+                        text.encode("utf-8")
+                    except UnicodeEncodeError as e:
+                        raise UserError(f"{path}:{lineno}: the 'text' field is not valid Unicode (a lone surrogate "
+                                        f"{text[e.start]!r} at character {e.start})") from None
                     if text:
                         yield text
         else:
@@ -298,6 +361,7 @@ def build(sources: list[Path] | None = None, name: str | None = None, docs_per_r
         staging.mkdir(parents=True)
         for index, chunk in enumerate(tqdm(chunks, desc="writing", unit="shard", disable=None)):
             write_shard(staging / shard_name(index), chunk, docs_per_row_group)
+        shard_digests(staging)  # the folder comes into place with its digests
         old = out.parent / f".{name}.old-{os.getpid()}"
         if out.exists():
             os.replace(out, old)

@@ -41,10 +41,12 @@ def evaluate_bpb(model, batches, steps: int, token_bytes: torch.Tensor, autocast
 
 @torch.no_grad()
 def sample(model, tokenizer, prompts=SAMPLE_PROMPTS, max_tokens: int = 16, autocast=None) -> list[str]:
-    """Greedy continuations of fixed prompts (KV cache inside model.generate)."""
+    """Greedy continuations of fixed prompts (KV cache inside model.generate), within the positions the model
+    can take (its rotary table): a model of a very short context gets fewer new tokens, and the prompts' ends."""
     out = []
+    max_tokens = min(max_tokens, model.rotary_seq_len - 1)
     for prompt in prompts:
-        ids = tokenizer.encode(prompt, prepend_bos=True)
+        ids = tokenizer.encode(prompt, prepend_bos=True)[-(model.rotary_seq_len - max_tokens):]
         if autocast is not None:
             with autocast:
                 new = model.generate(ids, max_tokens)

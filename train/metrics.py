@@ -2,6 +2,7 @@
 import errno
 import json
 import os
+import shutil
 from pathlib import Path
 
 from train.errors import UserError, first_line
@@ -50,7 +51,6 @@ class MetricsLog:
         self.path = Path(path)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.file = open(self.path, "ab", buffering=0)
         except OSError as e:
             raise UserError(f"cannot write the metrics file {self.path}: {e.strerror or e}") from None
         if run != "dummy":
@@ -59,6 +59,11 @@ class MetricsLog:
     def log(self, metrics: dict) -> None:
         if not self.enabled:
             return
+        if self.file is None:  # opened at the first record: the file may be continued (rewritten) until then
+            try:
+                self.file = open(self.path, "ab", buffering=0)
+            except OSError as e:
+                raise UserError(f"cannot write the metrics file {self.path}: {e.strerror or e}") from None
         line = (json.dumps(metrics, allow_nan=False) + "\n").encode()
         end = os.fstat(self.file.fileno()).st_size
         try:
@@ -90,24 +95,31 @@ def start_wandb(run: str, project: str, config: dict):
                         "or --run dummy") from None
 
 
-def continue_file(path, step: int | None) -> str | None:
+def continue_file(path, step: int | None, aside: Path | None = None) -> str | None:
     """Make the metrics file continue at a resumed step: drop the records of later steps (a killed run had
     logged them; the resumed run logs them again). On a fresh start (step None) an earlier run's file is moved
-    aside. Returns what was done, if anything."""
+    aside. aside: a folder of set-aside checkpoints, which gets the file (fresh start) or a copy of it first.
+    Returns what was done, if anything."""
     path = Path(path)
     if not path.exists():
         return None
-    if step is None:
-        aside = path.with_name(f"metrics.previous-{int(path.stat().st_mtime)}.jsonl")
-        os.replace(path, aside)
-        return f"an earlier run's {path.name} was moved to {aside.name}"
-    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-    kept = [line for line in lines if (s := _step_of(line)) is not None and s <= step]
-    dropped = len(lines) - len(kept)
-    if not dropped:
-        return None
-    with atomic_write(path, "w") as f:
-        f.write("".join(line + "\n" for line in kept))
+    try:
+        if step is None:
+            moved = (aside or path.parent) / (path.name if aside else
+                                              f"metrics.previous-{int(path.stat().st_mtime)}.jsonl")
+            os.replace(path, moved)
+            return f"an earlier run's {path.name} was moved to {moved}"
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+        kept = [line for line in lines if (s := _step_of(line)) is not None and s <= step]
+        dropped = len(lines) - len(kept)
+        if not dropped:
+            return None
+        if aside:
+            shutil.copy2(path, aside / path.name)
+        with atomic_write(path, "w") as f:
+            f.write("".join(line + "\n" for line in kept))
+    except OSError as e:  # a full disk, a read-only folder
+        raise UserError(f"cannot continue the metrics file {path} at step {step}: {e.strerror or e}") from None
     return f"dropped {dropped} record(s) after step {step} from {path.name} (logged again from here)"
 
 

@@ -50,7 +50,8 @@ WARMUP_RATIO, WARMDOWN_RATIO, FINAL_LR_FRAC = 0.0, 0.5, 0.0  # the LR schedule's
 
 def lr_multiplier(step: int, num_iterations: int, warmup_ratio: float, warmdown_ratio: float,
                   final_lr_frac: float) -> float:
-    """Linear warmup to 1, flat, then linear warmdown to final_lr_frac at step num_iterations."""
+    """Linear warmup to 1, flat, then linear warmdown to final_lr_frac at step num_iterations (and after it)."""
+    step = min(step, num_iterations)
     warmup = round(warmup_ratio * num_iterations)
     start = warmdown_start(num_iterations, warmdown_ratio)
     if step < warmup:
@@ -70,6 +71,7 @@ def muon_momentum(step: int, num_iterations: int, warmdown_ratio: float) -> floa
     """0.85 -> 0.97 linearly over the first 400 steps, then 0.97 until the LR warmdown starts, then linearly to
     0.90 at the last step (from where the ramp had got to, when the warmdown starts earlier)."""
     start, peak, end = MUON_MOMENTUM
+    step = min(step, num_iterations)
     momentum = start + (peak - start) * min(step / MUON_MOMENTUM_RAMP, 1.0)
     start_wd = warmdown_start(num_iterations, warmdown_ratio)
     if step > start_wd:

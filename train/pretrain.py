@@ -14,6 +14,7 @@ import math
 import os
 import signal
 import time
+import typing
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from model.gpt import GPT
 from train import checkpoint, distributed, fp8, metrics, optim, resume, scaling
 from train.builder import build_model_and_optimizer, schedule_of
 from train.dataloader import DataLoader
-from train.dataset import DEFAULT_DATASET, ensure_dataset, split_shards
+from train.dataset import DEFAULT_DATASET, dataset_fingerprint, ensure_dataset, split_shards
 from train.distributed import DistInfo
 from train.errors import Parser, UserError, require, run_cli
 from train.evaluate import evaluate_bpb, sample
@@ -88,8 +89,11 @@ def build_parser() -> Parser:
     a("--model-tag", default=None, help="checkpoint folder name; default d{depth}")
     # beyond the spec's table
     a("--dataset", default=DEFAULT_DATASET, help="folder of parquet shards under $NANOCHAT_BASE_DIR/data/")
+    a("--set-aside", action="store_true",
+      help="move the folder's checkpoints after the resumed step (all of them on a fresh start), and its metrics "
+           "file, into FOLDER/set-aside-<UTC time>/ instead of refusing to mix two runs' checkpoints")
     a("--allow-data-change", action="store_true",
-      help="resume even though the dataset's name or training shards differ from the checkpoint's")
+      help="resume even though the dataset's name, training shards or their content differ from the checkpoint's")
     a("--compile", action=argparse.BooleanOptionalAction, default=None,
       help="torch.compile the model (default: on for CUDA)")
     a("--seed", type=int, default=42, help="seed for the initial weights")
@@ -140,6 +144,7 @@ def validate(args) -> None:
     require(math.isfinite(args.target_param_data_ratio),
             f"--target-param-data-ratio must be a finite number, got {args.target_param_data_ratio}")
     require(args.eval_tokens >= 1, f"--eval-tokens must be positive, got {args.eval_tokens}")
+    require(0 <= args.seed < 2**64, f"--seed must be an integer in [0, 2^64), got {args.seed}")
     require(args.resume_from_step == "latest" or args.resume_from_step >= -1,
             f"--resume-from-step must be a step (>= 0), -1 (start fresh) or latest; got {args.resume_from_step}")
     if args.model_tag is not None:
@@ -245,7 +250,9 @@ def main(argv=None) -> None:
         recompute = choose_recompute_mlp(args.recompute_mlp, plan, dist_info.device)
         advice = memory_advice(plan, dist_info.device, recompute, ran_out=True)
         raise UserError(f"out of GPU memory at --device-batch-size {args.device_batch_size}: {advice}") from None
-    except MemoryError:
+    except (MemoryError, RuntimeError) as e:  # torch's CPU allocator raises a RuntimeError
+        if not isinstance(e, MemoryError) and "can't allocate memory" not in str(e):
+            raise
         raise UserError(f"out of CPU memory (--device-batch-size {args.device_batch_size}, --max-seq-len "
                         f"{args.max_seq_len}): use a smaller batch or a machine with more RAM") from None
     finally:
@@ -265,11 +272,19 @@ class LoopState:
     min_val_bpb: float | None = None
     core_metric: float | None = None
     passes_done: int = 0  # passes over the train split announced so far
+    evaluated_step: int | None = None  # the last step whose evaluations (val bpb, CORE, samples) ran
 
     @classmethod
-    def from_meta(cls, saved: dict) -> "LoopState":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in saved.items() if k in names})
+    def from_meta(cls, saved: dict, step: int) -> "LoopState":
+        """The loop state saved with step, each value of its field's type (a checkpoint from before evaluated_step
+        evaluated before it saved)."""
+        types = typing.get_type_hints(cls)
+        values = {"evaluated_step": step} | {k: v for k, v in saved.items() if k in types}
+        wrong = [k for k, v in values.items() if isinstance(v, bool) or not isinstance(v, types[k])]
+        if wrong:
+            raise UserError(f"the loop state of checkpoint step {step} has values of the wrong type for "
+                            f"{', '.join(wrong)}: its meta is damaged")
+        return cls(**values)
 
 
 @dataclass
@@ -333,9 +348,13 @@ def train(args, plan, tokenizer, dist_info) -> None:
 def loop(run: Run) -> None:
     """Until the last step: evaluate if due, save if due, stop if a signal came, one optimizer step, log."""
     plan = run.plan
+    if run.step == plan.num_iterations and run.loop_state.evaluated_step == run.step:
+        print0(f"step {run.step} is the last (--num-iterations {plan.num_iterations}) and was evaluated and saved: "
+               "the run is complete")
+        return
     while True:
         last, stopping = run.step == plan.num_iterations, run.step == run.stop_at
-        if not stopping and (run.step > run.start_step or not run.resumed):  # not again what was done before
+        if not stopping and run.loop_state.evaluated_step != run.step:  # a resumed run: not again what was done
             evaluate_if_due(run, last)
         if saves_at(run, run.step):
             save(run)
@@ -365,16 +384,14 @@ def plot_curves(ckpt_dir) -> None:
 
 
 def start(args, plan, tokenizer, dist_info, ckpt_dir) -> Run:
-    """Check the inputs, find the checkpoint to resume, build model, optimizer, loader and metrics log."""
+    """Check everything first (the checkpoint to resume, its model, optimizer and loader state, the folder's other
+    checkpoints, wandb), then change the folder (set aside, the metrics file continued), then build what trains."""
     device, rank, world = dist_info.device, dist_info.rank, dist_info.world_size
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     start_step, meta = resume_meta(args, plan, tokenizer, ckpt_dir)
-    if dist_info.is_master:
-        said = metrics.continue_file(ckpt_dir / "metrics.jsonl", start_step if meta else None)
-        if said:
-            print0(f"metrics: {said}")
+    in_the_way = checkpoints_in_the_way(args, ckpt_dir, start_step if meta else None)
     model, optimizer, converted = build_model_and_optimizer(
         plan, args, device, choose_recompute_mlp(args.recompute_mlp, plan, device), dist_info.distributed,
         model_state=checkpoint.load_model_state(ckpt_dir, start_step, device) if meta else None)
@@ -387,6 +404,8 @@ def start(args, plan, tokenizer, dist_info, ckpt_dir) -> Run:
                         rank=rank, world_size=world, device=device, state=state)
     log = MetricsLog(ckpt_dir / "metrics.jsonl", run=args.run, config=vars(args) | plan.to_json(),
                      enabled=dist_info.is_master)
+    if dist_info.is_master:  # sure to run now
+        tidy_folder(ckpt_dir, in_the_way, start_step if meta else None)
     use_compile = args.compile if args.compile is not None else device.type == "cuda"
     batches = loader.batches()
     train_step = TrainStep(torch.compile(model, dynamic=False) if use_compile else model, optimizer,
@@ -395,8 +414,32 @@ def start(args, plan, tokenizer, dist_info, ckpt_dir) -> Run:
     print0(f"training {plan.num_iterations} steps from step {start_step} on {world} x {device.type}, "
            f"compile={'on' if use_compile else 'off'}, checkpoints in {ckpt_dir}")
     return Run(args, plan, tokenizer, dist_info, ckpt_dir, model, train_step, loader, log,
-               LoopState.from_meta(meta["loop_state"]) if meta else LoopState(), StopSignal(), start_step,
-               resumed=meta is not None, step=start_step)
+               LoopState.from_meta(meta["loop_state"], start_step) if meta else LoopState(), StopSignal(),
+               start_step, resumed=meta is not None, step=start_step)
+
+
+def checkpoints_in_the_way(args, ckpt_dir: Path, resumed: int | None) -> list[int]:
+    """The folder's checkpoints after the resumed step (all of them on a fresh start): another run's, or a later
+    point of this one. Refused unless --set-aside, so that a run's checkpoints never mix with another's and
+    --keep-last never deletes the run's own; with `latest` they are the damaged ones it passed over, set aside."""
+    later = [s for s in checkpoint.saved_steps(ckpt_dir) if resumed is None or s > resumed]
+    if later and args.resume_from_step != "latest" and not args.set_aside:
+        what = "of an earlier run" if resumed is None else f"after step {resumed}"
+        raise UserError(f"{ckpt_dir} holds checkpoints {what} (steps {', '.join(map(str, later))}): continue the "
+                        "newest with --resume-from-step latest, give this run another --model-tag, or pass "
+                        "--set-aside to move them out of the way")
+    return later
+
+
+def tidy_folder(ckpt_dir: Path, in_the_way: list[int], resumed: int | None) -> None:
+    """Rank 0, once the run is sure to start: the checkpoints in the way (and a copy of the metrics file) go to a
+    set-aside folder; the metrics file continues at the resumed step (an earlier run's is moved aside)."""
+    if in_the_way:
+        aside = checkpoint.set_aside(ckpt_dir, in_the_way)
+        print0(f"set aside the checkpoints of steps {', '.join(map(str, in_the_way))} in {aside}")
+    said = metrics.continue_file(ckpt_dir / "metrics.jsonl", resumed, aside if in_the_way else None)
+    if said:
+        print0(f"metrics: {said}")
 
 
 def take_folder(ckpt_dir) -> checkpoint.FolderLock:
@@ -419,6 +462,7 @@ def check_inputs(args, tokenizer, device) -> None:
         raise UserError("no tokenizer found: train one with "
                         f"`python -m train.tokenizer train --dataset {args.dataset}`")
     ensure_dataset(args.dataset)
+    dataset_fingerprint(args.dataset)  # a folder from before the stored digests is hashed once, now, not at a save
     if args.core_metric_every > 0:  # the eval bundle now, so that a missing one fails before training, not after
         from train.core_eval import ensure_eval_bundle
         try:
@@ -434,6 +478,10 @@ def resume_meta(args, plan, tokenizer, ckpt_dir) -> tuple[int, dict | None]:
     if step < 0:
         return 0, None
     meta = checkpoint.load_meta(ckpt_dir, step)
+    if step > plan.num_iterations:
+        raise UserError(f"checkpoint step {step} is past this run's last step ({plan.num_iterations}, from "
+                        "--num-iterations or the scaling law): nothing is left to train; raise --num-iterations to "
+                        "go on from it")
     if resume.check_meta(meta, args, plan, tokenizer, [p.name for p in split_shards(args.dataset, "train")],
                          ckpt_dir):
         print0(f"--allow-data-change: the data differs from step {step}'s; the loader starts at its beginning")
@@ -474,7 +522,7 @@ def evaluate_if_due(run: Run, last: bool) -> None:
         state.min_val_bpb = bpb if state.min_val_bpb is None else min(state.min_val_bpb, bpb)
         print0(f"step {step:05d} | val bpb {bpb:.4f}")
         run.log.log({"step": step, "val/bpb": bpb})
-    if due(args.core_metric_every, step, last) and step > run.start_step:
+    if due(args.core_metric_every, step, last) and step > 0:
         from train.core_eval import evaluate_core
         with evaluating(run):
             core = evaluate_core(run.orig_model, run.tokenizer, run.device, args.core_metric_max_per_task,
@@ -487,6 +535,7 @@ def evaluate_if_due(run: Run, last: bool) -> None:
         with evaluating(run):
             for text in sample(run.orig_model, run.tokenizer, autocast=run.autocast):
                 print0(f"  sample: {text!r}")
+    run.loop_state.evaluated_step = step
 
 
 @contextmanager
@@ -517,11 +566,12 @@ def val_bpb(run: Run) -> float:
 
 def save(run: Run) -> None:
     """Every rank's optimizer shard and loader position, rank 0's model and meta; --keep-last prunes after.
-    Nothing is saved when any rank holds a non-finite weight or optimizer state: the run stops instead."""
+    Nothing is saved when any rank holds a non-finite weight or optimizer state, or a weight far beyond anything
+    training makes (a diverged run that is still finite): the run stops instead."""
     step = run.step
-    bad = [name for names in distributed.all_gather_objects(nonfinite(run)) for name in names]
+    bad = [name for names in distributed.all_gather_objects(unsaveable(run)) for name in names]
     if bad:
-        raise UserError(f"non-finite values at step {step} in {', '.join(bad[:3])}"
+        raise UserError(f"non-finite or diverged values at step {step} in {', '.join(bad[:3])}"
                         f"{f' and {len(bad) - 3} more' if len(bad) > 3 else ''}: not saved; "
                         f"{resume.last_good(run.ckpt_dir)}")
     meta = {"step": step, "model_config": run.plan.config.to_dict(), "user_config": vars(run.args),
@@ -529,7 +579,8 @@ def save(run: Run) -> None:
             "dataloader": distributed.all_gather_objects(run.train_step.batch.resume_point.to_dict()),
             "loop_state": dataclasses.asdict(run.loop_state),
             "tokenizer": run.tokenizer.fingerprint,
-            "dataset": {"name": run.args.dataset, "train_shards": [p.name for p in run.loader.paths]}}
+            "dataset": {"name": run.args.dataset, "train_shards": [p.name for p in run.loader.paths],
+                        "digests": dataset_fingerprint(run.args.dataset)}}
     model_state = fp8.plain_state_dict(run.orig_model) if run.args.fp8 else run.orig_model.state_dict()
     try:
         checkpoint.save_checkpoint(run.ckpt_dir, step, model_state, run.optimizer.state_dict(), meta,
@@ -543,17 +594,21 @@ def save(run: Run) -> None:
             print0(f"step {step:05d} | deleted the checkpoint of step {old} (--keep-last {run.args.keep_last})")
 
 
-def nonfinite(run: Run) -> list[str]:
-    """Names of this rank's parameters and optimizer state tensors holding NaN or inf (one device sync)."""
-    named = [(n, p) for n, p in run.orig_model.named_parameters()]
-    names = {id(p): n for n, p in named}
-    for p, state in run.optimizer.state.items():
-        named += [(f"{names.get(id(p), '?')} ({k})", v) for k, v in state.items() if torch.is_tensor(v)
-                  and v.is_floating_point()]
-    if not named:
+WEIGHT_LIMIT = 1e8  # no weight of a healthy run comes near this (they stay within a few hundred)
+
+
+def unsaveable(run: Run) -> list[str]:
+    """Names of this rank's parameters and optimizer state tensors holding NaN or inf, and of the parameters with a
+    value beyond WEIGHT_LIMIT (one device sync)."""
+    params = list(run.orig_model.named_parameters())
+    names = {id(p): n for n, p in params}
+    state = [(f"{names.get(id(p), '?')} ({k})", v) for p, st in run.optimizer.state.items() for k, v in st.items()
+             if torch.is_tensor(v) and v.is_floating_point()]
+    if not params and not state:
         return []
-    finite = torch.stack([t.detach().isfinite().all() for _, t in named]).cpu()
-    return [n for (n, _), ok in zip(named, finite.tolist()) if not ok]
+    ok = torch.stack([p.detach().isfinite().all() & (p.detach().abs().max() < WEIGHT_LIMIT) for _, p in params]
+                     + [t.isfinite().all() for _, t in state]).cpu()
+    return [n for (n, _), good in zip(params + state, ok.tolist()) if not good]
 
 
 def optimizer_step(run: Run) -> tuple[float, float, float]:
@@ -565,13 +620,27 @@ def optimizer_step(run: Run) -> tuple[float, float, float]:
     loss_value = loss.item()  # syncs the device
     dt = time.time() - t0
     if not math.isfinite(loss_value):
-        raise UserError(f"loss became {loss_value} at step {run.step}; {resume.last_good(run.ckpt_dir)}")
+        raise UserError(f"loss became {loss_value} at step {run.step}; {diverged(run)}")
     run.step += 1
     if run.loader.passes_done > run.loop_state.passes_done:  # once per pass (the loop state is resumed)
         run.loop_state.passes_done = run.loader.passes_done
         print0(f"step {run.step:05d} | the train split of {run.args.dataset!r} is being read again "
                f"(pass {run.loop_state.passes_done + 1}): the data repeats")
     return loss_value, lrm, dt
+
+
+def diverged(run: Run) -> str:
+    """Where to go on from after the loss became non-finite. At the first step after a resume the checkpoint itself
+    may be bad: it is marked suspect (`latest` passes over it) and the one before it is named."""
+    if run.resumed and run.step == run.start_step:
+        if run.dist.is_master:
+            checkpoint.mark_suspect(run.ckpt_dir, run.step, "the loss became non-finite at the first step after "
+                                                            "resuming it")
+        marker = checkpoint.suspect_marker(run.ckpt_dir, run.step)
+        return (f"it diverged at once from checkpoint step {run.step}, which may itself be bad: it is marked "
+                f"suspect and `--resume-from-step latest` passes over it (delete {marker} to use it again); "
+                f"{resume.last_good(run.ckpt_dir)}")
+    return resume.last_good(run.ckpt_dir)
 
 
 def agree_on_stop_signal(run: Run) -> None:

@@ -2,13 +2,15 @@
 
 - `latest` is the newest checkpoint whose meta and files verify (the newer ones skipped are named, with why);
 - the checkpoint must be of this model, this tokenizer (its fingerprint) and this dataset (its name and shards;
-  more shards after the old ones are fine, anything else needs --allow-data-change);
+  more shards after the old ones are fine, anything else needs --allow-data-change; where the checkpoint
+  recorded the shards' digests, the contents of the shards it trained on and of the validation shard too);
 - flags that shape the optimization (learning rates, betas, weight decay, batch, schedule) may differ from the
   checkpoint's: they take effect from the resumed step, and the run says which changed.
 """
 from pathlib import Path
 
 from train import checkpoint, distributed
+from train.dataset import dataset_fingerprint
 from train.errors import UserError
 
 META_KEYS = ("step", "model_config", "user_config", "world_size", "dataloader", "loop_state")
@@ -59,13 +61,33 @@ def check_meta(meta: dict, args, plan, tokenizer, shards: list[str], ckpt_dir: P
     if data is None:
         return False  # written before the data was recorded
     old = data.get("train_shards", [])
-    if data.get("name") == args.dataset and shards[:len(old)] == old:
-        return False
+    if data.get("name") != args.dataset or shards[:len(old)] != old:
+        why = (f"dataset {data.get('name')!r} with {len(old)} training shards; now {args.dataset!r} with "
+               f"{len(shards)}")
+    else:
+        changed = changed_shards(data.get("digests"), args.dataset)
+        if not changed:
+            return False
+        more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+        why = f"other documents in {', '.join(changed[:3])}{more}: was the dataset rebuilt?"
     if not args.allow_data_change:
-        raise UserError(f"the data differs from checkpoint step {step}'s (dataset {data.get('name')!r} with "
-                        f"{len(old)} training shards; now {args.dataset!r} with {len(shards)}): resume with the "
-                        "same shards, or pass --allow-data-change")
+        raise UserError(f"the data differs from checkpoint step {step}'s ({why}): resume with the same shards, or "
+                        "pass --allow-data-change")
     return True
+
+
+def changed_shards(recorded, dataset: str) -> list[str]:
+    """The shards whose contents differ from the digests a checkpoint recorded (dataset_fingerprint at its save):
+    those it trained on, and the validation shard (which may be another one now, the old one become training
+    data). [] when the checkpoint recorded none (written before the digests were)."""
+    if not isinstance(recorded, dict) or not recorded:
+        return []
+    now = dataset_fingerprint(dataset)
+    changed = [name for name in sorted(recorded)[:-1] if now.get(name) != recorded[name]]
+    val = max(now, default=None)
+    if val is None or now[val] != recorded[max(recorded)]:
+        changed.append(f"the validation shard {val}")
+    return changed
 
 
 def changed_flags(meta: dict, args) -> list[str]:

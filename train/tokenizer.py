@@ -19,7 +19,7 @@ import torch
 
 from model.config import VOCAB_SIZE
 from train.dataset import DEFAULT_DATASET, ensure_dataset, open_shard, read_texts, split_shards
-from train.errors import Parser, UserError, run_cli
+from train.errors import Parser, UserError, first_line, run_cli
 from train.paths import atomic_write, tokenizer_dir
 
 # GPT-4's split pattern, with numbers split into groups of 1-2 digits (not 1-3): fewer merges
@@ -112,6 +112,8 @@ def load_tokenizer(dir: Path | str | None = None) -> Tokenizer:
         pattern, specials, vocab_size = meta["pattern"], meta["special_tokens"], int(meta["vocab_size"])
     except (ValueError, KeyError, TypeError):
         raise UserError(f"{folder / 'tokenizer.json'}: not a valid tokenizer description") from None
+    if not isinstance(pattern, str):
+        raise UserError(f"{folder / 'tokenizer.json'}: not a valid tokenizer description")
     ranks = {}
     path = folder / "tokenizer.tiktoken"
     for lineno, line in enumerate(path.read_text(encoding="ascii", errors="replace").splitlines(), 1):
@@ -120,9 +122,14 @@ def load_tokenizer(dir: Path | str | None = None) -> Tokenizer:
             ranks[base64.b64decode(token, validate=True)] = int(rank)
         except ValueError:
             raise UserError(f"{path}:{lineno}: expected 'base64-token rank'") from None
+    if not ranks:
+        raise UserError(f"{path}: holds no tokens: train the tokenizer again")
     if specials != {name: len(ranks) + i for i, name in enumerate(SPECIAL_TOKENS)}:
         raise UserError(f"{folder / 'tokenizer.json'}: the special tokens do not follow the {len(ranks)} merges")
-    tokenizer = make_tokenizer(ranks, pattern)
+    try:
+        tokenizer = make_tokenizer(ranks, pattern)
+    except ValueError as e:  # with ranks checked, tiktoken's only complaint: the split pattern does not parse
+        raise UserError(f"{folder / 'tokenizer.json'}: the split pattern does not compile ({first_line(e)})") from None
     try:
         token_bytes = torch.load(folder / "token_bytes.pt", weights_only=True)
     except Exception as e:  # torch raises many kinds for a damaged file
