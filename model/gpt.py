@@ -213,28 +213,29 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """Every parameter and buffer gets its value here (after to_empty on the meta-built model)."""
+        """Every parameter and buffer gets its value here (after to_empty on the meta-built model), drawn in
+        nanochat's order (its GPT.init_weights), so that one seed gives nanochat's initial weights."""
         cfg = self.config
-        s = math.sqrt(3.0 / cfg.n_embd)  # uniform bound with the std of N(0, 1/d), without outliers
+        s = 3**0.5 * cfg.n_embd**-0.5  # uniform bound with the std of N(0, 1/d), without outliers
         nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=0.8)
         nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
         for block in self.transformer.h:
             for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v):
                 nn.init.uniform_(lin.weight, -s, s)
             nn.init.zeros_(block.attn.c_proj.weight)  # every block starts as the identity
+            nn.init.uniform_(block.mlp.c_fc.weight, -s * 0.4, s * 0.4)
             nn.init.zeros_(block.mlp.c_proj.weight)
-            nn.init.uniform_(block.mlp.c_fc.weight, -0.4 * s, 0.4 * s)
-            if block.attn.ve_gate is not None:
-                nn.init.uniform_(block.attn.ve_gate.weight, 0.0, 0.02)
-        for ve in self.value_embeds.values():
-            nn.init.uniform_(ve.weight, -s, s)
-        L = cfg.n_layer
-        frac = torch.arange(L, dtype=torch.float32, device=self.resid_lambdas.device) / max(L - 1, 1)
-        self.resid_lambdas.copy_(1.15 - 0.10 * frac)
-        self.x0_lambdas.copy_(0.20 - 0.15 * frac)
-        nn.init.uniform_(self.smear_gate.weight, 0.0, 0.02)
+        L = cfg.n_layer  # stronger residual and more of the input embedding in the early layers
+        self.resid_lambdas.copy_(torch.tensor([1.15 - 0.10 * i / max(L - 1, 1) for i in range(L)]))
+        self.x0_lambdas.copy_(torch.tensor([0.20 - 0.15 * i / max(L - 1, 1) for i in range(L)]))
         self.smear_lambda.fill_(0.0)  # smear starts off
         self.backout_lambda.fill_(BACKOUT_INIT)
+        nn.init.uniform_(self.smear_gate.weight, 0.0, 0.02)
+        for ve in self.value_embeds.values():
+            nn.init.uniform_(ve.weight, -s, s)
+        for block in self.transformer.h:
+            if block.attn.ve_gate is not None:
+                nn.init.uniform_(block.attn.ve_gate.weight, 0.0, 0.02)
         cos, sin = rotary_tables(self.rotary_seq_len, cfg.head_dim, device=self.transformer.wte.weight.device)
         self.cos.copy_(cos)
         self.sin.copy_(sin)

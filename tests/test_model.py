@@ -368,3 +368,27 @@ def test_pre_norm_of_bf16_uses_fp32_math_and_eps():
     x = (torch.randn(6, 64) * 0.05).bfloat16().requires_grad_(True)
     expected = F.rms_norm(x.detach().float(), (64,)).bfloat16()
     torch.testing.assert_close(pre_norm(x), expected, rtol=1e-2, atol=1e-2)
+
+
+# Per-tensor sums of the initial weights at seed 42, d4 (vocab 4096, context 256), as nanochat 92d63d4's
+# GPT.init_weights draws them: nanochat's own model, built and seeded as its base_train does, gave these same
+# tensors bit for bit (bench/studies/nanochat_parity.py compares the two).
+NANOCHAT_INIT_SUMS = {
+    "transformer.wte.weight": -409.627179, "lm_head.weight": -0.082162, "smear_gate.weight": 0.276489,
+    "value_embeds.1.weight": -27.075448, "value_embeds.3.weight": -69.556883,
+    "transformer.h.1.attn.ve_gate.weight": 0.222321, "transformer.h.3.attn.ve_gate.weight": 0.202940,
+    "transformer.h.0.attn.c_q.weight": -1.765068, "transformer.h.0.attn.c_k.weight": -36.217357,
+    "transformer.h.0.attn.c_v.weight": 10.057549, "transformer.h.0.mlp.c_fc.weight": -8.399585,
+    "transformer.h.3.attn.c_q.weight": -54.501407, "transformer.h.3.attn.c_k.weight": -27.530563,
+    "transformer.h.3.attn.c_v.weight": 2.993852, "transformer.h.3.mlp.c_fc.weight": -9.343720,
+    "resid_lambdas": 4.4, "x0_lambdas": 0.5, "backout_lambda": 0.2,
+}
+
+
+def test_one_seed_gives_nanochats_initial_weights():
+    from model.config import config_from_depth
+    from train.builder import build_model
+    model = build_model(config_from_depth(4, max_seq_len=256, vocab_size=4096, window_pattern="L"), "cpu", seed=42)
+    state = model.state_dict()
+    for name, total in NANOCHAT_INIT_SUMS.items():
+        assert state[name].double().sum().item() == pytest.approx(total, abs=1e-5), name

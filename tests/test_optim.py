@@ -121,9 +121,11 @@ def test_muon_momentum_at_its_break_points():
     assert muon_momentum(1500, N, warmdown) == pytest.approx(0.935)
     assert muon_momentum(2000, N, warmdown) == pytest.approx(0.90)
     assert muon_momentum(1500, N, 0.0) == pytest.approx(0.97)  # no warmdown: flat to the end
-    # a warmdown that starts inside the ramp goes from where the ramp had got to, to 0.90 at the end
+    # within the first 400 steps the ramp alone, whatever the LR does (nanochat's rule); then 0.97 -> 0.90
+    assert muon_momentum(399, 500, 0.5) == pytest.approx(0.85 + 0.12 * 399 / 400)
+    assert muon_momentum(450, 500, 0.5) == pytest.approx(0.97 - 0.07 * 200 / 250)
     assert muon_momentum(100, 200, 0.5) == pytest.approx(0.88)
-    assert muon_momentum(200, 200, 0.5) == pytest.approx(0.90)
+    assert muon_momentum(200, 200, 0.5) == pytest.approx(0.91)
 
 
 def test_weight_decay_cosine():
@@ -161,8 +163,9 @@ def test_group_lrs_and_scaling():
     assert isinstance(opt, MuonAdamW) and not isinstance(opt, DistMuonAdamW)
     by_name = {g["name"]: g for g in opt.param_groups}
     # (lr, betas, decoupled weight decay) as the spec gives them: LRs x batch scale (2), embeddings x width (0.5)
-    expect = {"lm_head": (0.004 * 2 * 0.5, (0.7, 0.9), 0.01), "wte": (0.3 * 2 * 0.5, (0.7, 0.9), 0.001),
-              "value_embeds": (0.3 * 0.5 * 2 * 0.5, (0.7, 0.9), 0.01),
+    # (nanochat's betas: beta2 0.96 for lm_head and 0.995 for the embeddings; --adam-beta1/2 for the rest)
+    expect = {"lm_head": (0.004 * 2 * 0.5, (0.7, 0.96), 0.01), "wte": (0.3 * 2 * 0.5, (0.7, 0.995), 0.001),
+              "value_embeds": (0.3 * 0.5 * 2 * 0.5, (0.7, 0.995), 0.01),
               "resid_lambdas": (0.5 * 0.01 * 2, (0.7, 0.9), 0.05), "x0_lambdas": (0.5 * 2, (0.96, 0.9), 0.0),
               "smear_backout": (0.2, (0.8, 0.95), 0.0)}
     for name, (lr, betas, wd) in expect.items():

@@ -68,15 +68,16 @@ def warmdown_start(num_iterations: int, warmdown_ratio: float) -> int:
 
 
 def muon_momentum(step: int, num_iterations: int, warmdown_ratio: float) -> float:
-    """0.85 -> 0.97 linearly over the first 400 steps, then 0.97 until the LR warmdown starts, then linearly to
-    0.90 at the last step (from where the ramp had got to, when the warmdown starts earlier)."""
+    """0.85 -> 0.97 linearly over the first 400 steps (whatever the LR does then), then 0.97 until the LR warmdown
+    starts, then linearly from 0.97 to 0.90 at the last step: nanochat's get_muon_momentum."""
     start, peak, end = MUON_MOMENTUM
     step = min(step, num_iterations)
-    momentum = start + (peak - start) * min(step / MUON_MOMENTUM_RAMP, 1.0)
+    if step < MUON_MOMENTUM_RAMP:
+        return start + (peak - start) * step / MUON_MOMENTUM_RAMP
     start_wd = warmdown_start(num_iterations, warmdown_ratio)
-    if step > start_wd:
-        momentum += (end - momentum) * (step - start_wd) / (num_iterations - start_wd)
-    return momentum
+    if step >= start_wd and start_wd < num_iterations:
+        return peak + (end - peak) * (step - start_wd) / (num_iterations - start_wd)
+    return peak
 
 
 def weight_decay_at(step: int, num_iterations: int, weight_decay: float) -> float:
@@ -450,10 +451,11 @@ class AdamWGroup(NamedTuple):
     weight_decay: float = 0.0  # decoupled
 
 
+# as nanochat's setup_optimizer: beta2 0.96 for lm_head, 0.995 for the embeddings (their rows are seen rarely)
 ADAMW_GROUPS = (
-    AdamWGroup("lm_head", "unembedding_lr", by_width=True, weight_decay=0.01),
-    AdamWGroup("wte", "embedding_lr", by_width=True, weight_decay=0.001),
-    AdamWGroup("value_embeds", "embedding_lr", lr_factor=0.5, by_width=True, weight_decay=0.01),
+    AdamWGroup("lm_head", "unembedding_lr", by_width=True, betas=(None, 0.96), weight_decay=0.01),
+    AdamWGroup("wte", "embedding_lr", by_width=True, betas=(None, 0.995), weight_decay=0.001),
+    AdamWGroup("value_embeds", "embedding_lr", lr_factor=0.5, by_width=True, betas=(None, 0.995), weight_decay=0.01),
     AdamWGroup("resid_lambdas", "scalar_lr", lr_factor=0.01, weight_decay=0.05),
     AdamWGroup("x0_lambdas", "scalar_lr", betas=(0.96, None)),
     AdamWGroup("smear_backout", None, betas=(0.8, 0.95)),
