@@ -76,10 +76,14 @@ def test_a_failed_start_leaves_the_metrics_file_as_it_was(tiny_base):
 # 4. --keep-last after resuming an older step keeps what the resumed run writes
 
 def test_keep_last_after_an_older_resume_keeps_the_new_checkpoints(tiny_base):
-    args = [*SHORT, "--num-iterations", "6", "--model-tag", "keep"]
+    args = [*SHORT, "--num-iterations", "6", "--model-tag", "keep-older"]
     run([*args, "--save-every", "2"], tiny_base)
+    folder = ckpt(tiny_base, "keep-older")
+    before = files(folder)
+    one_line_error(run([*args, "--resume-from-step", "2"], tiny_base, check=False),
+                   r"holds checkpoints after step 2 \(steps 4, 6\).*--set-aside")
+    assert files(folder) == before
     proc = run([*args, "--save-every", "1", "--keep-last", "1", "--resume-from-step", "2", "--set-aside"], tiny_base)
-    folder = ckpt(tiny_base, "keep")
     assert checkpoint.saved_steps(folder) == [6]  # the resumed run's newest, not the set-aside run's
     assert re.findall(r"deleted the checkpoint of step (\d+)", proc.stdout) == ["2", "3", "4", "5"]
     aside, = folder.glob("set-aside-*")
@@ -167,7 +171,10 @@ def test_an_eval_a_stop_signal_skipped_runs_when_the_run_resumes(tiny_base):
     proc = run_patched(patch, args, tiny_base)
     assert proc.returncode == 143 and "stopped by SIGTERM at step 5" in proc.stdout, proc.stdout[-2000:]
     assert [r["step"] for r in metrics(tiny_base, "eval-stop") if "val/bpb" in r] == [0]
+    model = ckpt(tiny_base, "eval-stop") / "step_000005_model.pt"
+    weights = model.read_bytes(), model.stat().st_mtime_ns
     resumed = run([*args, "--resume-from-step", "latest"], tiny_base)
+    assert (model.read_bytes(), model.stat().st_mtime_ns) == weights  # only the meta is written again
     bpbs = [(r["step"], r["val/bpb"]) for r in metrics(tiny_base, "eval-stop") if "val/bpb" in r]
     assert [s for s, _ in bpbs] == [0, 5]
     assert f"done: val bpb {bpbs[-1][1]}" in resumed.stdout
@@ -195,10 +202,26 @@ def test_a_checkpoint_the_run_diverges_from_at_once_is_marked_and_latest_passes_
     proc = run_patched(nan_loss, [*args, "--resume-from-step", "latest"], tiny_base)
     one_line_error(proc, r"loss became nan at step 2; it diverged at once from checkpoint step 2, which may itself "
                          r"be bad: it is marked suspect .*the last good checkpoint is step 1")
-    assert checkpoint.suspect_marker(ckpt(tiny_base, "suspect"), 2).exists()
-    proc = run([*args, "--resume-from-step", "latest", "--set-aside"], tiny_base)
-    assert "skipped step 2: marked suspect" in proc.stdout and "latest: step 1" in proc.stdout
-    assert checkpoint.saved_steps(ckpt(tiny_base, "suspect")) == [1, 2, 3, 4]  # step 2 written again, unmarked
+    folder = ckpt(tiny_base, "suspect")
+    assert checkpoint.suspect_marker(folder, 2).exists()
+    # diverging at once again, from step 1, after passing over step 2: the cause is elsewhere, nothing more marked
+    proc = run_patched(nan_loss, [*args, "--resume-from-step", "latest"], tiny_base)
+    one_line_error(proc, r"diverged at once from checkpoint step 1 too, after `latest` passed over a checkpoint "
+                         r"marked suspect: .*nothing more is marked")
+    assert not checkpoint.suspect_marker(folder, 1).exists()
+    proc = run([*args, "--resume-from-step", "latest"], tiny_base)
+    assert "latest: step 1" in proc.stdout
+    assert checkpoint.saved_steps(folder) == [1, 2, 3, 4]  # step 2 written again, unmarked
+    assert [checkpoint.suspect_marker(aside, 2).exists() for aside in folder.glob("set-aside-*")] == [True]
+
+
+def test_latest_refuses_when_no_checkpoint_of_the_folder_can_be_resumed(tmp_path):
+    from train import resume
+    save_small(tmp_path, step=3)
+    (tmp_path / "step_000003_model.pt").write_bytes(b"damaged")
+    with pytest.raises(UserError, match=r"none of the checkpoints .* can be resumed \(steps 3, said above\)"):
+        resume.pick_step("latest", tmp_path, print)
+    assert resume.pick_step("latest", tmp_path, print, fresh_ok=True) == -1  # --set-aside: afresh
 
 
 # ----------------------------------------------------------------------------------------------
@@ -248,3 +271,33 @@ def test_a_copy_for_the_aside_folder_is_not_a_move(tmp_path):
     metrics_module.continue_file(path, 1, aside)
     assert path.read_text() == '{"step": 1}\n' and (aside / "metrics.jsonl").read_text().count("step") == 2
     shutil.rmtree(aside)
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. a rebuilt dataset is named on resume, through the CLI (the digests a checkpoint records)
+
+def test_a_rebuilt_dataset_is_refused_on_resume(tiny_base, tmp_path):
+    base = tmp_path / "base"
+    shutil.copytree(tiny_base, base)
+    args = [*SHORT, "--num-iterations", "4", "--save-every", "2", "--model-tag", "rebuilt"]
+    run([*args, "--num-iterations", "2"], base)
+    assert checkpoint.load_meta(ckpt(base, "rebuilt"), 2)["dataset"]["digests"]
+    run(["build", "--from", base / "src", "--name", "tiny", "--docs-per-row-group", "8", "--seed", "7"], base,
+        module="train.dataset")  # the same shard names, other documents in them
+    one_line_error(run([*args, "--resume-from-step", "2"], base, check=False),
+                   r"the data differs from checkpoint step 2's \(other documents in .*was the dataset rebuilt\?\)")
+    proc = run([*args, "--resume-from-step", "2", "--allow-data-change"], base)
+    assert "the loader starts at its beginning" in proc.stdout
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. a step saved on the way to a later last step, resumed as the last: evaluated as the last, then complete
+
+def test_a_step_saved_on_the_way_is_evaluated_when_it_becomes_the_last(tiny_base):
+    args = [*TINY, "--eval-every", "100", "--save-every", "2", "--model-tag", "on-the-way"]
+    run([*args, "--num-iterations", "4"], tiny_base)  # val bpb at 0 and 4 (the last)
+    proc = run([*args, "--num-iterations", "2", "--resume-from-step", "2", "--set-aside"], tiny_base)
+    assert "the run is complete" not in proc.stdout
+    assert [r["step"] for r in metrics(tiny_base, "on-the-way") if "val/bpb" in r] == [0, 2]
+    again = run([*args, "--num-iterations", "2", "--resume-from-step", "latest"], tiny_base)
+    assert "the run is complete" in again.stdout and "done: val bpb" in again.stdout

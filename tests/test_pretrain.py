@@ -143,6 +143,14 @@ def test_torchrun_two_ranks_train_save_and_resume_exactly(base):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert "2 rank" in proc.stderr.strip().splitlines()[-1], proc.stderr
     assert {p.name: p.read_bytes() for p in ckpt.iterdir() if p.is_file() and p.name != ".lock"} == before
+    # one rank refuses (its own optimizer shard is damaged): no rank changes the folder, every rank says why
+    shard = ckpt / "step_000004_optimizer_rank1.pt"
+    shard.write_bytes(shard.read_bytes()[:-1] + b"!")
+    before = {p.name: p.read_bytes() for p in ckpt.iterdir() if p.is_file() and p.name != ".lock"}
+    proc = torchrun([*ddp, "--model-tag", "ddp", "--resume-from-step", "4", "--set-aside"], base, check=False)
+    assert proc.returncode != 0 and proc.stderr.count("step_000004_optimizer_rank1.pt is damaged") == 2, proc.stderr
+    assert {p.name: p.read_bytes() for p in ckpt.iterdir() if p.is_file() and p.name != ".lock"} == before
+    assert not list(ckpt.glob("set-aside-*"))
 
 
 def test_two_nodes_meet_through_torchruns_rendezvous(base):

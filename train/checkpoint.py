@@ -111,6 +111,14 @@ def save_checkpoint(ckpt_dir: Path, step: int, model_state: dict, optimizer_stat
         raise CheckpointWriteError(error)
 
 
+def rewrite_meta(ckpt_dir: Path, step: int, meta: dict) -> None:
+    """A new meta for a saved step whose files are unchanged (a run resumed at its last step only evaluated): the
+    files keep their digests, and nothing but the meta is written (never a second copy of the weights to lose)."""
+    files = load_meta(ckpt_dir, step).get("files", {})
+    meta = meta | {"format": META_FORMAT, "files": files}
+    atomic_json_save(meta | {"meta_sha256": meta_digest(meta)}, _paths(Path(ckpt_dir), step, 0)[2])
+
+
 def saved_steps(ckpt_dir: Path) -> list[int]:
     """Steps whose checkpoint is complete (its meta file exists), ascending."""
     steps = []
@@ -172,17 +180,29 @@ def mark_suspect(ckpt_dir: Path, step: int, why: str) -> None:
         pass  # the message that follows names the checkpoint anyway
 
 
+def meta_damage(ckpt_dir: Path, step: int) -> str | None:
+    """Why the checkpoint of step can't be trusted, as far as its marker and meta tell (no file is read), or None."""
+    marker = suspect_marker(ckpt_dir, step)
+    if marker.exists():
+        try:
+            why = marker.read_text(errors="replace").strip()
+        except OSError as e:
+            why = e.strerror or str(e)
+        return f"marked suspect ({why}; delete {marker.name} to use it again)"
+    try:
+        load_meta(ckpt_dir, step)
+    except UserError as e:
+        return str(e)
+    return None
+
+
 def damage(ckpt_dir: Path, step: int) -> str | None:
     """Why the checkpoint of step can't be trusted (marked suspect; its meta, or a file it lists missing, of another
     size, with another sha256, or unreadable), or None."""
-    marker = suspect_marker(ckpt_dir, step)
-    if marker.exists():
-        return f"marked suspect ({marker.read_text(errors='replace').strip()}; delete {marker} to use it again)"
-    try:
-        meta = load_meta(ckpt_dir, step)
-    except UserError as e:
-        return str(e)
-    files = meta.get("files")
+    why = meta_damage(ckpt_dir, step)
+    if why is not None:
+        return why
+    files = load_meta(ckpt_dir, step).get("files")
     if not isinstance(files, dict):
         return None  # written before checksums: nothing to compare with
     for name in sorted(files):

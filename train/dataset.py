@@ -117,7 +117,8 @@ def open_shard(path: Path) -> pq.ParquetFile:
 
 def is_text_type(kind: pa.DataType) -> bool:
     """Strings, or nulls only (a column of None: empty documents)."""
-    return pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_null(kind)
+    string_view = getattr(pa.types, "is_string_view", lambda kind: False)  # pyarrow >= 16
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind) or string_view(kind) or pa.types.is_null(kind)
 
 
 def read_texts(pf: pq.ParquetFile, row_group: int, path: Path) -> list[str]:
@@ -140,6 +141,10 @@ def file_sha256(path: Path) -> str:
         raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
 
 
+_HASHED: dict[tuple, str] = {}  # (path, size, mtime_ns) -> sha256, for this process
+_UNSTORABLE: set[Path] = set()  # digest files this process could not write (said once)
+
+
 def shard_digests(folder: Path) -> dict[str, str]:
     """{shard name: sha256 of its bytes} of every shard in folder, read from its digests.json. A shard the file
     does not know at its size and mtime (a folder made before the digests were kept, a shard put there by hand)
@@ -156,14 +161,19 @@ def shard_digests(folder: Path) -> dict[str, str]:
         entry = {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
         old = stored.get(path.name)
         same = isinstance(old, dict) and isinstance(old.get("sha256"), str) and old.items() >= entry.items()
-        known[path.name] = old if same else entry | {"sha256": file_sha256(path)}
+        key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)  # hashed once per process, stored or not
+        if not same and key not in _HASHED:
+            _HASHED[key] = file_sha256(path)
+        known[path.name] = old if same else entry | {"sha256": _HASHED[key]}
     if known != stored:
         try:
             with atomic_write(store, "w") as f:
                 json.dump(known, f, indent=1)
-        except OSError as e:  # a read-only folder: correct all the same, only slower
-            print(f"note: cannot store the shard digests in {store} ({e.strerror or e}): they are computed again "
-                  "at every start")
+        except OSError as e:  # a read-only folder: correct all the same, hashed again by each new process
+            if store not in _UNSTORABLE:
+                _UNSTORABLE.add(store)
+                print(f"note: cannot store the shard digests in {store} ({e.strerror or e}): each run hashes the "
+                      "shards once")
     return {name: entry["sha256"] for name, entry in known.items()}
 
 

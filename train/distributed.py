@@ -73,13 +73,13 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def max_over_ranks(value: int, device: torch.device) -> int:
-    """The largest of every rank's value (alone: value)."""
+def max_over_ranks(values: list[int], device: torch.device) -> list[int]:
+    """The largest of every rank's value, for each of values (alone: values), in one collective."""
     if not dist.is_initialized():
-        return value
-    t = torch.tensor([value], device=device)
+        return list(values)
+    t = torch.tensor(values, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())
+    return t.tolist()
 
 
 def all_gather_objects(obj) -> list:

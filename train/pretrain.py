@@ -305,6 +305,8 @@ class Run:
     step: int
     stop_at: int | None = None  # the step a stop signal ends the run at, once every rank knows of it
     val_repeats_said: bool = False
+    in_the_way: list = dataclasses.field(default_factory=list)  # later checkpoints set aside at the start
+    passed_over_suspect: bool = False  # one of them was marked suspect
 
     @property
     def device(self) -> torch.device:
@@ -348,11 +350,11 @@ def train(args, plan, tokenizer, dist_info) -> None:
 def loop(run: Run) -> None:
     """Until the last step: evaluate if due, save if due, stop if a signal came, one optimizer step, log."""
     plan = run.plan
-    if run.step == plan.num_iterations and run.loop_state.evaluated_step == run.step:
+    complete = run.step == plan.num_iterations and run.loop_state.evaluated_step == run.step
+    if complete:
         print0(f"step {run.step} is the last (--num-iterations {plan.num_iterations}) and was evaluated and saved: "
                "the run is complete")
-        return
-    while True:
+    while not complete:
         last, stopping = run.step == plan.num_iterations, run.step == run.stop_at
         if not stopping and run.loop_state.evaluated_step != run.step:  # a resumed run: not again what was done
             evaluate_if_due(run, last)
@@ -365,7 +367,7 @@ def loop(run: Run) -> None:
         if last:
             break
         loss, lrm, dt = optimizer_step(run)
-        agree_on_stop_signal(run)
+        agree_on_stop(run, loss)
         log_step(run, loss, lrm, dt)
     if run.device.type == "cuda":
         print0(f"peak memory {torch.cuda.max_memory_allocated(run.device) / 2**30:.2f} GiB")
@@ -384,13 +386,32 @@ def plot_curves(ckpt_dir) -> None:
 
 
 def start(args, plan, tokenizer, dist_info, ckpt_dir) -> Run:
-    """Check everything first (the checkpoint to resume, its model, optimizer and loader state, the folder's other
-    checkpoints, wandb), then change the folder (set aside, the metrics file continued), then build what trains."""
+    """Check everything first, on every rank (the checkpoint to resume, its model, optimizer, loader and loop
+    state, the folder's other checkpoints, wandb, the first batch); once every rank has, change the folder (set
+    aside, the metrics file continued)."""
+    try:
+        run = build_run(args, plan, tokenizer, dist_info, ckpt_dir)
+        error = None
+    except UserError as e:
+        error = str(e)
+    error = next((e for e in distributed.all_gather_objects(error) if e), None)  # the same on every rank
+    if error is not None:
+        raise UserError(error)
+    if dist_info.is_master:  # sure to run now
+        tidy_folder(ckpt_dir, run.in_the_way, run.start_step if run.resumed else None)
+    distributed.barrier()
+    return run
+
+
+def build_run(args, plan, tokenizer, dist_info, ckpt_dir) -> Run:
     device, rank, world = dist_info.device, dist_info.rank, dist_info.world_size
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     start_step, meta = resume_meta(args, plan, tokenizer, ckpt_dir)
+    loop_state = LoopState.from_meta(meta["loop_state"], start_step) if meta else LoopState()
+    if meta and start_step == plan.num_iterations and meta.get("plan", {}).get("num_iterations") != start_step:
+        loop_state.evaluated_step = None  # saved on the way to a later last step: evaluate it as the last
     in_the_way = checkpoints_in_the_way(args, ckpt_dir, start_step if meta else None)
     model, optimizer, converted = build_model_and_optimizer(
         plan, args, device, choose_recompute_mlp(args.recompute_mlp, plan, device), dist_info.distributed,
@@ -404,8 +425,6 @@ def start(args, plan, tokenizer, dist_info, ckpt_dir) -> Run:
                         rank=rank, world_size=world, device=device, state=state)
     log = MetricsLog(ckpt_dir / "metrics.jsonl", run=args.run, config=vars(args) | plan.to_json(),
                      enabled=dist_info.is_master)
-    if dist_info.is_master:  # sure to run now
-        tidy_folder(ckpt_dir, in_the_way, start_step if meta else None)
     use_compile = args.compile if args.compile is not None else device.type == "cuda"
     batches = loader.batches()
     train_step = TrainStep(torch.compile(model, dynamic=False) if use_compile else model, optimizer,
@@ -413,19 +432,21 @@ def start(args, plan, tokenizer, dist_info, ckpt_dir) -> Run:
                            next(batches))
     print0(f"training {plan.num_iterations} steps from step {start_step} on {world} x {device.type}, "
            f"compile={'on' if use_compile else 'off'}, checkpoints in {ckpt_dir}")
-    return Run(args, plan, tokenizer, dist_info, ckpt_dir, model, train_step, loader, log,
-               LoopState.from_meta(meta["loop_state"], start_step) if meta else LoopState(), StopSignal(),
-               start_step, resumed=meta is not None, step=start_step)
+    return Run(args, plan, tokenizer, dist_info, ckpt_dir, model, train_step, loader, log, loop_state,
+               StopSignal(), start_step, resumed=meta is not None, step=start_step, in_the_way=in_the_way,
+               passed_over_suspect=any(checkpoint.suspect_marker(ckpt_dir, s).exists() for s in in_the_way))
 
 
 def checkpoints_in_the_way(args, ckpt_dir: Path, resumed: int | None) -> list[int]:
     """The folder's checkpoints after the resumed step (all of them on a fresh start): another run's, or a later
     point of this one. Refused unless --set-aside, so that a run's checkpoints never mix with another's and
-    --keep-last never deletes the run's own; with `latest` they are the damaged ones it passed over, set aside."""
+    --keep-last never deletes the run's own; the ones that could not be resumed anyway (damaged or marked suspect:
+    with `latest`, every later one) are set aside without asking."""
     later = [s for s in checkpoint.saved_steps(ckpt_dir) if resumed is None or s > resumed]
-    if later and args.resume_from_step != "latest" and not args.set_aside:
+    usable = [s for s in later if args.resume_from_step != "latest" and checkpoint.meta_damage(ckpt_dir, s) is None]
+    if usable and not args.set_aside:
         what = "of an earlier run" if resumed is None else f"after step {resumed}"
-        raise UserError(f"{ckpt_dir} holds checkpoints {what} (steps {', '.join(map(str, later))}): continue the "
+        raise UserError(f"{ckpt_dir} holds checkpoints {what} (steps {', '.join(map(str, usable))}): resume the "
                         "newest with --resume-from-step latest, give this run another --model-tag, or pass "
                         "--set-aside to move them out of the way")
     return later
@@ -474,7 +495,7 @@ def check_inputs(args, tokenizer, device) -> None:
 def resume_meta(args, plan, tokenizer, ckpt_dir) -> tuple[int, dict | None]:
     """(the step to start from, the meta of the checkpoint to resume, checked against this model, tokenizer and
     data; or 0, None)."""
-    step = resume.pick_step(args.resume_from_step, ckpt_dir, print0)
+    step = resume.pick_step(args.resume_from_step, ckpt_dir, print0, fresh_ok=args.set_aside)
     if step < 0:
         return 0, None
     meta = checkpoint.load_meta(ckpt_dir, step)
@@ -581,10 +602,14 @@ def save(run: Run) -> None:
             "tokenizer": run.tokenizer.fingerprint,
             "dataset": {"name": run.args.dataset, "train_shards": [p.name for p in run.loader.paths],
                         "digests": dataset_fingerprint(run.args.dataset)}}
-    model_state = fp8.plain_state_dict(run.orig_model) if run.args.fp8 else run.orig_model.state_dict()
     try:
-        checkpoint.save_checkpoint(run.ckpt_dir, step, model_state, run.optimizer.state_dict(), meta,
-                                   rank=run.dist.rank, gather=distributed.all_gather_objects)
+        if run.resumed and step == run.start_step:  # nothing trained since it was saved: a new meta only
+            if run.dist.is_master:
+                checkpoint.rewrite_meta(run.ckpt_dir, step, meta)
+        else:
+            model_state = fp8.plain_state_dict(run.orig_model) if run.args.fp8 else run.orig_model.state_dict()
+            checkpoint.save_checkpoint(run.ckpt_dir, step, model_state, run.optimizer.state_dict(), meta,
+                                       rank=run.dist.rank, gather=distributed.all_gather_objects)
     except checkpoint.CheckpointWriteError as e:  # disk full, quota, permissions: the previous one is whole
         raise UserError(f"could not write the checkpoint of step {step} ({e}); {resume.last_good(run.ckpt_dir)}"
                         ) from None
@@ -619,8 +644,6 @@ def optimizer_step(run: Run) -> tuple[float, float, float]:
     loss, lrm = run.train_step(run.step)
     loss_value = loss.item()  # syncs the device
     dt = time.time() - t0
-    if not math.isfinite(loss_value):
-        raise UserError(f"loss became {loss_value} at step {run.step}; {diverged(run)}")
     run.step += 1
     if run.loader.passes_done > run.loop_state.passes_done:  # once per pass (the loop state is resumed)
         run.loop_state.passes_done = run.loader.passes_done
@@ -629,27 +652,35 @@ def optimizer_step(run: Run) -> tuple[float, float, float]:
     return loss_value, lrm, dt
 
 
+def agree_on_stop(run: Run, loss: float) -> None:
+    """Every rank learns of a signal any rank received (and which one), and of a non-finite loss on any rank, in one
+    collective: they all stop at the same step, or all stop at once with the same message."""
+    signal_number, diverged_somewhere = distributed.max_over_ranks(
+        [int(run.stop.received or 0), int(not math.isfinite(loss))], run.device)
+    if diverged_somewhere:
+        what = f"loss became {loss}" if not math.isfinite(loss) else "the loss became non-finite on another rank"
+        raise UserError(f"{what} at step {run.step - 1}; {diverged(run)}")
+    if signal_number and run.stop_at is None:
+        run.stop.received = signal.Signals(signal_number)
+        run.stop_at = run.step
+
+
 def diverged(run: Run) -> str:
     """Where to go on from after the loss became non-finite. At the first step after a resume the checkpoint itself
-    may be bad: it is marked suspect (`latest` passes over it) and the one before it is named."""
-    if run.resumed and run.step == run.start_step:
-        if run.dist.is_master:
-            checkpoint.mark_suspect(run.ckpt_dir, run.step, "the loss became non-finite at the first step after "
-                                                            "resuming it")
-        marker = checkpoint.suspect_marker(run.ckpt_dir, run.step)
-        return (f"it diverged at once from checkpoint step {run.step}, which may itself be bad: it is marked "
-                f"suspect and `--resume-from-step latest` passes over it (delete {marker} to use it again); "
-                f"{resume.last_good(run.ckpt_dir)}")
-    return resume.last_good(run.ckpt_dir)
-
-
-def agree_on_stop_signal(run: Run) -> None:
-    """Every rank learns of a signal any rank received (and which one): they all stop at the same step."""
-    if run.stop_at is None:
-        agreed = distributed.max_over_ranks(int(run.stop.received or 0), run.device)
-        if agreed:
-            run.stop.received = signal.Signals(agreed)
-            run.stop_at = run.step
+    may be bad: it is marked suspect (`latest` passes over it) and the one before it is named; unless this run
+    already passed over a suspect one, when the cause is likely elsewhere (and nothing is marked)."""
+    step, folder = run.step - 1, run.ckpt_dir
+    if not (run.resumed and step == run.start_step):
+        return resume.last_good(folder)
+    if run.passed_over_suspect:
+        return (f"it diverged at once from checkpoint step {step} too, after `latest` passed over a checkpoint "
+                "marked suspect: the cause is likely not the checkpoints (a changed flag, the data, the machine); "
+                "nothing more is marked")
+    if run.dist.is_master:
+        checkpoint.mark_suspect(folder, step, "the loss became non-finite at the first step after resuming it")
+    return (f"it diverged at once from checkpoint step {step}, which may itself be bad: it is marked suspect and "
+            f"`--resume-from-step latest` passes over it (delete {checkpoint.suspect_marker(folder, step)} to use it "
+            f"again); {resume.last_good(folder)}")
 
 
 def log_step(run: Run, loss: float, lrm: float, dt: float) -> None:

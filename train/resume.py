@@ -2,8 +2,9 @@
 
 - `latest` is the newest checkpoint whose meta and files verify (the newer ones skipped are named, with why);
 - the checkpoint must be of this model, this tokenizer (its fingerprint) and this dataset (its name and shards;
-  more shards after the old ones are fine, anything else needs --allow-data-change; where the checkpoint
-  recorded the shards' digests, the contents of the shards it trained on and of the validation shard too);
+  more training shards before the validation shard are fine, anything else needs --allow-data-change; where the
+  checkpoint recorded the shards' digests, the contents of the shards it trained on and of the validation shard
+  too);
 - flags that shape the optimization (learning rates, betas, weight decay, batch, schedule) may differ from the
   checkpoint's: they take effect from the resumed step, and the run says which changed.
 """
@@ -27,14 +28,19 @@ def last_good(ckpt_dir: Path) -> str:
     return f"the last good checkpoint is step {step} in {ckpt_dir} (--resume-from-step {step})"
 
 
-def pick_step(requested, ckpt_dir: Path, print0) -> int:
-    """The step to resume (-1: none). `latest`: the newest good checkpoint by rank 0's view, said in a line."""
+def pick_step(requested, ckpt_dir: Path, print0, fresh_ok: bool = False) -> int:
+    """The step to resume (-1: none). `latest`: the newest good checkpoint by rank 0's view, said in a line; when
+    the folder holds checkpoints and none is good, refused (unless fresh_ok: --set-aside moves them out of the way)."""
     if requested != "latest":
         return requested
     step, skipped = checkpoint.newest_good_step(ckpt_dir) if distributed.is_rank0() else (None, [])
     for bad, why in skipped:
         print0(f"--resume-from-step latest: skipped step {bad}: {why}")
-    step = distributed.all_gather_objects(-1 if step is None else step)[0]
+    step, refused = distributed.all_gather_objects((-1 if step is None else step, bool(skipped) and not fresh_ok))[0]
+    if step < 0 and refused:
+        raise UserError(f"--resume-from-step latest: none of the checkpoints in {ckpt_dir} can be resumed (steps "
+                        f"{', '.join(str(s) for s, _ in skipped) or 'as rank 0 found'}, said above): mend them, or "
+                        "pass --set-aside to move them out of the way and start afresh")
     print0(f"--resume-from-step latest: {f'step {step}' if step >= 0 else 'no checkpoint yet, starting from scratch'}"
            f" in {ckpt_dir}")
     return step
@@ -60,7 +66,11 @@ def check_meta(meta: dict, args, plan, tokenizer, shards: list[str], ckpt_dir: P
     data = meta.get("dataset")
     if data is None:
         return False  # written before the data was recorded
-    old = data.get("train_shards", [])
+    old, digests = data.get("train_shards", []), data.get("digests") or {}
+    if not (isinstance(old, list) and all(isinstance(x, str) for x in old) and isinstance(digests, dict)
+            and all(isinstance(x, str) for x in digests.values())):
+        raise UserError(f"the meta of step {step} in {ckpt_dir} records its data in a form this version does not "
+                        "write: it is damaged")
     if data.get("name") != args.dataset or shards[:len(old)] != old:
         why = (f"dataset {data.get('name')!r} with {len(old)} training shards; now {args.dataset!r} with "
                f"{len(shards)}")

@@ -86,10 +86,10 @@ def make_plan(depth: int, aspect_ratio: int = ASPECT_RATIO, head_dim: int = HEAD
     ref_config = config_from_depth(REF_DEPTH, aspect_ratio, head_dim, max_seq_len, vocab_size, window_pattern)
     d_ref = target_param_data_ratio * param_counts(ref_config)[0]["scaling_params"]
     target_tokens = int(target_param_data_ratio * scaling_params)
+    require(target_tokens >= 1, f"--target-param-data-ratio {target_param_data_ratio} gives {target_tokens} training "
+                                "tokens (the batch size and weight decay laws scale with them): raise it")
 
     if total_batch_size == -1:
-        require(target_tokens >= 1, f"--target-param-data-ratio {target_param_data_ratio} gives {target_tokens} "
-                                    "training tokens: raise it, or give --total-batch-size and --num-iterations")
         total_batch_size = 2 ** round(math.log2(B_REF * (target_tokens / d_ref) ** BATCH_EXPONENT))
     micro_tokens = device_batch_size * max_seq_len * world_size
     require(total_batch_size % micro_tokens == 0,
