@@ -68,6 +68,7 @@ def fake_nanochat(root, script="pass\n"):
     (["--nanochat", "{tmp}"], r"not a nanochat checkout \(scripts/base_train.py is missing\)"),
     (["--nanochat", "{fake}", "--steps", "0"], "--steps must be at least 1"),
     (["--nanochat", "{fake}", "--seed", "-1"], "--seed must be"),
+    (["--nanochat", "{fake}", "--eval-tokens", "2047"], r"--eval-tokens must be at least one batch \(2048\)"),
     (["--nanochat", "{fake}", "--work-dir", "{tmp}/work"], r"dataset 'pystdlib' has 0 shard\(s\).*train.dataset build"),
 ])
 def test_nanochat_parity_bad_input_is_one_line(argv, says, tmp_path, capsys, monkeypatch):

@@ -287,7 +287,8 @@ def set_aside(ckpt_dir: Path, steps: list[int]) -> Path:
     """Move the files of these steps into ckpt_dir/set-aside-<UTC time>/ (each step's meta last, so a step cut
     short by a crash is never complete in either folder); returns that folder."""
     import time
-    aside = Path(ckpt_dir) / time.strftime("set-aside-%Y%m%d-%H%M%S", time.gmtime())
+    stamp = time.strftime("set-aside-%Y%m%d-%H%M%S", time.gmtime())
+    aside = next(p for i in range(1000) if not (p := Path(ckpt_dir) / (stamp + (f"-{i}" if i else ""))).exists())
     try:
         aside.mkdir()
         files = _step_files(ckpt_dir)

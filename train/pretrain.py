@@ -483,7 +483,9 @@ def check_inputs(args, tokenizer, device) -> None:
         raise UserError("no tokenizer found: train one with "
                         f"`python -m train.tokenizer train --dataset {args.dataset}`")
     ensure_dataset(args.dataset)
-    dataset_fingerprint(args.dataset)  # a folder from before the stored digests is hashed once, now, not at a save
+    if distributed.is_rank0():  # a folder from before the stored digests: hashed once, now, by one rank
+        dataset_fingerprint(args.dataset)
+    distributed.barrier()
     if args.core_metric_every > 0:  # the eval bundle now, so that a missing one fails before training, not after
         from train.core_eval import ensure_eval_bundle
         try:
