@@ -335,6 +335,13 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate(self, tokens: list[int], max_tokens: int) -> list[int]:
         """Greedy continuation of tokens (the prompt), max_tokens new ids, with a KV cache."""
+        return list(self.stream(tokens, max_tokens))
+
+    @torch.no_grad()
+    def stream(self, tokens: list[int], max_tokens: int, temperature: float = 0.0, top_k: int | None = None):
+        """Yield max_tokens new ids after tokens (the prompt), one at a time, with a KV cache: the most likely
+        at temperature 0, else drawn (torch's global RNG) from softmax(logits / temperature), among the top_k
+        most likely when top_k is given."""
         if not tokens:
             raise ValueError("generate needs at least one prompt token")
         if len(tokens) + max_tokens > self.rotary_seq_len:
@@ -342,10 +349,13 @@ class GPT(nn.Module):
         device = self.transformer.wte.weight.device
         cache = KVCache(self.config.n_layer)
         ids = torch.tensor([tokens], dtype=torch.long, device=device)
-        out: list[int] = []
         for _ in range(max_tokens):
-            logits = self.forward(ids, kv_cache=cache)  # prompt first (prefill), then one token at a time
-            nxt = int(logits[0, -1].argmax())
-            out.append(nxt)
+            logits = self.forward(ids, kv_cache=cache)[0, -1]  # prompt first (prefill), then one token at a time
+            if temperature == 0:
+                nxt = int(logits.argmax())
+            else:
+                if top_k is not None and top_k < logits.size(-1):
+                    logits = logits.masked_fill(logits < torch.topk(logits, top_k).values[-1], -math.inf)
+                nxt = int(torch.multinomial(F.softmax(logits / temperature, dim=-1), 1))
+            yield nxt
             ids = torch.tensor([[nxt]], dtype=torch.long, device=device)
-        return out

@@ -1,5 +1,6 @@
 """train.core_eval: the bundle download, prompt rendering, scoring against models whose answers we know,
 the CORE arithmetic, 2 gloo ranks, a tiny real GPT, the CLI and train.pretrain with --core-metric-every."""
+import io
 import json
 import os
 import random
@@ -216,6 +217,26 @@ def test_accuracy_centering_and_core_on_a_partly_right_model(bundle):
         random.Random(1337).shuffle(order)
         expected[label] = sum(i in right for i in order[:2]) / 2
     assert capped["results"] == pytest.approx(expected)
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_is_a_bar_on_a_terminal_stderr_from_rank_0_only(bundle, monkeypatch, capsys):
+    model = Oracle(answer_texts(*MIXED))
+    evaluate_core(model, TOK, "cpu", bundle_dir=bundle)
+    assert capsys.readouterr() == ("", "")  # not a terminal (a log file, a test): no bar anywhere
+    monkeypatch.setattr(sys, "stderr", terminal := Terminal())
+    assert evaluate_core(model, TOK, "cpu", bundle_dir=bundle)["core_metric"] == pytest.approx(MIXED_CORE)
+    assert "CORE" in terminal.getvalue() and "example" in terminal.getvalue() and capsys.readouterr().out == ""
+    # rank 1 of 2 (the collective faked): quiet even on a terminal
+    for name, value in (("is_initialized", True), ("get_rank", 1), ("get_world_size", 2), ("all_reduce", None)):
+        monkeypatch.setattr(torch.distributed, name, lambda *args, value=value, **kwargs: value)
+    monkeypatch.setattr(sys, "stderr", terminal := Terminal())
+    evaluate_core(model, TOK, "cpu", bundle_dir=bundle)
+    assert terminal.getvalue() == "" and capsys.readouterr() == ("", "")
 
 
 def test_prompts_longer_than_the_training_context_are_scored_whole(tmp_path):

@@ -7,11 +7,12 @@ from train import plot
 from train.errors import UserError, run_cli
 
 
-def write_run(folder, steps=6, flops_per_step=10.0, resumed_at=None):
+def write_run(folder, steps=6, flops_per_step=10.0, resumed_at=None, mfu=30.0):
+    """mfu=None: a CPU run, which logs "train/mfu": null (no known peak)."""
     folder.mkdir(parents=True)
     lines = [{"step": 0, "val/bpb": 3.0}]
     for s in range(1, steps + 1):
-        lines.append({"step": s, "train/loss": 5.0 - s / 2, "train/mfu": 30.0, "train/tok_per_sec": 1000.0,
+        lines.append({"step": s, "train/loss": 5.0 - s / 2, "train/mfu": mfu, "train/tok_per_sec": 1000.0,
                       "total_flops": flops_per_step * s})
         if resumed_at == s:  # a killed run's last step, logged again by the resumed run
             lines.append({"step": s, "train/loss": 99.0, "total_flops": flops_per_step * s})
@@ -35,6 +36,31 @@ def test_several_runs_on_one_figure(tmp_path, capsys):
     write_run(tmp_path / "b", steps=4, flops_per_step=20.0)
     plot.main([str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "both.png")])
     assert (tmp_path / "both.png").stat().st_size > 10_000 and "both.png" in capsys.readouterr().out
+
+
+def drawn_figure(monkeypatch, run_dirs, out):
+    """The figure plot_runs draws (kept from plt.close), as [(title, number of lines)] per axes."""
+    plt = pytest.importorskip("matplotlib.pyplot", reason="matplotlib is not installed (pip install -e .[plot])")
+    closed = []
+    monkeypatch.setattr(plt, "close", closed.append)
+    plot.plot_runs(run_dirs, out)
+    return [(ax.get_title(), len(ax.get_lines())) for ax in closed[0].axes]
+
+
+def test_panels_only_for_what_was_measured(tmp_path, monkeypatch):
+    write_run(tmp_path / "cpu", mfu=None)
+    write_run(tmp_path / "gpu")
+    cpu = drawn_figure(monkeypatch, [tmp_path / "cpu"], tmp_path / "cpu.png")
+    assert [title for title, _ in cpu] == ["train loss", "val bpb", "tok/s", "train loss", "val bpb"]
+    assert all(n == 1 for _, n in cpu)  # no empty axes
+    gpu = drawn_figure(monkeypatch, [tmp_path / "gpu"], tmp_path / "gpu.png")
+    assert [title for title, _ in gpu] == ["train loss", "val bpb", "tok/s", "train loss", "val bpb", "MFU %"]
+    both = drawn_figure(monkeypatch, [tmp_path / "cpu", tmp_path / "gpu"], tmp_path / "both.png")
+    assert both[-1] == ("MFU %", 1) and all(n == 2 for _, n in both[:-1])  # a panel any run has is kept
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "metrics.jsonl").write_text('{"step": 0, "train/mfu": null}\n')
+    with pytest.raises(UserError, match="nothing to plot"):
+        plot.plot_runs([tmp_path / "empty"], tmp_path / "empty.png")
 
 
 def test_a_folder_without_metrics_is_one_line(tmp_path, capsys):

@@ -1,8 +1,10 @@
 """train.tokenizer: rustbpe training, tiktoken serving, the plain-text format, token bytes, bad input."""
 import base64
+import io
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -107,6 +109,24 @@ def test_numbers_split_in_groups_of_at_most_two_digits(trained):
     pieces = [tok.decode([i]) for i in tok.encode("1234567 and 99")]
     assert all(len(p.strip()) <= 2 for p in pieces if p.strip().isdigit())
     assert "".join(pieces) == "1234567 and 99"
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_is_a_bar_on_a_terminal_stderr_only(trained, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(trained[1]))
+    train_tokenizer("mixed", vocab_size=300, out_dir=tmp_path / "quiet")
+    out, err = capsys.readouterr()
+    assert err == "" and "\r" not in out  # not a terminal (a log file, a test): no bar anywhere
+    assert re.search(r"^read 300 documents .* computing 35 merges .*\nmerges computed in [0-9.]+s$", out, re.M), out
+    monkeypatch.setattr(sys, "stderr", terminal := Terminal())
+    train_tokenizer("mixed", vocab_size=300, out_dir=tmp_path / "tty")
+    out = capsys.readouterr().out
+    assert "reading:" in terminal.getvalue() and "char" in terminal.getvalue()
+    assert "reading:" not in out and "\r" not in out
 
 
 def cli(args, base):

@@ -1,4 +1,4 @@
-"""The model and its optimizer, built one way for pretraining, the bench tools and CORE.
+"""The model and its optimizer, built one way for pretraining, the bench tools, CORE and sampling.
 
 The GPT is built on the meta device (no memory), materialised on the target device and initialised there;
 FP8 conversion (torchao) comes after the weights are loaded and before torch.compile and the optimizer.
@@ -48,6 +48,36 @@ def build_model_and_optimizer(plan, args, device, recompute_mlp: bool, distribut
         load_weights(model, model_state)
     converted = convert_to_fp8(model, args.fp8_recipe, emulate=args.fp8_emulate) if args.fp8 else []
     return model, build_optimizer(model, plan, args, distributed), converted
+
+
+def find_checkpoint(model_tag: str, step: int | None, note=print) -> tuple:
+    """(folder, meta, tokenizer) of the checkpoint that --model-tag and --step name, checked before any weights
+    are read (train.core_eval and train.sample). step None: the newest that verifies, as --resume-from-step latest
+    picks it (newer damaged or suspect ones are passed over, each named through note). The saved tokenizer must
+    be the one the checkpoint was trained with."""
+    from train import checkpoint
+    from train.paths import checkpoint_dir, plain_name, tokenizer_dir
+    from train.tokenizer import load_tokenizer
+    ckpt_dir = checkpoint_dir(plain_name(model_tag, "--model-tag"))
+    if step is None:
+        step, skipped = checkpoint.newest_good_step(ckpt_dir)
+        if step is None:
+            raise UserError(f"no checkpoints in {ckpt_dir}" if not skipped else
+                            f"no checkpoint in {ckpt_dir} verifies (step {skipped[0][0]}: {skipped[0][1]})")
+        for bad, why in skipped:
+            note(f"skipped step {bad} of {ckpt_dir}: {why}")
+    meta = checkpoint.load_meta(ckpt_dir, step)  # an explicit step that is not there: one line naming those that are
+    if "model_config" not in meta:
+        raise UserError(f"the meta of step {step} in {ckpt_dir} lacks model_config: it was not written by "
+                        "train.pretrain")
+    tokenizer = load_tokenizer()
+    if tokenizer.vocab_size != meta["model_config"].get("vocab_size"):
+        raise UserError(f"the tokenizer's vocabulary ({tokenizer.vocab_size}) does not match the checkpoint's "
+                        f"({meta['model_config'].get('vocab_size')})")
+    if meta.get("tokenizer") not in (None, tokenizer.fingerprint):  # None: a meta from before the fingerprint
+        raise UserError(f"the tokenizer in {tokenizer_dir()} differs from the one checkpoint step {step} was "
+                        "trained with (the same vocabulary size, other merges)")
+    return ckpt_dir, meta, tokenizer
 
 
 def model_from_checkpoint(ckpt_dir, step: int, device) -> tuple[GPT, dict]:

@@ -27,10 +27,11 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from train.download import DownloadError, fetch_with_retries
 from train.errors import Parser, UserError, run_cli
-from train.paths import checkpoint_dir, eval_bundle_dir
+from train.paths import eval_bundle_dir
 
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
@@ -249,12 +250,12 @@ def evaluate_core(model, tokenizer, device, max_per_task: int = 500, autocast=No
 
     tasks = load_tasks(Path(bundle_dir or ensure_eval_bundle()), max_per_task)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    correct = torch.zeros(len(tasks) + 1, dtype=torch.long, device=device)  # the last: examples cropped
-    for t, task in enumerate(tasks):
-        crops: list = []
-        correct[t] = sum(score_example(model, tokenizer, task, i, device, autocast, crops)
-                         for i in range(rank, len(task.examples), world))
-        correct[-1] += len(crops)
+    mine = [(t, i) for t, task in enumerate(tasks) for i in range(rank, len(task.examples), world)]
+    right, crops = [0] * len(tasks), []
+    # a bar on stderr, from rank 0 and only on a terminal (disable=None); leave=False: the results take its place
+    for t, i in tqdm(mine, desc="CORE", unit="example", leave=False, disable=None if rank == 0 else True):
+        right[t] += score_example(model, tokenizer, tasks[t], i, device, autocast, crops)
+    correct = torch.tensor(right + [len(crops)], dtype=torch.long, device=device)  # the last: examples cropped
     all_reduce_sum(correct)
     results = {task.label: correct[t].item() / len(task.examples) for t, task in enumerate(tasks)}
     centered_results = {task.label: centered(results[task.label], task.baseline) for task in tasks}
@@ -268,27 +269,18 @@ def evaluate_core(model, tokenizer, device, max_per_task: int = 500, autocast=No
 
 
 def main(argv=None) -> None:
-    from train import checkpoint, distributed
-    from train.builder import model_from_checkpoint
+    from train import distributed
+    from train.builder import find_checkpoint, model_from_checkpoint
     from train.step import autocast_for
-    from train.tokenizer import load_tokenizer
 
     p = Parser(prog="train.core_eval", description="The DCLM CORE score of a pretrained checkpoint.")
     p.add_argument("--model-tag", required=True, help="checkpoint folder under $NANOCHAT_BASE_DIR/base_checkpoints/")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last one saved)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest that verifies)")
     p.add_argument("--max-per-task", type=int, default=-1, help="examples per task; -1 = all (the real CORE)")
     p.add_argument("--device-type", default="", help="cuda, cpu or mps; empty = autodetect")
     args = p.parse_args(argv)
 
-    ckpt_dir = checkpoint_dir(args.model_tag)
-    steps = checkpoint.saved_steps(ckpt_dir)
-    if args.step is None and not steps:
-        raise UserError(f"no checkpoints in {ckpt_dir}")
-    meta = checkpoint.load_meta(ckpt_dir, args.step if args.step is not None else steps[-1])
-    tokenizer = load_tokenizer()
-    if tokenizer.vocab_size != meta["model_config"]["vocab_size"]:
-        raise UserError(f"the tokenizer's vocabulary ({tokenizer.vocab_size}) does not match the checkpoint's "
-                        f"({meta['model_config']['vocab_size']})")
+    ckpt_dir, meta, tokenizer = find_checkpoint(args.model_tag, args.step, distributed.print0)
     dist_info = distributed.setup(args.device_type)
     try:
         device = dist_info.device

@@ -1,5 +1,6 @@
 """Bad input is reported as one clear line and exit status 2, never a traceback."""
 import argparse
+import os
 import sys
 
 
@@ -28,7 +29,8 @@ class Parser(argparse.ArgumentParser):
 
 
 def run_cli(main, argv=None) -> None:
-    """Run main(argv); a UserError becomes one 'error: ...' line on stderr and exit status 2."""
+    """Run main(argv); a UserError becomes one 'error: ...' line on stderr and exit status 2; a closed stdout
+    ends the run quietly with 141 (128 + SIGPIPE, as a shell reports it)."""
     try:
         main(argv)
     except UserError as e:
@@ -37,3 +39,6 @@ def run_cli(main, argv=None) -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         raise SystemExit(130) from None
+    except BrokenPipeError:  # the reader of our output left (`| head`): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so exiting flushes nothing into the pipe
+        raise SystemExit(141) from None

@@ -3,17 +3,18 @@
     python -m train.plot ~/.cache/nanochat/base_checkpoints/d12                      # -> that folder/metrics.png
     python -m train.plot RUN_DIR OTHER_RUN_DIR --out compare.png                     # several runs on one figure
 
-Panels: train loss and val bpb against step and against training FLOPs, MFU and tok/s against step.
-train.pretrain writes metrics.png next to its checkpoints at the end of a run.
+Panels: train loss and val bpb against step and against training FLOPs, tok/s and MFU against step; a panel no run
+has data for is left out (MFU on the CPU, val bpb with --eval-every -1). train.pretrain writes metrics.png next to
+its checkpoints at the end of a run.
 """
 import json
 from pathlib import Path
 
 from train.errors import Parser, UserError, run_cli
 
-PANELS = (  # (metric key, x axis, title)
-    ("train/loss", "step", "train loss"), ("val/bpb", "step", "val bpb"), ("train/mfu", "step", "MFU %"),
-    ("train/loss", "flops", "train loss"), ("val/bpb", "flops", "val bpb"), ("train/tok_per_sec", "step", "tok/s"),
+PANELS = (  # (metric key, x axis, title), row by row; MFU last, as it is the one most often missing
+    ("train/loss", "step", "train loss"), ("val/bpb", "step", "val bpb"), ("train/tok_per_sec", "step", "tok/s"),
+    ("train/loss", "flops", "train loss"), ("val/bpb", "flops", "val bpb"), ("train/mfu", "step", "MFU %"),
 )
 
 
@@ -37,6 +38,24 @@ def read_metrics(path: Path) -> dict[str, dict[int, float]]:
     return series
 
 
+def panels(runs: dict[str, dict]) -> list[tuple[str, str, dict[str, list]]]:
+    """(title, x axis, {run: [(x, y), ...]}) of the PANELS that some run has points for: a metric never logged
+    (MFU on a device without a known peak is logged as null) gets no panel rather than an empty one."""
+    out = []
+    for key, x_axis, title in PANELS:
+        lines = {}
+        for name, series in runs.items():
+            points = sorted(series.get(key, {}).items())
+            if x_axis == "flops":
+                flops = series["flops"]
+                points = [(flops[s], v) for s, v in points if s in flops]
+            if points:
+                lines[name] = points
+        if lines:
+            out.append((title, x_axis, lines))
+    return out
+
+
 def plot_runs(run_dirs: list[Path], out: Path) -> Path:
     """One figure of every run's curves (a line per run, named by its folder), written to out."""
     try:
@@ -46,19 +65,20 @@ def plot_runs(run_dirs: list[Path], out: Path) -> Path:
     except ImportError:
         raise UserError("plotting needs matplotlib: pip install matplotlib") from None
     runs = {Path(d).name: read_metrics(Path(d) / "metrics.jsonl") for d in run_dirs}
-    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
-    for ax, (key, x_axis, title) in zip(axes.flat, PANELS):
-        for name, series in runs.items():
-            points = sorted(series.get(key, {}).items())
-            if x_axis == "flops":
-                flops = series["flops"]
-                points = [(flops[s], v) for s, v in points if s in flops]
-            if points:
-                ax.plot(*zip(*points), label=name, marker="o" if key == "val/bpb" else None, markersize=3)
+    drawn = panels(runs)
+    if not drawn:
+        raise UserError(f"nothing to plot: no run has any of {sorted({key for key, _, _ in PANELS})} logged yet")
+    cols = min(3, len(drawn))
+    rows = -(-len(drawn) // cols)
+    fig = plt.figure(figsize=(5 * cols, 4 * rows))
+    for i, (title, x_axis, lines) in enumerate(drawn):
+        ax = fig.add_subplot(rows, cols, i + 1)  # only the panels drawn get axes: none is left blank
+        for name, points in lines.items():
+            ax.plot(*zip(*points), label=name, marker="o" if title == "val bpb" else None, markersize=3)
         ax.set_title(title)
         ax.set_xlabel("training FLOPs" if x_axis == "flops" else "step")
         ax.grid(alpha=0.3)
-    axes.flat[0].legend(fontsize=8)
+    fig.axes[0].legend(fontsize=8)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import tiktoken
 import torch
+from tqdm import tqdm
 
 from model.config import VOCAB_SIZE
 from train.dataset import DEFAULT_DATASET, ensure_dataset, open_shard, read_texts, split_shards
@@ -171,13 +172,21 @@ def train_tokenizer(dataset: str, vocab_size: int = VOCAB_SIZE, max_chars: int =
     seen = {"chars": 0, "docs": 0}
 
     def texts():
-        for text in training_texts(dataset, max_chars, doc_cap):
-            seen["chars"] += len(text)
-            seen["docs"] += 1
-            yield text
+        # a bar on stderr, shown only on a terminal (disable=None); the texts are read and counted as they come
+        with tqdm(total=max_chars, desc="reading", unit="char", unit_scale=True, disable=None) as bar:
+            for text in training_texts(dataset, max_chars, doc_cap):
+                seen["chars"] += len(text)
+                seen["docs"] += 1
+                bar.update(len(text))
+                yield text
+        # rustbpe computes the merges once it has read everything, and cannot report its progress: say so
+        seen["read_at"] = time.time()
+        print(f"read {seen['docs']:,} documents ({seen['chars'] / 1e6:.1f}M characters) in {time.time() - t0:.1f}s; "
+              f"computing {vocab_size - MIN_VOCAB:,} merges (no progress shown)...", flush=True)
 
     bpe = rustbpe.Tokenizer()
     bpe.train_from_iterator(texts(), vocab_size - len(SPECIAL_TOKENS), pattern=SPLIT_PATTERN)
+    print(f"merges computed in {time.time() - seen['read_at']:.1f}s")
     tokenizer = make_tokenizer({bytes(token): rank for token, rank in bpe.get_mergeable_ranks()})
     out_dir = Path(out_dir) if out_dir is not None else tokenizer_dir()
     try:
