@@ -114,7 +114,7 @@ def test_dry_run_needs_no_data_and_prints_the_plan_as_json(tmp_path):
 
 def test_torchrun_two_ranks_train_save_and_resume_exactly(base):
     """Two gloo ranks through torchrun: per-rank optimizer shards, val bpb over both ranks, and a resumed
-    2-rank run continues the same loss curve; resuming that checkpoint on 1 process is one line, exit 2."""
+    2-rank run continues the same loss curve (on another world size: tests/test_reshard.py)."""
     ddp = [*TINY, "--device-batch-size", "2", "--num-iterations", "8", "--save-every", "4", "--eval-every", "4"]
     proc = torchrun([*ddp, "--model-tag", "ddp"], base)
     assert "on 2 x cpu" in proc.stdout, proc.stdout[-2000:]
@@ -137,12 +137,6 @@ def test_torchrun_two_ranks_train_save_and_resume_exactly(base):
     for s in resumed:
         assert resumed[s] == pytest.approx(full[s], rel=1e-5, abs=1e-6), (s, resumed[s], full[s])
 
-    # refused on 1 process, after every check and before any change: nothing set aside, no metrics record dropped
-    before = {p.name: p.read_bytes() for p in ckpt.iterdir() if p.is_file() and p.name != ".lock"}
-    proc = run([*ddp, "--model-tag", "ddp", "--resume-from-step", "4", "--set-aside"], base, check=False)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    assert "2 rank" in proc.stderr.strip().splitlines()[-1], proc.stderr
-    assert {p.name: p.read_bytes() for p in ckpt.iterdir() if p.is_file() and p.name != ".lock"} == before
     # one rank refuses (its own optimizer shard is damaged): no rank changes the folder, every rank says why
     shard = ckpt / "step_000004_optimizer_rank1.pt"
     shard.write_bytes(shard.read_bytes()[:-1] + b"!")

@@ -113,9 +113,12 @@ def save_checkpoint(ckpt_dir: Path, step: int, model_state: dict, optimizer_stat
 
 def rewrite_meta(ckpt_dir: Path, step: int, meta: dict) -> None:
     """A new meta for a saved step whose files are unchanged (a run resumed at its last step only evaluated): the
-    files keep their digests, and nothing but the meta is written (never a second copy of the weights to lose)."""
-    files = load_meta(ckpt_dir, step).get("files", {})
-    meta = meta | {"format": META_FORMAT, "files": files}
+    files keep their digests, and nothing but the meta is written (never a second copy of the weights to lose).
+    The world size stays that of the ranks that wrote the optimizer files (the run may have another)."""
+    old = load_meta(ckpt_dir, step)
+    meta = meta | {"format": META_FORMAT, "files": old.get("files", {})}
+    if "world_size" in old:
+        meta["world_size"] = old["world_size"]
     atomic_json_save(meta | {"meta_sha256": meta_digest(meta)}, _paths(Path(ckpt_dir), step, 0)[2])
 
 
@@ -239,6 +242,11 @@ def load_model_state(ckpt_dir: Path, step: int, device) -> dict:
 def load_optimizer_state(ckpt_dir: Path, step: int, rank: int, device) -> dict:
     _, optim_path, _ = _paths(Path(ckpt_dir), step, rank)
     return _load(ckpt_dir, step, optim_path, device)
+
+
+def load_optimizer_states(ckpt_dir: Path, step: int, world_size: int, device) -> list[dict]:
+    """Every rank's optimizer state of a checkpoint written by world_size ranks (to reshard it), each verified."""
+    return [load_optimizer_state(ckpt_dir, step, rank, device) for rank in range(world_size)]
 
 
 def _load(ckpt_dir: Path, step: int, path: Path, device) -> dict:

@@ -17,9 +17,30 @@ its split, shard after shard, and starts over forever, counting epochs (from 1).
 Resume is exact: state_dict() names the next row group to read plus the documents waiting in the
 buffer (by epoch, shard, row group and index), and the buffer is kept in a canonical order, so a
 loader built with state=that dict yields exactly the batches this one would have yielded next
-(restoring re-reads and re-tokenizes the row groups those documents came from). If the world size
-or rank changed, the buffer is dropped and the new loader starts at the next row group of its own
-rank: row-group precision, never a repeated row group.
+(restoring re-reads and re-tokenizes the row groups those documents came from). The state, JSON-able:
+
+    {"epoch": e, "shard": s, "row_group": g,   the next row group this rank reads with its stride
+     "rank": r, "world_size": W,               who saved it
+     "holes": [[e, s, g], ...],                row groups before that which no rank has read yet: this rank
+                                               reads them first, in this order (absent in old states: none)
+     "buffer": [[e, s, g, [index, ...]], ...]} the documents waiting in the buffer, by where they come from
+
+Resharding: a checkpoint holds every rank's state (the list, index = rank), and state=that list resumes on
+any number of ranks (one rank's dict of another layout stands for its whole world: only a 1-rank run's can
+be resharded that way). With the same layout each rank takes its own state (exact, as above); otherwise each
+new rank works out its share of the old ranks' position from the list alone (reshard(): the same on every
+rank, no communication), so that over all new ranks no document before the checkpoint is read again and
+none after it is skipped:
+  - the old buffers' documents, sorted, are dealt in turn: document j to new rank j % W' (re-read from
+    their row groups);
+  - the frontier is the furthest old position: no rank has read any row group at or after it, and each new
+    rank goes on from there with its own stride;
+  - below it, the row groups an old rank had not reached yet, with the holes the old ranks still owed, are
+    the new holes: sorted and dealt in turn, each read before anything past the frontier.
+Holes mean the same in any world: row groups nobody has read, owed by whoever holds the state. So the unread
+row groups of a list of states are its holes plus every rank's own row groups from its position on, and
+a resharded run can be saved and resharded again. Positions compare as (epoch, shard, row group), so a rank
+that has wrapped into the next epoch is simply further on.
 
 The validation split ("val") always starts from its beginning, so every val loader yields the same
 tokens; when it has too few row groups to give every rank one, every rank reads all of it.
@@ -63,7 +84,7 @@ class DataLoader:
     """
 
     def __init__(self, tokenizer, batch_size: int, seq_len: int, split: str = "train", dataset: str = DEFAULT_DATASET,
-                 rank: int = 0, world_size: int = 1, device="cpu", state: dict | None = None,
+                 rank: int = 0, world_size: int = 1, device="cpu", state: dict | list[dict] | None = None,
                  buffer_size: int = 1000, num_threads: int | None = None):
         if batch_size < 1 or seq_len < 1 or buffer_size < 1:
             raise UserError(f"batch size, sequence length and buffer size must be positive "
@@ -89,24 +110,18 @@ class DataLoader:
                                 "ranks, or rebuild the dataset with a smaller --docs-per-row-group")
             self.rank, self.world_size = 0, 1  # too small to split: every rank evaluates on all of it
         self.buffer = []
+        self.holes = ()  # row groups to read before the next one of the stride: see "Resharding" above
         self.batch_epoch = 1  # the latest epoch a document of a batch came from (a split read again: > 1)
         self._empty = 0  # row groups read in a row without a single document
         self.epoch, self.shard, self.row_group = self._seek(1, 0, 0)
         if state is not None:
-            self._restore(state)
+            self._restore(self._own_state(state))
 
     # -- position --------------------------------------------------------------
 
     def _seek(self, epoch: int, shard: int, row_group: int) -> tuple[int, int, int]:
         """The first row group of this rank at or after (shard, row_group), wrapping into the next epoch."""
-        r, w = self.rank, self.world_size
-        row_group += (r - row_group) % w  # the next index that belongs to rank r
-        while True:
-            if shard >= len(self.paths):
-                epoch, shard, row_group = epoch + 1, 0, r
-            if row_group < self.num_row_groups[shard]:
-                return epoch, shard, row_group
-            shard, row_group = shard + 1, r
+        return seek(self.num_row_groups, self.rank, self.world_size, (epoch, shard, row_group))
 
     def _texts(self, shard: int, row_group: int) -> list[str]:
         if self._open[0] != shard:
@@ -146,14 +161,23 @@ class DataLoader:
             bisect.insort(self.buffer, (count, epoch, shard, row_group, index, tokens,
                                         (text, end) if end < len(text) else None))
 
-    def _refill(self) -> None:
-        """Tokenize the next row group of this rank into the buffer and move on."""
-        epoch, shard, row_group = self.epoch, self.shard, self.row_group
+    def _read(self, epoch: int, shard: int, row_group: int) -> bool:
+        """Tokenize a row group's documents into the buffer; False if it has none."""
         texts = self._texts(shard, row_group)
         indices = [i for i, t in enumerate(texts) if t]  # an empty document would be a lone BOS
         self._add(epoch, shard, row_group, indices, [texts[i] for i in indices])
+        return bool(indices)
+
+    def _refill(self) -> None:
+        """Tokenize the next row group of this rank into the buffer and move on: its holes first."""
+        if self.holes:  # unread when the run was resharded: before anything past the old ranks' frontier
+            hole, self.holes = self.holes[0], self.holes[1:]
+            self._read(*hole)
+            return
+        epoch, shard, row_group = self.epoch, self.shard, self.row_group
+        found = self._read(epoch, shard, row_group)
         self.epoch, self.shard, self.row_group = self._seek(epoch, shard, row_group + self.world_size)
-        self._empty = 0 if indices else self._empty + 1
+        self._empty = 0 if found else self._empty + 1
         if self._empty > sum(len(range(self.rank, n, self.world_size)) for n in self.num_row_groups):
             raise UserError(f"the {self.split} split of {self.dataset!r} has no non-empty document for rank "
                             f"{self.rank} of {self.world_size}")
@@ -165,32 +189,69 @@ class DataLoader:
         return self._resume_point().to_dict()
 
     def _resume_point(self) -> "ResumePoint":
-        return ResumePoint(self.epoch, self.shard, self.row_group, self.rank, self.world_size, list(self.buffer))
+        return ResumePoint(self.epoch, self.shard, self.row_group, self.rank, self.world_size, list(self.buffer),
+                           self.holes)
 
-    def _restore(self, state: dict) -> None:
+    def _own_state(self, state: dict | list[dict]) -> "SavedState":
+        """This rank's state, from its own state dict or from every old rank's (the list a checkpoint holds)."""
+        if isinstance(state, dict):  # one rank's: without rank and world size it is taken to be this rank's
+            mine = self._parse(state, self.rank, self.world_size)
+            if (mine.rank, mine.world_size) == (self.rank, self.world_size):
+                return mine
+            states = [mine]  # another layout: it must be a whole world by itself
+        elif isinstance(state, list) and state:
+            states = [self._parse(s, i, len(state)) for i, s in enumerate(state)]
+        else:
+            raise UserError(f"bad dataloader state {str(state)[:200]}: a state dict or a non-empty list of them")
+        world = states[0].world_size
+        if any(s.world_size != world for s in states):
+            raise UserError(f"the dataloader states mix world sizes {sorted({s.world_size for s in states})}: "
+                            "they are not one checkpoint's")
+        ranks = sorted(s.rank for s in states)
+        if ranks != list(range(world)):
+            missing = sorted(set(range(world)) - set(ranks))
+            raise UserError(f"the dataloader states of a {world}-rank run hold ranks {ranks}"
+                            f"{f' (missing {missing})' if missing else ''}: resuming on another number of ranks "
+                            "needs every rank's state, each once")
+        if world > max(self.num_row_groups):  # such a run could not have read this dataset
+            raise UserError(f"the dataloader states come from {world} ranks, but no {self.split} shard of "
+                            f"{self.dataset!r} has {world} row groups: was the dataset rebuilt?")
+        if world == self.world_size:
+            return next(s for s in states if s.rank == self.rank)
+        return reshard(states, self.rank, self.world_size, self.num_row_groups)
+
+    def _parse(self, state: dict, rank: int, world_size: int) -> "SavedState":
+        """A state dict checked against the dataset; rank and world size default to the given ones (old states)."""
         try:
-            epoch, shard, row_group = int(state["epoch"]), int(state["shard"]), int(state["row_group"])
-            same_layout = (state.get("rank", self.rank), state.get("world_size", self.world_size)) == \
-                (self.rank, self.world_size)
-            buffered = [(int(e), int(s), int(g), [int(i) for i in idx]) for e, s, g, idx in state.get("buffer", [])]
-        except (KeyError, TypeError, ValueError):
+            position = (int(state["epoch"]), int(state["shard"]), int(state["row_group"]))
+            rank, world_size = int(state.get("rank", rank)), int(state.get("world_size", world_size))
+            holes = [tuple(int(x) for x in h) for h in state.get("holes", [])]
+            buffer = [(int(e), int(s), int(g), [int(i) for i in idx]) for e, s, g, idx in state.get("buffer", [])]
+        except (AttributeError, KeyError, TypeError, ValueError):
             raise UserError(f"bad dataloader state {str(state)[:200]}") from None
-        if epoch < 1 or shard < 0 or row_group < 0:
-            raise UserError(f"bad dataloader state: epoch {epoch}, shard {shard}, row group {row_group}")
-        if not (shard < len(self.paths) and row_group < self.num_row_groups[shard]):  # saved ones are (_seek's)
-            raise UserError(f"the dataloader state resumes at shard {shard} row group {row_group}, which the "
+        if position[0] < 1 or position[1] < 0 or position[2] < 0 or not 0 <= rank < world_size:
+            raise UserError(f"bad dataloader state: epoch, shard, row group {position}, rank {rank} of {world_size}")
+        if not self._exists(position):  # saved positions are _seek's: real row groups
+            raise UserError(f"the dataloader state resumes at shard {position[1]} row group {position[2]}, which the "
                             f"{self.split} split of {self.dataset!r} does not have: was the dataset rebuilt?")
-        if same_layout:  # otherwise the documents belong to another rank's share: start clean
-            for e, s, g, indices in buffered:
-                if not (s < len(self.paths) and g < self.num_row_groups[s]):
-                    raise UserError(f"the dataloader state refers to shard {s} row group {g}, which the {self.split} "
-                                    f"split of {self.dataset!r} does not have: was the dataset rebuilt?")
-                texts = self._texts(s, g)
-                if indices and max(indices) >= len(texts):
-                    raise UserError(f"the dataloader state refers to document {max(indices)} of shard {s} row group "
-                                    f"{g}, which has {len(texts)}: was the dataset rebuilt?")
-                self._add(e, s, g, indices, [texts[i] for i in indices])
-        self.epoch, self.shard, self.row_group = self._seek(epoch, shard, row_group)
+        for where in holes + [b[:3] for b in buffer]:
+            if len(where) != 3 or where[0] < 1 or not self._exists(where):
+                raise UserError(f"the dataloader state refers to (epoch, shard, row group) {where}, which the "
+                                f"{self.split} split of {self.dataset!r} does not have: was the dataset rebuilt?")
+        return SavedState(position, rank, world_size, holes, buffer)
+
+    def _exists(self, where: tuple) -> bool:
+        return 0 <= where[1] < len(self.paths) and 0 <= where[2] < self.num_row_groups[where[1]]
+
+    def _restore(self, state: "SavedState") -> None:
+        for e, s, g, indices in state.buffer:
+            texts = self._texts(s, g)
+            if indices and max(indices) >= len(texts):
+                raise UserError(f"the dataloader state refers to document {max(indices)} of shard {s} row group "
+                                f"{g}, which has {len(texts)}: was the dataset rebuilt?")
+            self._add(e, s, g, indices, [texts[i] for i in indices])
+        self.holes = tuple(state.holes)
+        self.epoch, self.shard, self.row_group = self._seek(*state.position)
 
     # -- batches ---------------------------------------------------------------
 
@@ -255,20 +316,63 @@ class DataLoader:
         return both[0], both[1]
 
 
+def seek(num_row_groups: list[int], rank: int, world_size: int, position: tuple) -> tuple[int, int, int]:
+    """The first row group (epoch, shard, row group) of rank `rank` of `world_size` at or after `position`, in
+    shards with num_row_groups row groups each, wrapping into the next epoch."""
+    epoch, shard, row_group = position
+    row_group += (rank - row_group) % world_size  # the next index that belongs to the rank
+    while True:
+        if shard >= len(num_row_groups):
+            epoch, shard, row_group = epoch + 1, 0, rank
+        if row_group < num_row_groups[shard]:
+            return epoch, shard, row_group
+        shard, row_group = shard + 1, rank
+
+
+class SavedState(NamedTuple):
+    """A state dict, parsed: position = (epoch, shard, row group); holes [(epoch, shard, row group)];
+    buffer [(epoch, shard, row group, [index])]."""
+    position: tuple
+    rank: int
+    world_size: int
+    holes: list
+    buffer: list
+
+
+def reshard(states: list[SavedState], rank: int, world_size: int, num_row_groups: list[int]) -> SavedState:
+    """Rank `rank` of `world_size`'s share of where a run on another number of ranks stood (states: every old
+    rank's, one world), as the state it resumes from. The same on every rank: see "Resharding" above."""
+    old = states[0].world_size
+    positions = [seek(num_row_groups, s.rank, old, s.position) for s in states]
+    frontier = max(positions)  # no rank has read a row group from here on
+    holes = [h for s in states for h in s.holes]
+    for s, pos in zip(states, positions):
+        while pos < frontier:  # a row group of this old rank's that it had not reached
+            holes.append(pos)
+            pos = seek(num_row_groups, s.rank, old, (pos[0], pos[1], pos[2] + old))
+    docs = sorted((e, s, g, i) for state in states for e, s, g, indices in state.buffer for i in indices)
+    mine = {}
+    for e, s, g, i in docs[rank::world_size]:
+        mine.setdefault((e, s, g), []).append(i)
+    return SavedState(seek(num_row_groups, rank, world_size, frontier), rank, world_size,
+                      sorted(holes)[rank::world_size], [(*where, idx) for where, idx in sorted(mine.items())])
+
+
 class ResumePoint:
     """A loader's position before a batch, kept cheaply (the buffer's entries are immutable tuples: a shallow
-    copy of the list is a snapshot); to_dict() is the form saved in checkpoints."""
+    copy of the list is a snapshot; holes are a tuple); to_dict() is the form saved in checkpoints."""
 
-    def __init__(self, epoch: int, shard: int, row_group: int, rank: int, world_size: int, buffer: list):
+    def __init__(self, epoch: int, shard: int, row_group: int, rank: int, world_size: int, buffer: list,
+                 holes: tuple = ()):
         self.epoch, self.shard, self.row_group, self.rank, self.world_size = epoch, shard, row_group, rank, world_size
-        self.buffer = buffer
+        self.buffer, self.holes = buffer, holes
 
     def to_dict(self) -> dict:
         groups = {}
         for _, epoch, shard, row_group, index, *_ in self.buffer:
             groups.setdefault((epoch, shard, row_group), []).append(index)
         return {"epoch": self.epoch, "shard": self.shard, "row_group": self.row_group, "rank": self.rank,
-                "world_size": self.world_size,
+                "world_size": self.world_size, "holes": [list(h) for h in self.holes],
                 "buffer": [[e, s, g, sorted(idx)] for (e, s, g), idx in sorted(groups.items())]}
 
 

@@ -4,6 +4,8 @@ Two versions with the same math and the same param groups:
   MuonAdamW      one device.
   DistMuonAdamW  several ranks without DDP, ZeRO-2 style: each rank reduce-scatters the gradients,
                  updates only its share (and keeps optimizer state only for it), then all-gathers weights.
+A checkpoint holds every rank's state_dict(); full_state() puts them together and shard_state() takes one rank's
+share for another world size.
 
 Muon, per shape (all matrices of one shape are stacked and updated as one batch):
   Nesterov momentum -> MuonEq (each row rescaled to the matrix's mean row norm) -> Polar Express
@@ -271,23 +273,28 @@ class MuonAdamW(torch.optim.Optimizer):
 
     def state_dict(self) -> dict:
         sd = super().state_dict()
-        sd["world_size"] = self.world_size  # the state is sharded by rank: resume on as many ranks
+        sd["world_size"] = self.world_size  # the state is sharded by rank: another world size reshards it
         return sd
+
+    def check_layout(self, state_dict: dict) -> None:
+        """A saved state (state_dict() or full_state()) is of this optimizer's groups, in its order and sizes."""
+        layout = [(g.get("name"), len(g["params"])) for g in self.param_groups]
+        saved_layout = [(g.get("name"), len(g["params"])) for g in state_dict["param_groups"]]
+        if layout != saved_layout:
+            raise UserError(f"the optimizer checkpoint does not match this model's parameter groups: "
+                            f"{saved_layout} vs {layout}")
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore the state state_dict() saved exactly (dtypes kept: fp32 moments stay fp32, unlike torch's
         default load, which casts them to the param dtype). The groups keep the hyperparameters they were built
-        with, this run's flags: a resumed run with other learning rates, betas or weight decay uses its own."""
+        with, this run's flags: a resumed run with other learning rates, betas or weight decay uses its own.
+        The state must be of this world size: one rank's shard of another is resharded with shard_state()."""
         saved_world = state_dict.get("world_size", 1)
         if saved_world != self.world_size:
-            raise UserError(f"the optimizer checkpoint was written by {saved_world} rank(s) and this run has "
-                            f"{self.world_size}: its state is sharded by rank, resume on {saved_world}")
+            raise ValueError(f"a state_dict of {saved_world} rank(s) loaded on {self.world_size}: reshard it "
+                             "(full_state, then shard_state)")
+        self.check_layout(state_dict)
         saved_groups = state_dict["param_groups"]
-        layout = [(g.get("name"), len(g["params"])) for g in self.param_groups]
-        saved_layout = [(g.get("name"), len(g["params"])) for g in saved_groups]
-        if layout != saved_layout:
-            raise UserError(f"the optimizer checkpoint does not match this model's parameter groups: "
-                            f"{saved_layout} vs {layout}")
         index_to_param = {}
         for group, saved in zip(self.param_groups, saved_groups):
             index_to_param.update(zip(saved["params"], group["params"]))
@@ -298,6 +305,22 @@ class MuonAdamW(torch.optim.Optimizer):
 
 # -----------------------------------------------------------------------------
 # Distributed (ZeRO-2 style)
+
+
+def _adamw_rows(p: Tensor, rank: int, world: int) -> slice | None:
+    """The rows of p whose AdamW state rank keeps among world ranks; None: every rank keeps all of p. Tensors of
+    >= SHARD_MIN_NUMEL elements whose dim 0 splits evenly are sharded along it, rank r keeping piece r."""
+    if p.numel() < SHARD_MIN_NUMEL or p.shape[0] % world:
+        return None
+    n = p.shape[0] // world
+    return slice(rank * n, (rank + 1) * n)
+
+
+def _muon_share(k: int, rank: int, world: int) -> tuple[int, slice]:
+    """(chunk, the matrices rank owns) of a Muon stack of k among world ranks: the stack is zero-padded to
+    chunk x world with chunk = ceil(k / world), and rank r owns [r chunk, (r+1) chunk) (at the end fewer, or none)."""
+    chunk = -(-k // world)
+    return chunk, slice(rank * chunk, (rank + 1) * chunk)
 
 
 class _Pending:
@@ -347,8 +370,8 @@ class DistMuonAdamW(MuonAdamW):
         # (CPU runs, memory is no concern) we hold the last step's collectives until the next step.
         self._hold: list = []
 
-    def _sharded(self, p: Tensor) -> bool:
-        return p.numel() >= SHARD_MIN_NUMEL and p.shape[0] % self.world_size == 0
+    def _rows(self, p: Tensor) -> slice | None:
+        return _adamw_rows(p, self.rank, self.world_size)
 
     def _launched(self, work):
         if not self._avg:
@@ -374,8 +397,9 @@ class DistMuonAdamW(MuonAdamW):
         launched = []
         for p in group["params"]:
             grad = torch.zeros_like(p) if p.grad is None else p.grad
-            if self._sharded(p):
-                shard = torch.empty_like(grad[: p.shape[0] // self.world_size])
+            rows = self._rows(p)
+            if rows is not None:
+                shard = torch.empty_like(grad[rows])
                 launched.append((self._reduce_scatter_avg(shard, grad.contiguous()), shard))
             else:  # averaged in place
                 launched.append((self._all_reduce_avg(grad), grad))
@@ -383,7 +407,7 @@ class DistMuonAdamW(MuonAdamW):
 
     def _launch_muon(self, group: dict) -> tuple:
         params = group["params"]
-        chunk = -(-len(params) // self.world_size)
+        chunk, _ = _muon_share(len(params), self.rank, self.world_size)
         p = params[0]
         padded = torch.zeros(chunk * self.world_size, *p.shape, dtype=p.dtype, device=p.device)
         for i, q in enumerate(params):
@@ -397,11 +421,11 @@ class DistMuonAdamW(MuonAdamW):
     def _update_adamw(self, group: dict, launched: list, gathers: list) -> None:
         for p, (pending, grad) in zip(group["params"], launched):
             pending.wait()
-            if not self._sharded(p):
+            rows = self._rows(p)
+            if rows is None:
                 self._adamw_param(group, p, grad, self.state[p])
                 continue
-            n = p.shape[0] // self.world_size
-            shard = p[self.rank * n:(self.rank + 1) * n]
+            shard = p[rows]
             self._adamw_param(group, shard, grad, self.state[p])
             # NCCL gathers in place when the input is the output's own slice; gloo gets a copy
             src = shard if self._avg else shard.clone()
@@ -411,9 +435,8 @@ class DistMuonAdamW(MuonAdamW):
         pending, grad_chunk, padded = launched
         pending.wait()
         params = group["params"]
-        chunk = grad_chunk.shape[0]
-        start = self.rank * chunk
-        owned = params[start:start + chunk]
+        chunk, share = _muon_share(len(params), self.rank, self.world_size)
+        owned = params[share]
         updated = torch.zeros_like(grad_chunk)
         if owned:
             stacked = torch.stack(owned)
@@ -437,6 +460,67 @@ class DistMuonAdamW(MuonAdamW):
             work.wait()
             if params is not None:
                 torch._foreach_copy_(params, list(stacked[:len(params)].unbind(0)))
+
+# -----------------------------------------------------------------------------
+# Resharding: a checkpoint's optimizer state onto another number of ranks (same rules as the sharding above)
+
+
+def full_state(optimizer: MuonAdamW, names: dict, states: list[dict]) -> dict:
+    """The state that len(states) ranks saved (states[r]: rank r's state_dict()) in a form of no world size:
+    torch's state_dict layout with parameter names (names: param -> name) for indices and every tensor whole.
+    Muon: per matrix its momentum buffer (rows, cols) and NorMuon second moment ((rows, 1) tall, (1, cols) wide),
+    the stack's padding dropped; AdamW: step and moments, the shards' rows put together. optimizer: one over the
+    same parameters, of any world size (its groups and shapes say how the states were sharded)."""
+    world, full = len(states), {}
+    for sd in states:
+        optimizer.check_layout(sd)
+    for group, saved in zip(optimizer.param_groups, states[0]["param_groups"]):
+        params, index = group["params"], saved["params"]  # every rank numbers the params alike
+        if group["kind"] == "muon":  # the stacks live in the state of the group's first parameter
+            for rank, sd in enumerate(states):
+                stacks = sd["state"].get(index[0])
+                if not stacks:  # this rank owns no matrix of the group (or no step yet)
+                    continue
+                for j, p in enumerate(params[_muon_share(len(params), rank, world)[1]]):
+                    full[names[p]] = {k: v[j].clone() for k, v in stacks.items()}  # a copy: not the padding too
+            continue
+        for p, i in zip(params, index):
+            shards = [sd["state"][i] for sd in states if i in sd["state"]]
+            if not shards:
+                continue  # no step yet
+            if _adamw_rows(p, 0, world) is None:  # whole on every rank
+                full[names[p]] = shards[0]
+            else:  # rank r's rows are piece r
+                full[names[p]] = {k: torch.cat([s[k] for s in shards]) if torch.is_tensor(v) else v
+                                  for k, v in shards[0].items()}
+    groups = [saved | {"params": [names[p] for p in group["params"]]}
+              for group, saved in zip(optimizer.param_groups, states[0]["param_groups"])]
+    return {"state": full, "param_groups": groups}
+
+
+def shard_state(optimizer: MuonAdamW, names: dict, full: dict, rank: int, world: int) -> dict:
+    """Rank's state_dict() among world ranks, from full_state(): what that rank holds after the same steps."""
+    optimizer.check_layout(full)
+    state, groups, start = {}, [], 0
+    for group, saved in zip(optimizer.param_groups, full["param_groups"]):
+        params = group["params"]
+        index = list(range(start, start + len(params)))  # torch numbers the params in group order
+        start += len(params)
+        groups.append(saved | {"params": index})
+        if group["kind"] == "muon":
+            chunk, share = _muon_share(len(params), rank, world)
+            owned = [full["state"].get(names[p]) for p in params[share]]
+            if owned and owned[0]:  # stacked in chunk slots, those past the group's last matrix zero
+                zero = {k: torch.zeros_like(v) for k, v in owned[0].items()}
+                state[index[0]] = {k: torch.stack([m[k] for m in owned + [zero] * (chunk - len(owned))])
+                                   for k in zero}
+            continue
+        for p, i in zip(params, index):
+            if names[p] in full["state"]:
+                rows = _adamw_rows(p, rank, world) or slice(None)  # None: the whole tensor
+                state[i] = {k: v[rows].clone() if torch.is_tensor(v) else v
+                            for k, v in full["state"][names[p]].items()}
+    return {"state": state, "param_groups": groups, "world_size": world}
 
 # -----------------------------------------------------------------------------
 

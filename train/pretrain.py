@@ -416,13 +416,12 @@ def build_run(args, plan, tokenizer, dist_info, ckpt_dir) -> Run:
     model, optimizer, converted = build_model_and_optimizer(
         plan, args, device, choose_recompute_mlp(args.recompute_mlp, plan, device), dist_info.distributed,
         model_state=checkpoint.load_model_state(ckpt_dir, start_step, device) if meta else None)
-    if meta:
-        optimizer.load_state_dict(checkpoint.load_optimizer_state(ckpt_dir, start_step, rank, device))
+    if meta:  # another world size than the checkpoint's: resharded
+        resume.load_optimizer(optimizer, model, ckpt_dir, start_step, meta["world_size"], rank, device, print0)
     describe_model(args, plan, device, model, converted)
-    states = (meta or {}).get("dataloader")  # absent: from the data's beginning
-    state = (states[rank] if len(states) == world else states[0]) if states else None
+    states = (meta or {}).get("dataloader")  # every rank's position (absent: from the data's beginning)
     loader = DataLoader(tokenizer, args.device_batch_size, args.max_seq_len, split="train", dataset=args.dataset,
-                        rank=rank, world_size=world, device=device, state=state)
+                        rank=rank, world_size=world, device=device, state=states)  # dealt anew on another world
     log = MetricsLog(ckpt_dir / "metrics.jsonl", run=args.run, config=vars(args) | plan.to_json(),
                      enabled=dist_info.is_master)
     use_compile = args.compile if args.compile is not None else device.type == "cuda"

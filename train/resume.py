@@ -6,11 +6,13 @@
   checkpoint recorded the shards' digests, the contents of the shards it trained on and of the validation shard
   too);
 - flags that shape the optimization (learning rates, betas, weight decay, batch, schedule) may differ from the
-  checkpoint's: they take effect from the resumed step, and the run says which changed.
+  checkpoint's: they take effect from the resumed step, and the run says which changed;
+- the world size may differ too: the optimizer state is resharded (the batch and schedule stay, the gradient
+  accumulation follows the new world size).
 """
 from pathlib import Path
 
-from train import checkpoint, distributed
+from train import checkpoint, distributed, optim
 from train.dataset import dataset_fingerprint
 from train.errors import UserError
 
@@ -105,3 +107,17 @@ def changed_flags(meta: dict, args) -> list[str]:
     before = meta.get("user_config", {})
     return [f"--{k.replace('_', '-')} {before[k]} -> {getattr(args, k)}" for k in OPTIMIZATION_FLAGS
             if k in before and before[k] != getattr(args, k)]
+
+
+def load_optimizer(optimizer: optim.MuonAdamW, model, ckpt_dir: Path, step: int, saved_world: int, rank: int,
+                   device, print0) -> None:
+    """The optimizer state of checkpoint step, written by saved_world ranks. As many ranks now: each loads its own
+    file. Otherwise every rank reads all of them (onto the CPU: the whole state is more than one GPU should
+    hold), puts the state together and takes its own share, which load_state_dict moves to the device."""
+    if saved_world == optimizer.world_size:
+        optimizer.load_state_dict(checkpoint.load_optimizer_state(ckpt_dir, step, rank, device))
+        return
+    names = {p: name for name, p in model.named_parameters()}
+    full = optim.full_state(optimizer, names, checkpoint.load_optimizer_states(ckpt_dir, step, saved_world, "cpu"))
+    optimizer.load_state_dict(optim.shard_state(optimizer, names, full, rank, optimizer.world_size))
+    print0(f"optimizer state of {saved_world} rank{'s' * (saved_world > 1)} resharded onto {optimizer.world_size}")
