@@ -2,6 +2,7 @@
 import json
 import os
 import socket
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from train import dataset
 from train.errors import UserError
@@ -241,3 +243,91 @@ def test_bad_flags_are_one_line_and_exit_2(tmp_path, args, message):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], proc.stderr
+
+
+# -----------------------------------------------------------------------------
+# Python files cut into documents at top-level definitions
+
+HUGE = "def huge():\n    a = 1\n    if a:\n        b = 2\n\n        c = 3\n\n    d = 4\n\n    return d\n"
+
+
+@pytest.mark.parametrize("text, target, docs", [
+    # a decorated definition is one piece, with the comments right above it; nested defs never start one
+    ("import x\n\n\n@dec\n@dec2(\n    a,\n)\ndef f():\n    pass\n\n\n# about C\n# more\nclass C:\n    def m(self):\n"
+     "        def inner():\n            pass\n\nasync def g():\n    pass\n", 1,
+     ["import x\n\n\n", "@dec\n@dec2(\n    a,\n)\ndef f():\n    pass\n\n\n",
+      "# about C\n# more\nclass C:\n    def m(self):\n        def inner():\n            pass\n\n",
+      "async def g():\n    pass\n"]),
+    # pieces are joined while they fit in target
+    ("def a():\n    pass\n\ndef b():\n    pass\n\ndef c():\n    pass\n", 40,
+     ["def a():\n    pass\n\ndef b():\n    pass\n\n", "def c():\n    pass\n"]),
+    # over 2 x target: cut after blank lines before its shallowest lines only (not inside the `if`)
+    (HUGE, 30, ["def huge():\n    a = 1\n    if a:\n        b = 2\n\n        c = 3\n\n",
+                "    d = 4\n\n    return d\n"]),
+    (HUGE, 60, [HUGE]),  # not huge: whole
+    ("x = 1\n\ny = 2\n", 20, ["x = 1\n\ny = 2\n"]),  # no definition
+    ("x = 1\n\ny = 2\n    z\n", 1, ["x = 1\n\n", "y = 2\n    z\n"]),  # ... over 2 x target: at blank lines
+    ("\n\n  \n", 1, ["\n\n  \n"]),  # blank lines only
+    ("\n\ndef f():\n    pass\n", 1, ["\n\ndef f():\n    pass\n"]),  # a blank start is never a document alone
+    ("def f():\n    pass\n", 1, ["def f():\n    pass\n"]),  # a definition on the first line
+    ("import os\r\n\r\ndef f():\r\n    pass\r\n\r\ndef g():\r\n    return 1", 1,  # CRLF, no final newline
+     ["import os\r\n\r\n", "def f():\r\n    pass\r\n\r\n", "def g():\r\n    return 1"]),
+    ("a = 1\rdef f(): pass\x0cdef g(): pass\n", 1, ["a = 1\r", "def f(): pass\x0cdef g(): pass\n"]),  # \r ends a line
+    ("", 1, [""]),
+])
+def test_split_python_cuts_at_top_level_definitions(text, target, docs):
+    assert dataset.split_python(text, target) == docs
+
+
+LINES = ["def f():", "async def g(x):", "class C(B):", "@dec", "@dec(", ")", "# note", "import os", "    return 1",
+         "    def m(self):", "        pass", "", "   ", 'x = """', "def in_a_string", "\x0c"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(LINES), st.sampled_from(["\n", "\r\n", "\r", ""]))), st.integers(1, 80))
+def test_split_python_loses_no_character(lines, target):
+    text = "".join(line + end for line, end in lines)
+    docs = dataset.split_python(text, target)
+    assert "".join(docs) == text
+    assert all(doc.strip() for doc in docs) or len(docs) == 1  # no blank document beside others
+
+
+def test_the_standard_library_build_makes_page_sized_documents_and_loses_no_character(base):
+    """The default build on the real standard library: every file's documents give the file back, and the shards
+    hold exactly those documents."""
+    files = dataset.find_files(dataset.stdlib_sources(), (".py",))
+    chars, docs, file_of = 0, [], {}
+    for path in files:
+        text = path.read_text(encoding="utf-8", errors="replace")
+        pieces = list(dataset.read_documents(path, split_py=True))
+        assert "".join(pieces) == (text if text.strip() else ""), path
+        chars += len(text) if text.strip() else 0
+        docs += pieces
+        for piece in pieces:
+            file_of.setdefault(piece, []).append(path)
+    shards = dataset.build()
+    built = [t for p in shards for t in shard_texts(p)]
+    assert sorted(built) == sorted(docs) and sum(map(len, built)) == chars
+    # val holds whole files: no file has a piece on both sides (pieces that occur more than once tell nothing)
+    val_files = {file_of[t][0] for t in shard_texts(shards[-1]) if len(file_of[t]) == 1}
+    train_files = {file_of[t][0] for p in shards[:-1] for t in shard_texts(p) if len(file_of[t]) == 1}
+    assert val_files and not val_files & train_files
+    sizes = sorted(map(len, built))
+    assert len(built) > 5 * len(files)  # whole files made 1 document each
+    assert 1200 <= statistics.median(sizes) <= 2200, statistics.median(sizes)  # 1,698 characters on Python 3.11
+    assert sizes[int(0.9 * len(sizes))] <= 4000  # 3,198 on 3.11
+
+
+def test_split_py_is_the_default_for_the_standard_library_only(base, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    code = "".join(f"def f{i}():\n    return {'1' * 1500}\n\n\n" for i in range(3))  # 3 x 1,524 characters
+    (src / "big.py").write_text(code)
+    (src / "notes.md").write_text(code)
+    dataset.main(["build", "--from", str(src), "--name", "mine"])
+    assert sorted(t for p in dataset.list_shards("mine") for t in shard_texts(p)) == [code, code]
+    dataset.main(["build", "--from", str(src), "--name", "mine", "--split-py"])
+    docs = [t for p in dataset.list_shards("mine") for t in shard_texts(p)]
+    assert sorted(docs) == sorted([code] + [code[i * 1524:(i + 1) * 1524] for i in range(3)])
+    with pytest.raises(SystemExit):
+        dataset.main(["build", "--split-py", "--whole-files"])

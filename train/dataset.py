@@ -6,15 +6,20 @@ Two ways to get shards:
     python -m train.dataset download --num-shards 8 [--name climbmix|fineweb-edu]   pre-shuffled shards from the hub
     python -m train.dataset build [--from PATH ...] [--name NAME]                     the same format from local text
 
+Without --from, build makes `pystdlib` from the standard library's .py files, cut at top-level definitions into
+documents of about DOC_CHARS characters (split_python; --whole-files: a document per file, as --from does).
+
 A shard only ever appears under its final name once it is complete: downloads and builds write to a
 temporary name and rename, so an interrupted or failed transfer never leaves a half shard behind.
 Beside the shards, digests.json holds each one's sha256 (taken once, when it is made or downloaded): what a
 checkpoint records of its data (dataset_fingerprint), so that a rebuilt dataset is told from the one it trained on.
 """
 import hashlib
+import io
 import json
 import os
 import random
+import re
 import shutil
 import sysconfig
 import threading
@@ -46,6 +51,7 @@ DEFAULT_DATASET = "climbmix"  # what pretraining, the tokenizer and a download r
 DEFAULT_DOWNLOAD_SHARDS = 8  # training shards fetched when a run finds none (~2B characters: enough for a tokenizer)
 LOCAL_EXTENSIONS = (".txt", ".md", ".py", ".jsonl", ".parquet")
 DIGESTS = "digests.json"  # beside the shards: {shard name: {"bytes", "mtime_ns", "sha256"}}
+DOC_CHARS = 2000  # the size, in characters, that split_python joins pieces of a .py file up to: a web page's size
 
 
 def shard_name(index: int) -> str:
@@ -288,8 +294,54 @@ def find_files(sources: list[Path], extensions: tuple[str, ...] = LOCAL_EXTENSIO
     return files
 
 
-def read_documents(path: Path) -> Iterator[str]:
-    """The documents in one file: the whole file (.txt/.md/.py), one per line (.jsonl), one per row (.parquet)."""
+DEFINITION = re.compile(r"@|def\s|class\s|async\s+def\s")  # at column 0: a top-level definition starts
+
+
+def split_python(text: str, target: int = DOC_CHARS) -> list[str]:
+    """A Python source cut at top-level definitions into documents of about `target` characters; joined, they give
+    the text back exactly.
+
+    Why: whole files make poor documents. The standard library's files average 18K characters, a row of a few
+    hundred tokens keeps only a file's start (the packing crops the rest), so a short run reads every file's start
+    and then reads them again. Web text, what pretraining expects, comes in pages of a few thousand characters.
+
+    A piece starts at each line at column 0 that opens a `def`, `class`, `async def` or decorator (a decorated
+    definition is one piece, the column-0 comments right above it included); what comes before the first (the
+    module's docstring and imports) is a piece too. A piece over 2 x target (a big class, a long table) is cut again
+    where a blank line is followed by a line at its shallowest indentation (a class's methods). Consecutive pieces
+    are then joined while they fit in target. Lines are told by their endings only, no parsing (files that do not
+    compile split the same way), so a column-0 `def` inside a string is a boundary too: harmless, nothing is lost.
+    """
+    lines = io.StringIO(text, newline="").readlines()  # "\n", "\r\n" and "\r" endings, kept as they are
+    depth = [len(line) - len(line.lstrip()) for line in lines]
+    starts, decorated = [0], False
+    for i, line in enumerate(lines):
+        if DEFINITION.match(line):
+            if not decorated and i > starts[-1]:
+                j = i
+                while j - 1 > starts[-1] and lines[j - 1].startswith("#"):  # its comments come with it
+                    j -= 1
+                starts.append(j)
+            decorated = line.startswith("@")
+    bounds, pieces = starts + [len(lines)], []
+    for a, b in zip(bounds, bounds[1:]):
+        cuts = [a]
+        if sum(map(len, lines[a:b])) > 2 * target:
+            level = min((depth[i] for i in range(a + 1, b) if lines[i].strip()), default=0)
+            cuts += [i for i in range(a + 2, b) if not lines[i - 1].strip() and lines[i].strip() and depth[i] <= level]
+        pieces += ["".join(lines[c:d]) for c, d in zip(cuts, cuts[1:] + [b])]
+    docs = []
+    for piece in pieces:
+        if docs and (len(docs[-1]) + len(piece) <= target or not docs[-1].strip()):
+            docs[-1] += piece  # (a blank start, never a document alone, goes with what follows)
+        else:
+            docs.append(piece)
+    return docs
+
+
+def read_documents(path: Path, split_py: bool = False) -> Iterator[str]:
+    """The documents in one file: the whole file (.txt/.md/.py; with split_py a .py file cut by split_python), one
+    per line (.jsonl), one per row (.parquet)."""
     try:
         if path.suffix == ".parquet":
             pf = open_shard(path)
@@ -316,7 +368,7 @@ def read_documents(path: Path) -> Iterator[str]:
         else:
             text = path.read_text(encoding="utf-8", errors="replace")
             if text.strip():
-                yield text
+                yield from split_python(text) if split_py and path.suffix == ".py" else [text]
     except OSError as e:
         raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
 
@@ -332,16 +384,34 @@ def write_shard(path: Path, docs: list[str], docs_per_row_group: int) -> None:
                                row_group_size=docs_per_row_group)
 
 
+def split_off(groups: list[list[str]], n_val: int) -> tuple[list[str], list[str]]:
+    """(train, val) documents: whole groups from the end held out until val has n_val documents or more; when that
+    would leave no training document (one file), the documents themselves are split."""
+    val, cut = [], len(groups)
+    while len(val) < n_val and cut > 1:
+        cut -= 1
+        val = groups[cut] + val
+    train = [doc for group in groups[:cut] for doc in group]
+    if len(val) < n_val:  # whole files cannot make up val and leave one for train
+        docs = train + val
+        train, val = docs[:len(docs) - n_val], docs[len(docs) - n_val:]
+    return train, val
+
+
 def build(sources: list[Path] | None = None, name: str | None = None, docs_per_row_group: int = 128,
-          docs_per_shard: int = 50_000, val_fraction: float = 0.1, seed: int = 42) -> list[Path]:
+          docs_per_shard: int = 50_000, val_fraction: float = 0.1, seed: int = 42,
+          split_py: bool | None = None) -> list[Path]:
     """Make shards from local text: shuffled deterministically, the last shard holding the validation documents.
 
     With no sources the corpus is the Python standard library's source and the name is `pystdlib`.
+    split_py: .py files cut into documents by split_python (default: for the standard library, not with sources).
     The whole corpus is read into memory (it is shuffled as a whole); the old folder is replaced at the end.
     """
     from tqdm import tqdm
 
     extensions = LOCAL_EXTENSIONS
+    if split_py is None:
+        split_py = sources is None
     if sources is None:  # the standard library's own .py files: a corpus every machine has
         sources, name, extensions = stdlib_sources(), name or "pystdlib", (".py",)
     if not name:
@@ -354,15 +424,20 @@ def build(sources: list[Path] | None = None, name: str | None = None, docs_per_r
     files = find_files(sources, extensions)
     if not files:
         raise UserError(f"no {'/'.join(extensions)} files in {', '.join(map(str, sources))}")
-    docs = []
+    groups = []  # the pieces of one split file stay together: val holds whole files, never a piece of train's
     for path in tqdm(files, desc="reading", unit="file", disable=None):
-        docs.extend(read_documents(path))
+        found = list(read_documents(path, split_py))
+        groups += [found] if split_py and found else [[doc] for doc in found]
+    docs = [doc for group in groups for doc in group]
     if len(docs) < 2:
         raise UserError(f"the corpus in {', '.join(map(str, sources))} has {len(docs)} non-empty document(s); "
                         "need at least 2 (one is held out for validation)")
-    random.Random(seed).shuffle(docs)
+    rng = random.Random(seed)
+    rng.shuffle(groups)
     n_val = min(max(1, round(val_fraction * len(docs))), docs_per_shard, len(docs) - 1)
-    train, val = docs[:len(docs) - n_val], docs[len(docs) - n_val:]
+    train, val = split_off(groups, n_val)
+    if split_py:
+        rng.shuffle(train)  # a file's pieces spread over the run like any other documents
     chunks = [train[i:i + docs_per_shard] for i in range(0, len(train), docs_per_shard)] + [val]
 
     staging = out.parent / f".{name}.building-{os.getpid()}"
@@ -406,20 +481,27 @@ def main(argv=None) -> None:
     d.add_argument("--timeout", type=float, default=30.0, help="seconds without data before an attempt fails")
     b = sub.add_parser("build", help="make shards from local text files (default: the Python standard library)")
     b.add_argument("--from", dest="sources", type=Path, nargs="+", action="extend", default=None,
-                   help="files or folders (.txt/.md/.py: one document each; .jsonl: a 'text' field per line; "
-                        ".parquet: a 'text' column)")
+                   help="files or folders (.txt/.md/.py: one document each, .py split with --split-py; .jsonl: a "
+                        "'text' field per line; .parquet: a 'text' column)")
     b.add_argument("--name", default=None, help="dataset name (default: pystdlib without --from)")
     b.add_argument("--docs-per-row-group", type=int, default=128, help="row group size (the unit of rank sharding)")
     b.add_argument("--docs-per-shard", type=int, default=50_000)
     b.add_argument("--val-fraction", type=float, default=0.1, help="documents held out in the validation shard")
     b.add_argument("--seed", type=int, default=42, help="seed of the shuffle")
+    split = b.add_mutually_exclusive_group()
+    split.add_argument("--split-py", dest="split_py", action="store_const", const=True, default=None,
+                       help=".py files cut at top-level definitions into documents of about "
+                            f"{DOC_CHARS:,} characters (the default without --from)")
+    split.add_argument("--whole-files", dest="split_py", action="store_const", const=False,
+                       help="every .py file one document (the default with --from)")
     args = parser.parse_args(argv)
     if args.command == "download":
         download(args.name, args.num_shards, base_url=args.base_url, workers=args.workers, retries=args.retries,
                  backoff=args.backoff, timeout=args.timeout)
     else:
         build(args.sources, args.name, docs_per_row_group=args.docs_per_row_group,
-              docs_per_shard=args.docs_per_shard, val_fraction=args.val_fraction, seed=args.seed)
+              docs_per_shard=args.docs_per_shard, val_fraction=args.val_fraction, seed=args.seed,
+              split_py=args.split_py)
 
 
 if __name__ == "__main__":
