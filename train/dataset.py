@@ -458,7 +458,7 @@ def build(sources: list[Path] | None = None, name: str | None = None, docs_per_r
         shutil.rmtree(staging, ignore_errors=True)
     chars = sum(map(len, docs))
     print(f"{name}: {len(docs):,} documents ({chars / 1e6:.1f}M characters) from {len(files):,} files -> "
-          f"{len(chunks) - 1} training shard(s) + 1 validation shard ({n_val:,} documents) in {out}")
+          f"{len(chunks) - 1} training shard(s) + 1 validation shard ({len(val):,} documents) in {out}")
     return list_shards(name)
 
 
