@@ -31,23 +31,29 @@ def convert_to_fp8(model: GPT, recipe: str, emulate: bool = False) -> list[str]:
     return fp8.convert_to_fp8(model, recipe, fused_ce=fused_ce, emulate=emulate)
 
 
-def build_optimizer(model: GPT, plan, args, distributed: bool = False):
+def build_optimizer(model: GPT, plan, args, distributed: bool = False, fsdp: bool = False):
     """MuonAdamW over the model's parameter groups, with the flags' learning rates scaled as the plan says."""
     return make_optimizer(model.param_groups(), matrix_lr=args.matrix_lr, embedding_lr=args.embedding_lr,
                           unembedding_lr=args.unembedding_lr, scalar_lr=args.scalar_lr,
                           adam_betas=(args.adam_beta1, args.adam_beta2), weight_decay=plan.weight_decay,
-                          lr_scale=plan.lr_scale, adam_width_scale=plan.adam_width_scale, distributed=distributed)
+                          lr_scale=plan.lr_scale, adam_width_scale=plan.adam_width_scale, distributed=distributed,
+                          fsdp=fsdp)
 
 
 def build_model_and_optimizer(plan, args, device, recompute_mlp: bool, distributed: bool = False,
-                              model_state: dict | None = None) -> tuple[GPT, object, list[str]]:
+                              model_state: dict | None = None, fsdp: bool = False,
+                              compile_blocks: bool = False) -> tuple[GPT, object, list[str]]:
     """(model, optimizer, names of the FP8 linears) as train.pretrain runs them: seeded init or model_state,
-    then FP8 when args.fp8, then the optimizer. args carries train.pretrain's flags (its parser's defaults)."""
+    then FP8 when args.fp8, then (fsdp) the model sharded, its blocks compiled first when compile_blocks, then the
+    optimizer. args carries train.pretrain's flags (its parser's defaults)."""
     model = build_model(plan.config, device, seed=args.seed, recompute_mlp=recompute_mlp)
-    if model_state is not None:
+    if model_state is not None:  # whole, on every rank: FSDP2 then keeps each rank's rows
         load_weights(model, model_state)
     converted = convert_to_fp8(model, args.fp8_recipe, emulate=args.fp8_emulate) if args.fp8 else []
-    return model, build_optimizer(model, plan, args, distributed), converted
+    if fsdp:
+        from train.fsdp import shard_model
+        shard_model(model, device, compile=compile_blocks)
+    return model, build_optimizer(model, plan, args, distributed, fsdp), converted
 
 
 def find_checkpoint(model_tag: str, step: int | None, note=print) -> tuple:

@@ -14,6 +14,7 @@ class DistInfo:
     local_rank: int
     world_size: int
     device: torch.device
+    fsdp: bool = False  # FSDP2 (train.fsdp) rather than the replicated model
 
     @property
     def is_master(self) -> bool:
@@ -32,8 +33,9 @@ def autodetect_device_type() -> str:
     return "cpu"
 
 
-def setup(device_type: str = "") -> DistInfo:
-    """Join the process group torchrun describes in the environment (or run alone), pick this rank's device."""
+def setup(device_type: str = "", group: bool = False) -> DistInfo:
+    """Join the process group torchrun describes in the environment (or run alone), pick this rank's device.
+    group: a process group of one when running alone too (FSDP2 shards over a group, even of one)."""
     device_type = device_type or autodetect_device_type()
     if device_type not in ("cuda", "cpu", "mps"):
         raise UserError(f"--device-type must be cuda, cpu or mps, not {device_type!r}")
@@ -49,11 +51,12 @@ def setup(device_type: str = "") -> DistInfo:
         torch.cuda.set_device(device)
     else:
         device = torch.device(device_type)
-    if world_size > 1 and not dist.is_initialized():
+    if (world_size > 1 or group) and not dist.is_initialized():
         if device_type == "mps":
             raise UserError("multi-process training is supported on cuda (NCCL) and cpu (gloo), not mps")
         backend = "nccl" if device_type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, device_id=device if device_type == "cuda" else None)
+        alone = dict(store=dist.HashStore(), rank=0, world_size=1) if world_size == 1 else {}  # no torchrun
+        dist.init_process_group(backend=backend, device_id=device if device_type == "cuda" else None, **alone)
     return DistInfo(rank, local_rank, world_size, device)
 
 

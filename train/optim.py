@@ -27,6 +27,7 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 
 from kernels.newton_schulz import orthogonalize
 from train.errors import UserError
@@ -462,6 +463,127 @@ class DistMuonAdamW(MuonAdamW):
                 torch._foreach_copy_(params, list(stacked[:len(params)].unbind(0)))
 
 # -----------------------------------------------------------------------------
+# FSDP2: the parameters are DTensors sharded on dim 0 (train.fsdp)
+
+
+def _fsdp_rows(n: int, world: int) -> list[int]:
+    """How many rows of a dim 0 of n each rank holds under FSDP2's Shard(0): torch.chunk's pieces (ceil(n / world)
+    rows each, the last ones fewer or none)."""
+    sizes = [len(c) for c in torch.arange(n).chunk(world)]
+    return sizes + [0] * (world - len(sizes))
+
+
+def _local(t):
+    """This rank's piece of a DTensor (a view: writing it writes the DTensor); any other tensor as it is."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+class FSDPMuonAdamW(MuonAdamW):
+    """MuonAdamW over FSDP2's sharded parameters (DTensors, Shard(0)); the gradients arrive averaged (FSDP2
+    reduce-scatters them), so nothing is reduced here.
+
+    AdamW is elementwise: each rank updates its own rows, with moments sharded as the parameter (DTensors).
+    Muon orthogonalizes whole matrices, each once: matrix i of a group belongs to the rank _muon_share gives it
+    (the owners of DistMuonAdamW, so that the stacked state and the checkpoints are the same). Per group, one
+    all_to_all brings the owner every rank's rows of its matrices' gradients and weights (cautious weight decay
+    reads the weights), the owner runs _muon_stack on them whole, and a second all_to_all sends every rank its rows
+    of the updated weights.
+    state_dict() is DistMuonAdamW's at this world size (the AdamW moments gathered and cut by _adamw_rows): a
+    checkpoint does not say which mode wrote it, and full_state / shard_state reshard it onto either mode.
+    """
+
+    def __init__(self, param_groups: list[dict], compile: bool | None = None):
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError("FSDPMuonAdamW needs torch.distributed to be initialised")
+        super().__init__(param_groups, compile=compile)
+        self.world_size = dist.get_world_size()
+        self.rank = dist.get_rank()
+        if not all(isinstance(p, DTensor) for g in self.param_groups for p in g["params"]):
+            raise ValueError("FSDPMuonAdamW takes the parameters of a model sharded by train.fsdp (DTensors)")
+
+    def _adamw_shard(self, group: dict, p: DTensor, state: dict) -> None:
+        if not state:  # the moments sharded as p, so that they are saved (and resharded) as p is
+            state_dtype = torch.promote_types(p.dtype, torch.float32)
+            state.update(step=0, exp_avg=torch.zeros_like(p, dtype=state_dtype),
+                         exp_avg_sq=torch.zeros_like(p, dtype=state_dtype))
+        local = {k: _local(v) for k, v in state.items()}
+        self._adamw_param(group, p.to_local(), p.grad.to_local(), local)
+        state["step"] = local["step"]
+
+    def _muon_group(self, group: dict) -> None:
+        params, W = group["params"], self.world_size
+        rows, cols = params[0].shape
+        n = _fsdp_rows(rows, W)  # rows per rank
+        chunk, _ = _muon_share(len(params), 0, W)
+        owned = [params[_muon_share(len(params), o, W)[1]] for o in range(W)]  # each owner's matrices
+        mine = owned[self.rank]
+        local = [(_local(p.grad) if p.grad is not None else torch.zeros_like(p.to_local()), p.to_local())
+                 for p in params]
+        # to owner o: my rows of its matrices' gradients, then of their weights
+        send = torch.cat([torch.stack([g for g, _ in local[o * chunk:o * chunk + len(owned[o])]] +
+                                      [w for _, w in local[o * chunk:o * chunk + len(owned[o])]]).flatten()
+                          if owned[o] else local[0][1].new_empty(0) for o in range(W)])
+        recv = send.new_empty(2 * len(mine) * rows * cols)
+        dist.all_to_all_single(recv, send, [2 * len(mine) * n[s] * cols for s in range(W)],
+                               [2 * len(owned[o]) * n[self.rank] * cols for o in range(W)])
+        updated = recv.new_empty(len(mine), rows, cols)
+        if mine:  # every source's (2, k, its rows, cols) piece, in rank order = row order
+            pieces = recv.split([2 * len(mine) * n[s] * cols for s in range(W)])
+            full = torch.cat([x.view(2, len(mine), n[s], cols) for s, x in enumerate(pieces)], dim=2)
+            grads, updated = full[0], full[1].contiguous()
+            self._muon_stack(group, grads, updated, self.state[params[0]], chunk)
+        # back to rank d: its rows of the matrices I updated
+        starts = [sum(n[:d]) for d in range(W)]
+        back = torch.cat([updated[:, starts[d]:starts[d] + n[d]].flatten() for d in range(W)])
+        out = back.new_empty(sum(len(owned[o]) for o in range(W)) * n[self.rank] * cols)
+        dist.all_to_all_single(out, back, [len(owned[o]) * n[self.rank] * cols for o in range(W)],
+                               [len(mine) * n[d] * cols for d in range(W)])
+        torch._foreach_copy_([w for _, w in local], list(out.view(len(params), n[self.rank], cols).unbind(0)))
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for group in self.param_groups:
+            if group["kind"] == "adamw":
+                for p in group["params"]:
+                    if p.grad is not None:
+                        self._adamw_shard(group, p, self.state[p])
+            elif any(p.grad is not None for p in group["params"]):  # alike on every rank: FSDP2 grads all
+                self._muon_group(group)
+
+    def state_dict(self) -> dict:
+        """DistMuonAdamW's state_dict() at this world size (a collective: every rank calls it)."""
+        sd = super().state_dict()
+        for group, saved in zip(self.param_groups, sd["param_groups"]):
+            if group["kind"] != "adamw":
+                continue  # the Muon stacks: already DistMuonAdamW's
+            for p, i in zip(group["params"], saved["params"]):
+                if i in sd["state"]:
+                    rows = _adamw_rows(p, self.rank, self.world_size) or slice(None)
+                    sd["state"][i] = {k: v.full_tensor()[rows].clone() if isinstance(v, DTensor) else v
+                                      for k, v in sd["state"][i].items()}
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """This rank's DistMuonAdamW state_dict() at this world size (what state_dict() gives): the AdamW moments,
+        whole or in _adamw_rows, become this rank's FSDP2 rows, as DTensors sharded as their parameter."""
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            if group["kind"] != "adamw":
+                continue
+            for p in group["params"]:
+                state = self.state.get(p)
+                if not state:
+                    continue
+                n = _fsdp_rows(p.shape[0], self.world_size)
+                mine = slice(sum(n[:self.rank]), sum(n[:self.rank + 1]))
+                whole = _adamw_rows(p, self.rank, self.world_size) is None  # else its rows are FSDP2's: even
+                for k, v in state.items():
+                    if torch.is_tensor(v):
+                        v = v[mine] if whole else v
+                        state[k] = DTensor.from_local(v.contiguous(), p.device_mesh, p.placements,
+                                                      shape=p.shape, stride=p.stride())
+
+# -----------------------------------------------------------------------------
 # Resharding: a checkpoint's optimizer state onto another number of ranks (same rules as the sharding above)
 
 
@@ -565,11 +687,12 @@ def make_optimizer(groups: dict[str, list[torch.nn.Parameter]], *, matrix_lr: fl
                    embedding_lr: float = EMBEDDING_LR, unembedding_lr: float = UNEMBEDDING_LR,
                    scalar_lr: float = SCALAR_LR, adam_betas: tuple[float, float] = ADAM_BETAS,
                    weight_decay: float = 0.0, lr_scale: float = 1.0, adam_width_scale: float = 1.0,
-                   distributed: bool = False, compile: bool | None = None) -> MuonAdamW:
+                   distributed: bool = False, fsdp: bool = False, compile: bool | None = None) -> MuonAdamW:
     """The optimizer for the model's param_groups() dict.
 
     AdamW groups: adamw_settings(). Muon: matrix_lr x lr_scale; weight_decay is its decay at step 0
     (weight_decay_at() anneals it). compile: None compiles the update math for CUDA tensors only.
+    distributed: DistMuonAdamW (replicated parameters); fsdp: FSDPMuonAdamW (parameters sharded by train.fsdp).
     Each group carries "initial_lr" (and Muon groups "initial_weight_decay") for Schedule.apply.
     """
     expected = {"matrices"} | {g.name for g in ADAMW_GROUPS}
@@ -594,5 +717,5 @@ def make_optimizer(groups: dict[str, list[torch.nn.Parameter]], *, matrix_lr: fl
     seen = [id(p) for g in param_groups for p in g["params"]]
     if len(seen) != len(set(seen)):
         raise ValueError("a parameter appears in more than one group")
-    cls = DistMuonAdamW if distributed else MuonAdamW
+    cls = FSDPMuonAdamW if fsdp else DistMuonAdamW if distributed else MuonAdamW
     return cls(param_groups, compile=compile)

@@ -25,7 +25,7 @@ import torch
 from kernels import dispatch
 from model import config as model_config
 from model.gpt import GPT
-from train import checkpoint, distributed, fp8, metrics, optim, resume, scaling
+from train import checkpoint, distributed, fp8, fsdp, metrics, optim, resume, scaling
 from train.builder import build_model_and_optimizer, schedule_of
 from train.dataloader import DataLoader
 from train.dataset import DEFAULT_DATASET, dataset_fingerprint, ensure_dataset, split_shards
@@ -94,6 +94,9 @@ def build_parser() -> Parser:
            "file, into FOLDER/set-aside-<UTC time>/ instead of refusing to mix two runs' checkpoints")
     a("--allow-data-change", action="store_true",
       help="resume even though the dataset's name, training shards or their content differ from the checkpoint's")
+    a("--fsdp", default="auto", choices=fsdp.MODES,
+      help="shard the weights, gradients and optimizer state over the ranks (FSDP2) instead of replicating the "
+           "model; auto: off for now")
     a("--compile", action=argparse.BooleanOptionalAction, default=None,
       help="torch.compile the model (default: on for CUDA)")
     a("--seed", type=int, default=42, help="seed for the initial weights")
@@ -149,6 +152,11 @@ def validate(args) -> None:
             f"--resume-from-step must be a step (>= 0), -1 (start fresh) or latest; got {args.resume_from_step}")
     if args.model_tag is not None:
         plain_name(args.model_tag, "--model-tag")
+    if args.fsdp == "on":  # what this first version of the FSDP2 mode does not do yet
+        require(not args.fp8, "--fsdp on does not take --fp8 yet")
+        require(args.core_metric_every == -1, "--fsdp on evaluates no CORE yet (its ranks score different "
+                                              "examples): pass --core-metric-every -1; train.core_eval scores a "
+                                              "saved checkpoint")
 
 
 class StopSignal:
@@ -241,7 +249,9 @@ def main(argv=None) -> None:
         print_plan(plan, args, estimate_memory_gib(plan, recompute_mlp=False))
         print(json.dumps(plan.to_json() | {"optimizer_groups": optimizer_groups(plan, args)}))
         return
-    dist_info = distributed.setup(args.device_type)
+    use_fsdp = fsdp.wanted(args.fsdp, args.device_type or distributed.autodetect_device_type())
+    dist_info = distributed.setup(args.device_type, group=use_fsdp)  # FSDP2 needs a group even alone
+    dist_info.fsdp = use_fsdp
     try:
         train(args, plan, tokenizer, dist_info)
     except dispatch.KernelUnavailable as e:  # a forced kernel that cannot run here: one line, exit 2
@@ -413,9 +423,11 @@ def build_run(args, plan, tokenizer, dist_info, ckpt_dir) -> Run:
     if meta and start_step == plan.num_iterations and meta.get("plan", {}).get("num_iterations") != start_step:
         loop_state.evaluated_step = None  # saved on the way to a later last step: evaluate it as the last
     in_the_way = checkpoints_in_the_way(args, ckpt_dir, start_step if meta else None)
+    use_compile = args.compile if args.compile is not None else device.type == "cuda"
     model, optimizer, converted = build_model_and_optimizer(
         plan, args, device, choose_recompute_mlp(args.recompute_mlp, plan, device), dist_info.distributed,
-        model_state=checkpoint.load_model_state(ckpt_dir, start_step, device) if meta else None)
+        model_state=checkpoint.load_model_state(ckpt_dir, start_step, device) if meta else None,
+        fsdp=dist_info.fsdp, compile_blocks=use_compile)  # FSDP2: compiled per block, before sharding
     if meta:  # another world size than the checkpoint's: resharded
         resume.load_optimizer(optimizer, model, ckpt_dir, start_step, meta["world_size"], rank, device, print0)
     describe_model(args, plan, device, model, converted)
@@ -424,13 +436,15 @@ def build_run(args, plan, tokenizer, dist_info, ckpt_dir) -> Run:
                         rank=rank, world_size=world, device=device, state=states)  # dealt anew on another world
     log = MetricsLog(ckpt_dir / "metrics.jsonl", run=args.run, config=vars(args) | plan.to_json(),
                      enabled=dist_info.is_master)
-    use_compile = args.compile if args.compile is not None else device.type == "cuda"
     batches = loader.batches()
-    train_step = TrainStep(torch.compile(model, dynamic=False) if use_compile else model, optimizer,
+    whole = use_compile and not dist_info.fsdp  # the replicated model is compiled whole
+    train_step = TrainStep(torch.compile(model, dynamic=False) if whole else model, optimizer,
                            schedule_of(plan, args), batches, plan.grad_accum_steps, autocast_for(device),
                            next(batches))
     print0(f"training {plan.num_iterations} steps from step {start_step} on {world} x {device.type}, "
            f"compile={'on' if use_compile else 'off'}, checkpoints in {ckpt_dir}")
+    print0("data parallel: " + ("FSDP2 (weights, gradients and optimizer state sharded over the ranks)"
+                                if dist_info.fsdp else "replicated (the optimizer state sharded over the ranks)"))
     return Run(args, plan, tokenizer, dist_info, ckpt_dir, model, train_step, loader, log, loop_state,
                StopSignal(), start_step, resumed=meta is not None, step=start_step, in_the_way=in_the_way,
                passed_over_suspect=any(checkpoint.suspect_marker(ckpt_dir, s).exists() for s in in_the_way))
@@ -553,7 +567,8 @@ def evaluate_if_due(run: Run, last: bool) -> None:
         print0(f"step {step:05d} | CORE {core['core_metric']:.4f}"
                + (f" ({core['cropped']} example(s) cropped to what the model can take)" if core["cropped"] else ""))
         run.log.log({"step": step, "core_metric": core["core_metric"]})
-    if due(args.sample_every, step, last) and (last or step > 0) and run.dist.is_master:
+    # FSDP2: every rank runs the model (its forward gathers the weights), rank 0 prints
+    if due(args.sample_every, step, last) and (last or step > 0) and (run.dist.is_master or run.dist.fsdp):
         with evaluating(run):
             for text in sample(run.orig_model, run.tokenizer, autocast=run.autocast):
                 print0(f"  sample: {text!r}")
@@ -608,7 +623,8 @@ def save(run: Run) -> None:
             if run.dist.is_master:
                 checkpoint.rewrite_meta(run.ckpt_dir, step, meta)
         else:
-            model_state = fp8.plain_state_dict(run.orig_model) if run.args.fp8 else run.orig_model.state_dict()
+            model_state = (fsdp.full_state_dict(run.orig_model) if run.dist.fsdp else
+                           fp8.plain_state_dict(run.orig_model) if run.args.fp8 else run.orig_model.state_dict())
             checkpoint.save_checkpoint(run.ckpt_dir, step, model_state, run.optimizer.state_dict(), meta,
                                        rank=run.dist.rank, gather=distributed.all_gather_objects)
     except checkpoint.CheckpointWriteError as e:  # disk full, quota, permissions: the previous one is whole
@@ -632,9 +648,15 @@ def unsaveable(run: Run) -> list[str]:
              if torch.is_tensor(v) and v.is_floating_point()]
     if not params and not state:
         return []
-    ok = torch.stack([p.detach().isfinite().all() & (p.detach().abs().max() < WEIGHT_LIMIT) for _, p in params]
-                     + [t.isfinite().all() for _, t in state]).cpu()
+    ok = torch.stack([healthy(p.detach(), WEIGHT_LIMIT) for _, p in params] + [healthy(t) for _, t in state]).cpu()
     return [n for (n, _), good in zip(params + state, ok.tolist()) if not good]
+
+
+def healthy(t: torch.Tensor, limit: float | None = None) -> torch.Tensor:
+    """t is finite (and within limit): a 0-d bool tensor. FSDP2: of this rank's rows only (maybe none)."""
+    t = optim._local(t)
+    ok = t.isfinite().all()
+    return ok & (t.abs().max() < limit) if limit is not None and t.numel() else ok
 
 
 def optimizer_step(run: Run) -> tuple[float, float, float]:

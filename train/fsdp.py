@@ -1,0 +1,63 @@
+"""FSDP2, the second data-parallel mode: every rank keeps only its rows (dim 0) of each weight, gradient and AdamW
+moment (torch.distributed.fsdp.fully_shard); a block's weights are all-gathered just before it runs and its gradients
+reduce-scattered (averaged) right after its backward. The replicated mode (DistMuonAdamW) keeps the whole model on
+every rank and communicates less; FSDP2 is for models whose replicated weights, gradients and state do not fit.
+
+As torchtitan's apply_fsdp: fully_shard per transformer block, then on the root, which takes everything outside the
+blocks (wte, value embeddings, lm_head, the per-layer scalars, smear and backout); torch.compile per block before
+sharding. The blocks' code (attention, norms, our kernels) runs unchanged on the gathered weights.
+The optimizer for sharded weights is train.optim.FSDPMuonAdamW.
+"""
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from model.gpt import GPT
+from train.errors import UserError
+
+MODES = ("auto", "on", "off")
+
+
+def wanted(mode: str, device_type: str) -> bool:
+    """Whether --fsdp MODE shards the model on device_type; a mode that cannot run there is one line."""
+    if mode not in MODES:
+        raise UserError(f"--fsdp must be one of {', '.join(MODES)}, not {mode!r}")
+    if mode == "on" and device_type == "mps":
+        raise UserError("--fsdp on needs cuda (NCCL) or cpu (gloo): torch.distributed does not run on mps")
+    # auto is off for now; next: on when the replicated plan would not fit 90% of the device's memory
+    return mode == "on"
+
+
+def policies(device: torch.device) -> tuple[MixedPrecisionPolicy, MixedPrecisionPolicy]:
+    """(blocks, root) mixed precision: the numerics of the replicated mode under bf16 autocast.
+    On CUDA the blocks' weights are gathered in bf16 (half the bytes; autocast would cast them for the matmuls
+    anyway) and their inputs are left alone (cast_forward_inputs would make the residual stream bf16); the root
+    stays fp32 (the embeddings and scalars make the fp32 residual stream). Gradients are reduced in fp32. On the
+    CPU everything is fp32, so a run equals a single process's exactly."""
+    if device.type != "cuda":
+        return MixedPrecisionPolicy(), MixedPrecisionPolicy()
+    return (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False),
+            MixedPrecisionPolicy(reduce_dtype=torch.float32))
+
+
+def shard_model(model: GPT, device: torch.device, compile: bool = False) -> GPT:
+    """model (initialised or loaded, the same on every rank) sharded in place over every rank of the process group;
+    its parameters become DTensors sharded on dim 0 (unevenly where dim 0 does not split: torch.chunk's rows)."""
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    blocks_mp, root_mp = policies(device)
+    blocks = model.transformer.h
+    for i, block in enumerate(blocks):
+        if compile:  # per block, before sharding, so that the compiled code sees FSDP's hooks from outside
+            block.compile(dynamic=False)
+        # the last block's weights are needed again at once by the backward: keep them gathered
+        fully_shard(block, mesh=mesh, mp_policy=blocks_mp, reshard_after_forward=i < len(blocks) - 1)
+    fully_shard(model, mesh=mesh, mp_policy=root_mp)  # the root: FSDP2 keeps its weights gathered to the backward
+    return model
+
+
+def full_state_dict(model: GPT) -> dict:
+    """The whole model's state dict on rank 0's CPU (empty on the others), in the keys of the unsharded model's
+    state_dict(): a checkpoint either mode resumes. A collective: every rank calls it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
