@@ -11,7 +11,7 @@ difference is the loss's input h, kept in fp32 here and in bf16 on CUDA (once pe
 Per-layer bytes come from the difference between a 4-layer and a 2-layer model of the same width, so the
 once-per-model tensors (embedding, loss) drop out.
 
-How the resulting estimate compares with peaks measured on a GPU is in the README.
+How the resulting estimate compares with peaks measured on a GPU is in docs/gpu.md.
 """
 import contextlib
 import json

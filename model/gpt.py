@@ -9,6 +9,7 @@ Build on the meta device, then `to_empty(device)` + `init_weights()`: every real
 init_weights, so planning (parameter counts, FLOPs) for a big model costs no memory.
 """
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -215,30 +216,49 @@ class GPT(nn.Module):
     def init_weights(self) -> None:
         """Every parameter and buffer gets its value here (after to_empty on the meta-built model), drawn in
         nanochat's order (its GPT.init_weights), so that one seed gives nanochat's initial weights."""
+        for tensor, init in self.init_steps():
+            init(tensor)
+
+    def init_steps(self) -> list[tuple[torch.Tensor, Callable[[torch.Tensor], object]]]:
+        """(tensor, init) for every parameter and buffer, in nanochat's draw order: init(t) fills t, the tensor itself
+        or a full-size stand-in of its shape, dtype and device (train.builder initialises a sharded model one whole
+        parameter at a time, keeping each rank's rows). Run under no_grad."""
         cfg = self.config
         s = 3**0.5 * cfg.n_embd**-0.5  # uniform bound with the std of N(0, 1/d), without outliers
-        nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=0.8)
-        nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
+
+        def normal(std):
+            return lambda t: nn.init.normal_(t, mean=0.0, std=std)
+
+        def uniform(a, b):
+            return lambda t: nn.init.uniform_(t, a, b)
+
+        def zeros(t):
+            return nn.init.zeros_(t)
+
+        def values(v):
+            return lambda t: t.copy_(torch.tensor(v))
+
+        def fill(v):
+            return lambda t: t.fill_(v)
+
+        steps = [(self.transformer.wte.weight, normal(0.8)), (self.lm_head.weight, normal(0.001))]
         for block in self.transformer.h:
-            for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v):
-                nn.init.uniform_(lin.weight, -s, s)
-            nn.init.zeros_(block.attn.c_proj.weight)  # every block starts as the identity
-            nn.init.uniform_(block.mlp.c_fc.weight, -s * 0.4, s * 0.4)
-            nn.init.zeros_(block.mlp.c_proj.weight)
+            steps += [(lin.weight, uniform(-s, s)) for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v)]
+            steps.append((block.attn.c_proj.weight, zeros))  # every block starts as the identity
+            steps.append((block.mlp.c_fc.weight, uniform(-s * 0.4, s * 0.4)))
+            steps.append((block.mlp.c_proj.weight, zeros))
         L = cfg.n_layer  # stronger residual and more of the input embedding in the early layers
-        self.resid_lambdas.copy_(torch.tensor([1.15 - 0.10 * i / max(L - 1, 1) for i in range(L)]))
-        self.x0_lambdas.copy_(torch.tensor([0.20 - 0.15 * i / max(L - 1, 1) for i in range(L)]))
-        self.smear_lambda.fill_(0.0)  # smear starts off
-        self.backout_lambda.fill_(BACKOUT_INIT)
-        nn.init.uniform_(self.smear_gate.weight, 0.0, 0.02)
-        for ve in self.value_embeds.values():
-            nn.init.uniform_(ve.weight, -s, s)
-        for block in self.transformer.h:
-            if block.attn.ve_gate is not None:
-                nn.init.uniform_(block.attn.ve_gate.weight, 0.0, 0.02)
-        cos, sin = rotary_tables(self.rotary_seq_len, cfg.head_dim, device=self.transformer.wte.weight.device)
-        self.cos.copy_(cos)
-        self.sin.copy_(sin)
+        steps.append((self.resid_lambdas, values([1.15 - 0.10 * i / max(L - 1, 1) for i in range(L)])))
+        steps.append((self.x0_lambdas, values([0.20 - 0.15 * i / max(L - 1, 1) for i in range(L)])))
+        steps.append((self.smear_lambda, fill(0.0)))  # smear starts off
+        steps.append((self.backout_lambda, fill(BACKOUT_INIT)))
+        steps.append((self.smear_gate.weight, uniform(0.0, 0.02)))
+        steps += [(ve.weight, uniform(-s, s)) for ve in self.value_embeds.values()]
+        steps += [(block.attn.ve_gate.weight, uniform(0.0, 0.02)) for block in self.transformer.h
+                  if block.attn.ve_gate is not None]
+        steps.append((self.cos, lambda t: t.copy_(rotary_tables(self.rotary_seq_len, cfg.head_dim, t.device)[0])))
+        steps.append((self.sin, lambda t: t.copy_(rotary_tables(self.rotary_seq_len, cfg.head_dim, t.device)[1])))
+        return steps
 
     @property
     def recompute_mlp(self) -> bool:

@@ -101,7 +101,8 @@ def test_out_of_memory_is_one_line_with_a_batch_that_fits(monkeypatch, tmp_path)
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))  # no tokenizer: the plan's vocabulary is 32768
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(total_memory=85.0e9))
     from train import distributed
-    monkeypatch.setattr(distributed, "setup", lambda device_type: types.SimpleNamespace(device=torch.device("cuda", 0)))
+    monkeypatch.setattr(distributed, "setup",
+                        lambda device_type, group=False: types.SimpleNamespace(device=torch.device("cuda", 0)))
     monkeypatch.setattr(distributed, "cleanup", lambda: None)
 
     def out_of_memory(*args):

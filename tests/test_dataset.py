@@ -331,3 +331,14 @@ def test_split_py_is_the_default_for_the_standard_library_only(base, tmp_path):
     assert sorted(docs) == sorted([code] + [code[i * 1524:(i + 1) * 1524] for i in range(3)])
     with pytest.raises(SystemExit):
         dataset.main(["build", "--split-py", "--whole-files"])
+
+
+def test_only_split_py_files_are_held_out_whole(base, tmp_path):
+    """With --split-py a .py file's pieces stay on one side of the split; the lines of a .jsonl are documents each,
+    held out one by one as without it (not a whole file in val)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("a", "b"):
+        (src / f"{name}.jsonl").write_text("".join(json.dumps({"text": f"{name} line {i}"}) + "\n" for i in range(100)))
+    dataset.main(["build", "--from", str(src), "--name", "mixed", "--split-py", "--val-fraction", "0.1"])
+    assert len(shard_texts(dataset.list_shards("mixed")[-1])) == 20

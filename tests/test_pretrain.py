@@ -102,7 +102,7 @@ def test_dry_run_needs_no_data_and_prints_the_plan_as_json(tmp_path):
     plan = json.loads(proc.stdout.strip().splitlines()[-1])
     assert set(plan) == {"model_dim", "n_head", "scaling_params", "total_params", "target_tokens",
                          "total_batch_size", "num_iterations", "lr_scale", "weight_decay", "flops_per_token",
-                         "grad_accum_steps", "optimizer_groups"}
+                         "grad_accum_steps", "optimizer_groups", "memory"}
     assert plan["model_dim"] == 1280 and plan["n_head"] == 10
     groups = {g["group"]: g for g in plan["optimizer_groups"]}
     assert set(groups) == {"lm_head", "wte", "value_embeds", "resid_lambdas", "x0_lambdas", "smear_backout",

@@ -24,6 +24,39 @@ def build_model(config: GPTConfig, device, seed: int | None = None, recompute_ml
     return model
 
 
+def build_sharded_model(config: GPTConfig, device, seed: int | None = None, recompute_mlp: bool = False,
+                        compile: bool = False) -> GPT:
+    """A freshly initialised GPT sharded by FSDP2 (train.fsdp.shard_model) over the process group, never whole on
+    any rank: built and sharded on the meta device, each rank's rows materialised, then every parameter initialised
+    in init_weights' order, drawn whole (the very random numbers build_model draws for it: bit for bit its model) and
+    cut to this rank's rows. Peak memory: this rank's rows plus the largest single parameter."""
+    from torch.distributed.tensor import DTensor
+
+    from train.fsdp import shard_model
+    device = torch.device(device)
+    if seed is not None:
+        torch.manual_seed(seed)
+    with torch.device("meta"):
+        model = GPT(config)
+    model.recompute_mlp = recompute_mlp
+    shard_model(model, device, compile=compile)
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for tensor, init in model.init_steps():
+            if not isinstance(tensor, DTensor):  # the buffers (rotary tables): whole on every rank
+                init(tensor)
+                continue
+            local = tensor.to_local()
+            full = torch.empty(tensor.shape, dtype=tensor.dtype, device=local.device)
+            init(full)
+            pieces = full.chunk(tensor.device_mesh.size(), dim=0)  # FSDP2's Shard(0) rows: torch.chunk's
+            rank = tensor.device_mesh.get_local_rank()
+            if local.numel():
+                local.copy_(pieces[rank])
+            del full, pieces
+    return model
+
+
 def convert_to_fp8(model: GPT, recipe: str, emulate: bool = False) -> list[str]:
     """The model's large linears to torchao Float8Linear (lm_head too where the fused loss is not in use)."""
     from train import fp8
@@ -46,6 +79,10 @@ def build_model_and_optimizer(plan, args, device, recompute_mlp: bool, distribut
     """(model, optimizer, names of the FP8 linears) as train.pretrain runs them: seeded init or model_state,
     then FP8 when args.fp8, then (fsdp) the model sharded, its blocks compiled first when compile_blocks, then the
     optimizer. args carries train.pretrain's flags (its parser's defaults)."""
+    if fsdp and model_state is None and not args.fp8:  # a fresh FSDP2 run: never the whole model on a rank
+        model = build_sharded_model(plan.config, device, seed=args.seed, recompute_mlp=recompute_mlp,
+                                    compile=compile_blocks)
+        return model, build_optimizer(model, plan, args, distributed, fsdp), []
     model = build_model(plan.config, device, seed=args.seed, recompute_mlp=recompute_mlp)
     if model_state is not None:  # whole, on every rank: FSDP2 then keeps each rank's rows
         load_weights(model, model_state)
@@ -61,8 +98,8 @@ def find_checkpoint(model_tag: str, step: int | None, note=print) -> tuple:
     are read (train.core_eval and train.sample). step None: the newest that verifies, as --resume-from-step latest
     picks it (newer damaged or suspect ones are passed over, each named through note). The saved tokenizer must
     be the one the checkpoint was trained with."""
-    from train import checkpoint
-    from train.paths import checkpoint_dir, plain_name, tokenizer_dir
+    from train import checkpoint, resume
+    from train.paths import checkpoint_dir, plain_name
     from train.tokenizer import load_tokenizer
     ckpt_dir = checkpoint_dir(plain_name(model_tag, "--model-tag"))
     if step is None:
@@ -77,12 +114,7 @@ def find_checkpoint(model_tag: str, step: int | None, note=print) -> tuple:
         raise UserError(f"the meta of step {step} in {ckpt_dir} lacks model_config: it was not written by "
                         "train.pretrain")
     tokenizer = load_tokenizer()
-    if tokenizer.vocab_size != meta["model_config"].get("vocab_size"):
-        raise UserError(f"the tokenizer's vocabulary ({tokenizer.vocab_size}) does not match the checkpoint's "
-                        f"({meta['model_config'].get('vocab_size')})")
-    if meta.get("tokenizer") not in (None, tokenizer.fingerprint):  # None: a meta from before the fingerprint
-        raise UserError(f"the tokenizer in {tokenizer_dir()} differs from the one checkpoint step {step} was "
-                        "trained with (the same vocabulary size, other merges)")
+    resume.check_tokenizer(meta, tokenizer)
     return ckpt_dir, meta, tokenizer
 
 

@@ -385,8 +385,9 @@ def write_shard(path: Path, docs: list[str], docs_per_row_group: int) -> None:
 
 
 def split_off(groups: list[list[str]], n_val: int) -> tuple[list[str], list[str]]:
-    """(train, val) documents: whole groups from the end held out until val has n_val documents or more; when that
-    would leave no training document (one file), the documents themselves are split."""
+    """(train, val) documents: whole groups (a split .py file's pieces; any other document alone) from the end held
+    out until val has n_val documents or more (so at most one file's pieces more); when that would leave no
+    training document (one file), the documents themselves are split."""
     val, cut = [], len(groups)
     while len(val) < n_val and cut > 1:
         cut -= 1
@@ -427,7 +428,7 @@ def build(sources: list[Path] | None = None, name: str | None = None, docs_per_r
     groups = []  # the pieces of one split file stay together: val holds whole files, never a piece of train's
     for path in tqdm(files, desc="reading", unit="file", disable=None):
         found = list(read_documents(path, split_py))
-        groups += [found] if split_py and found else [[doc] for doc in found]
+        groups += [found] if split_py and path.suffix == ".py" and found else [[doc] for doc in found]
     docs = [doc for group in groups for doc in group]
     if len(docs) < 2:
         raise UserError(f"the corpus in {', '.join(map(str, sources))} has {len(docs)} non-empty document(s); "

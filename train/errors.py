@@ -1,6 +1,5 @@
 """Bad input is reported as one clear line and exit status 2, never a traceback."""
 import argparse
-import os
 import sys
 
 
@@ -29,8 +28,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def run_cli(main, argv=None) -> None:
-    """Run main(argv); a UserError becomes one 'error: ...' line on stderr and exit status 2; a closed stdout
-    ends the run quietly with 141 (128 + SIGPIPE, as a shell reports it)."""
+    """Run main(argv); a UserError becomes one 'error: ...' line on stderr and exit status 2."""
     try:
         main(argv)
     except UserError as e:
@@ -39,6 +37,4 @@ def run_cli(main, argv=None) -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         raise SystemExit(130) from None
-    except BrokenPipeError:  # the reader of our output left (`| head`): stop quietly, as Unix tools do
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so exiting flushes nothing into the pipe
-        raise SystemExit(141) from None
+

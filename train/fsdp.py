@@ -20,12 +20,13 @@ MODES = ("auto", "on", "off")
 
 
 def wanted(mode: str, device_type: str) -> bool:
-    """Whether --fsdp MODE shards the model on device_type; a mode that cannot run there is one line."""
+    """Whether --fsdp MODE shards the model on device_type before the process group exists (auto: not yet); a mode
+    that cannot run there is one line."""
     if mode not in MODES:
         raise UserError(f"--fsdp must be one of {', '.join(MODES)}, not {mode!r}")
     if mode == "on" and device_type == "mps":
         raise UserError("--fsdp on needs cuda (NCCL) or cpu (gloo): torch.distributed does not run on mps")
-    # auto is off for now; next: on when the replicated plan would not fit 90% of the device's memory
+    # auto: decided once the device is known (train.memory.choose_fsdp), with more than one rank; alone, off
     return mode == "on"
 
 

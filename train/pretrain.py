@@ -32,6 +32,7 @@ from train.dataset import DEFAULT_DATASET, dataset_fingerprint, ensure_dataset, 
 from train.distributed import DistInfo
 from train.errors import Parser, UserError, require, run_cli
 from train.evaluate import evaluate_bpb, sample
+from train import memory
 from train.memory import (RECOMPUTE_SAVES, choose_recompute_mlp, estimate_memory_gib, gpu_memory_gib,
                           memory_advice)
 from train.metrics import MetricsLog, format_duration, mfu, peak_bf16_flops
@@ -96,7 +97,7 @@ def build_parser() -> Parser:
       help="resume even though the dataset's name, training shards or their content differ from the checkpoint's")
     a("--fsdp", default="auto", choices=fsdp.MODES,
       help="shard the weights, gradients and optimizer state over the ranks (FSDP2) instead of replicating the "
-           "model; auto: off for now")
+           "model; auto: on where the replicated plan would not fit 90%% of each GPU's memory and FSDP2's would")
     a("--compile", action=argparse.BooleanOptionalAction, default=None,
       help="torch.compile the model (default: on for CUDA)")
     a("--seed", type=int, default=42, help="seed for the initial weights")
@@ -108,6 +109,10 @@ def build_parser() -> Parser:
         a(f"--kernel-{op.replace('_', '-')}", default="auto", choices=dispatch.choices(op),
           help=f"force the {op.replace('_', ' ')} implementation (A/B)")
     a("--dry-run", action="store_true", help="print the plan (and one JSON line) and exit; needs no data")
+    a("--world-size", type=int, default=None,
+      help="--dry-run only: plan for this many ranks (a run's world size is torchrun's)")
+    a("--gpu-memory-gib", type=float, default=None,
+      help="--dry-run only: plan for GPUs of this much memory (default: this machine's GPU, else an H100 80GB)")
     return p
 
 
@@ -152,6 +157,13 @@ def validate(args) -> None:
             f"--resume-from-step must be a step (>= 0), -1 (start fresh) or latest; got {args.resume_from_step}")
     if args.model_tag is not None:
         plain_name(args.model_tag, "--model-tag")
+    for name in ("world_size", "gpu_memory_gib"):
+        flag = f"--{name.replace('_', '-')}"
+        require(getattr(args, name) is None or args.dry_run,
+                f"{flag} is for --dry-run only: a run takes its world size from torchrun and its memory from the GPU")
+    require(args.world_size is None or args.world_size >= 1, f"--world-size must be at least 1, got {args.world_size}")
+    require(args.gpu_memory_gib is None or (math.isfinite(args.gpu_memory_gib) and args.gpu_memory_gib > 0),
+            f"--gpu-memory-gib must be a positive number, got {args.gpu_memory_gib}")
     if args.fsdp == "on":  # what this first version of the FSDP2 mode does not do yet
         require(not args.fp8, "--fsdp on does not take --fp8 yet")
         require(args.core_metric_every == -1, "--fsdp on evaluates no CORE yet (its ranks score different "
@@ -201,7 +213,7 @@ def plan_of(args, tokenizer):
                      device_batch_size=args.device_batch_size, total_batch_size=args.total_batch_size,
                      num_iterations=args.num_iterations, target_flops=args.target_flops,
                      target_param_data_ratio=args.target_param_data_ratio, weight_decay=args.weight_decay,
-                     world_size=int(os.environ.get("WORLD_SIZE", 1)))
+                     world_size=args.world_size or int(os.environ.get("WORLD_SIZE", 1)))
 
 
 def optimizer_groups(plan, args) -> list[dict]:
@@ -240,6 +252,19 @@ def print_plan(plan, args, memory_gib) -> None:
               f"(--recompute-mlp: automatic where the first would not fit) (estimates)")
 
 
+def print_memory(plan, table: dict) -> None:
+    """memory.plan_memory's table: per mode one rank's estimate and the fewest GPUs that fit it."""
+    print(f"per-rank GPU memory at world size {plan.world_size}, device batch {plan.device_batch_size} "
+          f"(estimates; fits: within {table['headroom']:.0%} of {table['gpu_gib']:.1f} GiB, {table['gpu']}):")
+    for mode, name in (("replicated", "replicated"), ("fsdp", "FSDP2")):
+        cells = [f"relu² {how} {table[mode][how]['gib']:6.1f} GiB, fewest GPUs "
+                 f"{table[mode][how]['fewest_gpus'] or 'none':>4}"
+                 for how in ("kept", "recomputed")]
+        fits = table[mode]["largest_device_batch"]
+        print(f"  {name:>10}: {' | '.join(cells)} | largest device batch that fits here: {fits or 'none'}")
+    print(f"  --fsdp auto at this world size: {'FSDP2' if table['fsdp_auto'] else 'replicated'}")
+
+
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     validate(args)
@@ -247,18 +272,25 @@ def main(argv=None) -> None:
     plan = plan_of(args, tokenizer)
     if args.dry_run:
         print_plan(plan, args, estimate_memory_gib(plan, recompute_mlp=False))
-        print(json.dumps(plan.to_json() | {"optimizer_groups": optimizer_groups(plan, args)}))
+        table = memory.plan_memory(plan, args.gpu_memory_gib)
+        print_memory(plan, table)
+        print(json.dumps(plan.to_json() | {"optimizer_groups": optimizer_groups(plan, args), "memory": table}))
         return
     use_fsdp = fsdp.wanted(args.fsdp, args.device_type or distributed.autodetect_device_type())
     dist_info = distributed.setup(args.device_type, group=use_fsdp)  # FSDP2 needs a group even alone
+    if args.fsdp == "auto":  # more than one rank has its group already; alone it stays replicated
+        use_fsdp, why = memory.choose_fsdp(args.fsdp, args.recompute_mlp, plan, dist_info.device)
+        if why:
+            print0(why)
     dist_info.fsdp = use_fsdp
     try:
         train(args, plan, tokenizer, dist_info)
     except dispatch.KernelUnavailable as e:  # a forced kernel that cannot run here: one line, exit 2
         raise UserError(str(e)) from None
     except torch.OutOfMemoryError:  # a batch too large for this GPU is bad input: say what would fit
-        recompute = choose_recompute_mlp(args.recompute_mlp, plan, dist_info.device)
-        advice = memory_advice(plan, dist_info.device, recompute, ran_out=True)
+        mode = "fsdp" if dist_info.fsdp else "replicated"
+        recompute = choose_recompute_mlp(args.recompute_mlp, plan, dist_info.device, mode)
+        advice = memory_advice(plan, dist_info.device, recompute, ran_out=True, mode=mode)
         raise UserError(f"out of GPU memory at --device-batch-size {args.device_batch_size}: {advice}") from None
     except (MemoryError, RuntimeError) as e:  # torch's CPU allocator raises a RuntimeError
         if not isinstance(e, MemoryError) and "can't allocate memory" not in str(e):
@@ -425,12 +457,14 @@ def build_run(args, plan, tokenizer, dist_info, ckpt_dir) -> Run:
     in_the_way = checkpoints_in_the_way(args, ckpt_dir, start_step if meta else None)
     use_compile = args.compile if args.compile is not None else device.type == "cuda"
     model, optimizer, converted = build_model_and_optimizer(
-        plan, args, device, choose_recompute_mlp(args.recompute_mlp, plan, device), dist_info.distributed,
+        plan, args, device,
+        choose_recompute_mlp(args.recompute_mlp, plan, device, "fsdp" if dist_info.fsdp else "replicated"),
+        dist_info.distributed,
         model_state=checkpoint.load_model_state(ckpt_dir, start_step, device) if meta else None,
         fsdp=dist_info.fsdp, compile_blocks=use_compile)  # FSDP2: compiled per block, before sharding
     if meta:  # another world size than the checkpoint's: resharded
         resume.load_optimizer(optimizer, model, ckpt_dir, start_step, meta["world_size"], rank, device, print0)
-    describe_model(args, plan, device, model, converted)
+    describe_model(args, plan, device, model, converted, dist_info.fsdp)
     states = (meta or {}).get("dataloader")  # every rank's position (absent: from the data's beginning)
     loader = DataLoader(tokenizer, args.device_batch_size, args.max_seq_len, split="train", dataset=args.dataset,
                         rank=rank, world_size=world, device=device, state=states)  # dealt anew on another world
@@ -528,12 +562,13 @@ def resume_meta(args, plan, tokenizer, ckpt_dir) -> tuple[int, dict | None]:
     return step, meta
 
 
-def describe_model(args, plan, device, model, converted: list[str]) -> None:
+def describe_model(args, plan, device, model, converted: list[str], fsdp_mode: bool = False) -> None:
     if args.fp8:
         print0(f"fp8 ({args.fp8_recipe}): converted {len(converted)} linear layers")
     print0(f"MLP relu² {'recomputed in the backward' if model.recompute_mlp else 'kept for the backward'}")
-    if device.type == "cuda" and estimate_memory_gib(plan, model.recompute_mlp) > gpu_memory_gib(device):
-        print0(f"warning: {memory_advice(plan, device, model.recompute_mlp)}")
+    mode = "fsdp" if fsdp_mode else "replicated"
+    if device.type == "cuda" and estimate_memory_gib(plan, model.recompute_mlp, mode=mode) > gpu_memory_gib(device):
+        print0(f"warning: {memory_advice(plan, device, model.recompute_mlp, mode=mode)}")
 
 
 def saves_at(run: Run, step: int) -> bool:

@@ -56,15 +56,10 @@ def check_meta(meta: dict, args, plan, tokenizer, shards: list[str], ckpt_dir: P
     if missing:
         raise UserError(f"the meta of step {step} in {ckpt_dir} lacks {', '.join(missing)}: it was not written by "
                         "train.pretrain")
+    check_tokenizer(meta, tokenizer)
     if meta["model_config"] != plan.config.to_dict():
-        if meta["model_config"].get("vocab_size") != plan.config.vocab_size:
-            raise UserError(f"the tokenizer's vocabulary ({plan.config.vocab_size}) does not match the "
-                            f"checkpoint's ({meta['model_config'].get('vocab_size')})")
         raise UserError(f"checkpoint step {step} in {ckpt_dir} is a different model: "
                         f"{meta['model_config']} vs {plan.config.to_dict()}")
-    if meta.get("tokenizer") not in (None, tokenizer.fingerprint):
-        raise UserError(f"the tokenizer differs from the one checkpoint step {step} was trained with (the same "
-                        "vocabulary size, other merges): resume with that tokenizer, or start a new run")
     data = meta.get("dataset")
     if data is None:
         return False  # written before the data was recorded
@@ -86,6 +81,18 @@ def check_meta(meta: dict, args, plan, tokenizer, shards: list[str], ckpt_dir: P
         raise UserError(f"the data differs from checkpoint step {step}'s ({why}): resume with the same shards, or "
                         "pass --allow-data-change")
     return True
+
+
+def check_tokenizer(meta: dict, tokenizer) -> None:
+    """The tokenizer is the one the checkpoint's run trained with: its vocabulary size and merges (fingerprint;
+    None in a meta from before the fingerprint)."""
+    saved = meta["model_config"].get("vocab_size")
+    if saved != tokenizer.vocab_size:
+        raise UserError(f"the tokenizer's vocabulary ({tokenizer.vocab_size}) does not match the checkpoint's "
+                        f"({saved})")
+    if meta.get("tokenizer") not in (None, tokenizer.fingerprint):
+        raise UserError(f"the tokenizer differs from the one checkpoint step {meta.get('step')} was trained with "
+                        "(the same vocabulary size, other merges): use that tokenizer, or start a new run")
 
 
 def changed_shards(recorded, dataset: str) -> list[str]:

@@ -8,6 +8,7 @@ The checkpoint is the newest of $NANOCHAT_BASE_DIR/base_checkpoints/<tag>/ that 
 --resume-from-step latest), or --step N. Only the continuation goes to stdout; notes go to stderr.
 """
 import math
+import os
 import sys
 
 import torch
@@ -87,9 +88,13 @@ def main(argv=None) -> None:
         torch.manual_seed(args.seed)
         with autocast_for(device):  # bf16 on CUDA, as CORE and the in-run sampler run
             new = model.stream(ids, max_tokens, args.temperature, args.top_k)
-            for text in stream_text(new, tokenizer.decode):
-                print(text, end="", flush=True)
-        print()
+            try:
+                for text in stream_text(new, tokenizer.decode):
+                    print(text, end="", flush=True)
+                print(flush=True)
+            except BrokenPipeError:  # the reader left (`| head`): stop quietly, as Unix tools do
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # exiting flushes nothing more
+                raise SystemExit(141) from None  # 128 + SIGPIPE, as a shell reports it
     finally:
         distributed.cleanup()
 
