@@ -62,3 +62,11 @@ def full_state_dict(model: GPT) -> dict:
     state_dict(): a checkpoint either mode resumes. A collective: every rank calls it."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def reshard(model: GPT) -> None:
+    """Every FSDP2 unit's weights back to this rank's rows (those a forward without backward left gathered)."""
+    from torch.distributed.fsdp import FSDPModule
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()

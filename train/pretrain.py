@@ -612,13 +612,16 @@ def evaluate_if_due(run: Run, last: bool) -> None:
 
 @contextmanager
 def evaluating(run: Run):
-    """The uncompiled model in eval mode, with plain linears, for the block; back in training mode after."""
+    """The model uncompiled (FSDP2 compiles its blocks in place: run eagerly) in eval mode, with plain linears, for
+    the block; back in training mode after, FSDP2's weights sharded again (an eval leaves some gathered)."""
     run.orig_model.eval()
     try:
-        with run.in_bf16():
+        with run.in_bf16(), torch.compiler.set_stance("force_eager") if run.dist.fsdp else nullcontext():
             yield
     finally:
         run.orig_model.train()
+        if run.dist.fsdp:
+            fsdp.reshard(run.orig_model)
 
 
 def val_bpb(run: Run) -> float:
