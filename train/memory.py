@@ -196,7 +196,7 @@ def plan_memory(plan: Plan, gpu_gib: float | None = None, gpu: str | None = None
            "device_batch_size": plan.device_batch_size}
     for mode in MODES:
         out[mode] = {("recomputed" if rc else "kept"): {
-            "gib": round(estimate_memory_gib(plan, rc, mode=mode), 2),
+            "gib": estimate_memory_gib(plan, rc, mode=mode),  # unrounded: the printed table rounds once
             "fewest_gpus": fewest_gpus(plan, gpu_gib, mode, rc)} for rc in (False, True)}
         out[mode]["largest_device_batch"] = largest_fitting_batch(plan, gpu_gib, recompute_mlp=True, mode=mode)
     need = {mode: out[mode]["kept"]["gib"] if out[mode]["kept"]["gib"] <= HEADROOM * gpu_gib
