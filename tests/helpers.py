@@ -103,3 +103,14 @@ def run_patched(patch: str, args, base):
            f"run_cli(pretrain.main, sys.argv[1:])"
     return subprocess.run([sys.executable, "-c", code, *map(str, args)], env=cli_env(base), capture_output=True,
                           text=True, cwd=REPO, timeout=600)
+
+
+def saved_and_loaded(obj):
+    """What a checkpoint does to obj: torch.save, then a weights-only load (a deep copy)."""
+    import io
+
+    import torch
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)

@@ -1,6 +1,5 @@
 """MuonAdamW / DistMuonAdamW: schedules, group lrs, the Muon update's properties, checkpoints,
 and one-process vs two-process (gloo) equivalence."""
-import io
 import math
 import os
 import tempfile
@@ -12,6 +11,7 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 
+from helpers import saved_and_loaded
 from kernels.newton_schulz import orthogonalize
 from train.errors import UserError
 from train.optim import (DistMuonAdamW, MuonAdamW, Schedule, lr_multiplier, make_optimizer, muon_momentum,
@@ -75,14 +75,6 @@ def train_step(model, opt, x, y, step):
     Schedule(100).apply(opt, step)
     opt.step()
     opt.zero_grad(set_to_none=True)
-
-
-def roundtrip(state_dict):
-    """What a checkpoint does: torch.save, then a weights-only load."""
-    buf = io.BytesIO()
-    torch.save(state_dict, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=True)
 
 
 def snapshot(model):
@@ -213,7 +205,7 @@ def test_adamw_bf16_param_keeps_fp32_state():
     assert model.wte.weight.dtype == torch.bfloat16
     assert state["exp_avg"].dtype == torch.float32 and state["exp_avg_sq"].dtype == torch.float32
     loaded = make_optimizer(model.param_groups())
-    loaded.load_state_dict(roundtrip(opt.state_dict()))
+    loaded.load_state_dict(saved_and_loaded(opt.state_dict()))
     assert loaded.state[model.wte.weight]["exp_avg"].dtype == torch.float32
 
 # -----------------------------------------------------------------------------
@@ -399,7 +391,7 @@ def test_state_dict_round_trip_single():
     opt = make_optimizer(model.param_groups(), weight_decay=0.1)
     for step in range(2):
         train_step(model, opt, *batch(step), step)
-    saved_params, saved_opt = snapshot(model), roundtrip(opt.state_dict())
+    saved_params, saved_opt = snapshot(model), saved_and_loaded(opt.state_dict())
     train_step(model, opt, *batch(2), 2)
     train_step(model, opt, *batch(3), 3)
     expected = snapshot(model)
@@ -418,7 +410,7 @@ def test_load_state_dict_rejects_a_mismatch():
     model = make_model()
     opt = make_optimizer(model.param_groups())
     train_step(model, opt, *batch(0), 0)
-    sd = roundtrip(opt.state_dict())
+    sd = saved_and_loaded(opt.state_dict())
     sd["world_size"] = 2  # one rank's shard of another world size: resharding is for full_state / shard_state
     with pytest.raises(ValueError, match="2 rank.*reshard"):
         make_optimizer(model.param_groups()).load_state_dict(sd)
@@ -426,7 +418,7 @@ def test_load_state_dict_rejects_a_mismatch():
     groups = other.param_groups()
     groups["matrices"] = groups["matrices"][:-1]
     with pytest.raises(UserError, match="does not match"):
-        make_optimizer(groups).load_state_dict(roundtrip(opt.state_dict()))
+        make_optimizer(groups).load_state_dict(saved_and_loaded(opt.state_dict()))
 
 # -----------------------------------------------------------------------------
 # distributed (2 gloo processes on the CPU)
@@ -494,7 +486,7 @@ def _check_distributed(rank, world):
     assert opt.state[model.x0_lambdas]["exp_avg"].shape == (LAYERS,)
 
     # checkpoint round trip of this rank's shard
-    saved_params, saved_opt = snapshot(model), roundtrip(opt.state_dict())
+    saved_params, saved_opt = snapshot(model), saved_and_loaded(opt.state_dict())
     assert saved_opt["world_size"] == world
     for step in (2, 3):
         x, y = batch(step)

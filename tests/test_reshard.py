@@ -1,7 +1,6 @@
 """Resharding the optimizer state onto another world size (issue #27): the full form of W ranks' state is a single
 process's, full -> shards -> full is exact, training continues equal across a world-size change, and the CLI
 resumes a 2-rank checkpoint on 1 process and a 1-process one on 2 ranks."""
-import io
 import os
 import shutil
 import subprocess
@@ -14,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 
-from helpers import SHORT, ckpt, cli_env, metrics, step_losses, torchrun
+from helpers import SHORT, ckpt, cli_env, metrics, saved_and_loaded, step_losses, torchrun
 from train import checkpoint
 from train.errors import UserError
 from train.optim import Schedule, full_state, make_optimizer, shard_state
@@ -54,14 +53,6 @@ def train(params, opt, steps):
         opt.zero_grad(set_to_none=True)
 
 
-def copy_of(obj):
-    """A deep copy, as a checkpoint makes it: torch.save, then a weights-only load."""
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=True)
-
-
 def assert_same_full(a: dict, b: dict, tol: float = 0.0, groups: bool = True):
     """Two full states hold the same tensors (to tol; 0: exactly) and the same other values (the groups'
     hyperparameters too, unless groups is False: a loaded optimizer keeps its run's own)."""
@@ -89,7 +80,7 @@ def test_full_state_is_per_parameter_and_round_trips_through_any_world_size():
     params = make_params()
     opt = make_opt(params)
     train(params, opt, range(STEPS))
-    saved = copy_of(opt.state_dict())
+    saved = saved_and_loaded(opt.state_dict())
     full = full_state(opt, names(params), [saved])
     # one entry per parameter, each tensor of its matrix or tensor alone (Muon: its own row / column moments)
     assert full["state"].keys() == params.keys()
@@ -107,7 +98,7 @@ def test_full_state_is_per_parameter_and_round_trips_through_any_world_size():
     assert all(torch.equal(v, saved["state"][i][k]) if torch.is_tensor(v) else v == saved["state"][i][k]
                for i, state in one["state"].items() for k, v in state.items())
     for world in (1, 2, 3):
-        shards = [copy_of(shard_state(opt, names(params), full, rank, world)) for rank in range(world)]
+        shards = [saved_and_loaded(shard_state(opt, names(params), full, rank, world)) for rank in range(world)]
         assert all(s["world_size"] == world for s in shards)
         assert_same_full(full_state(opt, names(params), shards), full)
     # the shards as the distributed optimizer lays them out (a stack's state in that of its first matrix): on 2
@@ -140,7 +131,7 @@ def _check_resharding(rank, world):
     ref = make_params()
     ref_opt = make_opt(ref)
     train(ref, ref_opt, range(STEPS))
-    ref_weights, ref_saved = copy_of(dict(ref)), copy_of(ref_opt.state_dict())
+    ref_weights, ref_saved = saved_and_loaded(dict(ref)), saved_and_loaded(ref_opt.state_dict())
     train(ref, ref_opt, range(STEPS, 2 * STEPS))
     expected = {n: p.detach() for n, p in ref.items()}
 
@@ -149,7 +140,7 @@ def _check_resharding(rank, world):
     opt = make_opt(params, distributed=True)
     train(params, opt, range(STEPS))
     states = [None] * world
-    dist.all_gather_object(states, copy_of(opt.state_dict()))
+    dist.all_gather_object(states, saved_and_loaded(opt.state_dict()))
     full = full_state(opt, names(params), states)
     assert_same_full(full, full_state(ref_opt, names(ref), [ref_saved]), tol=1e-6)
 
@@ -159,7 +150,7 @@ def _check_resharding(rank, world):
         for n, p in one.items():
             p.copy_(params[n])
     one_opt = make_opt(one)
-    one_opt.load_state_dict(copy_of(shard_state(one_opt, names(one), full, 0, 1)))
+    one_opt.load_state_dict(saved_and_loaded(shard_state(one_opt, names(one), full, 0, 1)))
     train(one, one_opt, range(STEPS, 2 * STEPS))
     assert max_error(one, expected) < 1e-5, f"{world} ranks -> 1: {max_error(one, expected):.2e}"
 
@@ -170,7 +161,7 @@ def _check_resharding(rank, world):
             p.copy_(ref_weights[n])
     back_opt = make_opt(back, distributed=True)
     ref_full = full_state(back_opt, names(back), [ref_saved])
-    back_opt.load_state_dict(copy_of(shard_state(back_opt, names(back), ref_full, rank, world)))
+    back_opt.load_state_dict(saved_and_loaded(shard_state(back_opt, names(back), ref_full, rank, world)))
     train(back, back_opt, range(STEPS, 2 * STEPS))
     assert max_error(back, expected) < 1e-5, f"1 -> {world} ranks: {max_error(back, expected):.2e}"
 
