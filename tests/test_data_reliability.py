@@ -44,7 +44,8 @@ def check(meta, allow=False):
     """resume.check_meta against the dataset as it is now, the way train.pretrain calls it."""
     args = SimpleNamespace(dataset="mine", allow_data_change=allow)
     shards = [p.name for p in dataset.split_shards("mine", "train")]
-    return resume.check_meta(meta, args, SimpleNamespace(config=CONFIG), SimpleNamespace(fingerprint="tok"), shards,
+    return resume.check_meta(meta, args, SimpleNamespace(config=CONFIG),
+                             SimpleNamespace(fingerprint="tok", vocab_size=CONFIG.vocab_size), shards,
                              Path("ckpt"))
 
 
