@@ -32,6 +32,15 @@ def make_params(seed=0) -> dict[str, nn.Parameter]:
             for group, shapes in SHAPES.items() for i, shape in enumerate(shapes)}
 
 
+def params_like(weights: dict, seed: int) -> dict[str, nn.Parameter]:
+    """New parameters holding a copy of weights (another seed: nothing shared but the values)."""
+    params = make_params(seed)
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(weights[n])
+    return params
+
+
 def make_opt(params, distributed=False):
     groups = {group: [params[f"{group}.{i}"] for i in range(len(shapes))] for group, shapes in SHAPES.items()}
     return make_optimizer(groups, weight_decay=0.2, distributed=distributed)
@@ -155,10 +164,7 @@ def _check_resharding(rank, world):
     assert max_error(one, expected) < 1e-5, f"{world} ranks -> 1: {max_error(one, expected):.2e}"
 
     # (3b) 1 process -> W ranks, from the reference's checkpoint
-    back = make_params(seed=2)
-    with torch.no_grad():
-        for n, p in back.items():
-            p.copy_(ref_weights[n])
+    back = params_like(ref_weights, seed=2)
     back_opt = make_opt(back, distributed=True)
     ref_full = full_state(back_opt, names(back), [ref_saved])
     back_opt.load_state_dict(saved_and_loaded(shard_state(back_opt, names(back), ref_full, rank, world)))
@@ -166,10 +172,7 @@ def _check_resharding(rank, world):
     assert max_error(back, expected) < 1e-5, f"1 -> {world} ranks: {max_error(back, expected):.2e}"
 
     # (5) the control: the same continuation with a fresh optimizer ends visibly elsewhere
-    fresh = make_params(seed=3)
-    with torch.no_grad():
-        for n, p in fresh.items():
-            p.copy_(ref_weights[n])
+    fresh = params_like(ref_weights, seed=3)
     train(fresh, make_opt(fresh, distributed=True), range(STEPS, 2 * STEPS))
     assert max_error(fresh, expected) > 1e-2, max_error(fresh, expected)
 

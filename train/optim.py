@@ -324,6 +324,12 @@ def _muon_share(k: int, rank: int, world: int) -> tuple[int, slice]:
     return chunk, slice(rank * chunk, (rank + 1) * chunk)
 
 
+def _rank_and_world(who: str) -> tuple[int, int]:
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(f"{who} needs torch.distributed to be initialised")
+    return dist.get_rank(), dist.get_world_size()
+
+
 class _Pending:
     """An async collective and what finishes it: gloo has no AVG, so it sums and we divide here."""
 
@@ -359,11 +365,8 @@ class DistMuonAdamW(MuonAdamW):
     """
 
     def __init__(self, param_groups: list[dict], compile: bool | None = None):
-        if not (dist.is_available() and dist.is_initialized()):
-            raise RuntimeError("DistMuonAdamW needs torch.distributed to be initialised")
         super().__init__(param_groups, compile=compile)
-        self.world_size = dist.get_world_size()
-        self.rank = dist.get_rank()
+        self.rank, self.world_size = _rank_and_world(type(self).__name__)
         self._avg = dist.get_backend() == "nccl"  # NCCL averages natively; gloo sums, we divide
         # gloo's worker thread drops its reference to a finished collective a moment after wait()
         # returns; if that is the last one, it needs the GIL to free the tensors, and a process that
@@ -493,11 +496,8 @@ class FSDPMuonAdamW(MuonAdamW):
     """
 
     def __init__(self, param_groups: list[dict], compile: bool | None = None):
-        if not (dist.is_available() and dist.is_initialized()):
-            raise RuntimeError("FSDPMuonAdamW needs torch.distributed to be initialised")
         super().__init__(param_groups, compile=compile)
-        self.world_size = dist.get_world_size()
-        self.rank = dist.get_rank()
+        self.rank, self.world_size = _rank_and_world(type(self).__name__)
         if not all(isinstance(p, DTensor) for g in self.param_groups for p in g["params"]):
             raise ValueError("FSDPMuonAdamW takes the parameters of a model sharded by train.fsdp (DTensors)")
 
