@@ -143,11 +143,9 @@ def gpu_memory_gib(device: torch.device) -> float:
 
 def choose_recompute_mlp(flag: bool | None, plan: Plan, device: torch.device, mode: str = "replicated") -> bool:
     """The flag when given; else on for a GPU whose memory (times HEADROOM) the plan would not fit otherwise."""
-    if flag is not None:
-        return flag
-    if device.type != "cuda":
-        return False
-    return estimate_memory_gib(plan, recompute_mlp=False, mode=mode) > HEADROOM * gpu_memory_gib(device)
+    if flag is not None or device.type != "cuda":
+        return bool(flag)  # no GPU: no device memory to exceed
+    return recompute_for(None, plan, gpu_memory_gib(device), mode)
 
 
 def recompute_for(flag: bool | None, plan: Plan, total_gib: float, mode: str) -> bool:
@@ -174,12 +172,17 @@ def choose_fsdp(mode_flag: str, recompute_flag: bool | None, plan: Plan,
     choice."""
     if mode_flag != "auto":
         return mode_flag == "on", None
-    gpu = gpu_memory_gib(device) if device.type == "cuda" else None
-    if gpu is None:
+    if device.type != "cuda":
         return False, None
-    need = {mode: estimate_memory_gib(plan, recompute_for(recompute_flag, plan, gpu, mode), mode=mode)
-            for mode in MODES}
+    gpu = gpu_memory_gib(device)
+    need = needed_gib(plan, gpu, recompute_flag)
     return fsdp_auto(need["replicated"], need["fsdp"], gpu, plan.world_size)
+
+
+def needed_gib(plan: Plan, gpu_gib: float, recompute_flag: bool | None = None) -> dict[str, float]:
+    """Each mode's estimate per rank after its relu² recompute choice (recompute_for) on a GPU of gpu_gib."""
+    return {mode: estimate_memory_gib(plan, recompute_for(recompute_flag, plan, gpu_gib, mode), mode=mode)
+            for mode in MODES}
 
 
 def plan_memory(plan: Plan, gpu_gib: float | None = None, gpu: str | None = None) -> dict:
@@ -199,8 +202,7 @@ def plan_memory(plan: Plan, gpu_gib: float | None = None, gpu: str | None = None
             "gib": estimate_memory_gib(plan, rc, mode=mode),  # unrounded: the printed table rounds once
             "fewest_gpus": fewest_gpus(plan, gpu_gib, mode, rc)} for rc in (False, True)}
         out[mode]["largest_device_batch"] = largest_fitting_batch(plan, gpu_gib, recompute_mlp=True, mode=mode)
-    need = {mode: out[mode]["kept"]["gib"] if out[mode]["kept"]["gib"] <= HEADROOM * gpu_gib
-            else out[mode]["recomputed"]["gib"] for mode in MODES}
+    need = needed_gib(plan, gpu_gib)
     out["fsdp_auto"] = fsdp_auto(need["replicated"], need["fsdp"], gpu_gib, plan.world_size)[0]
     return out
 

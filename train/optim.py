@@ -260,15 +260,19 @@ class MuonAdamW(torch.optim.Optimizer):
             if group["kind"] == "adamw":
                 for p in group["params"]:
                     if p.grad is not None:
-                        self._adamw_param(group, p, p.grad, self.state[p])
-            else:
-                params = group["params"]
-                if all(p.grad is None for p in params):
-                    continue
-                grads = torch.stack([torch.zeros_like(p) if p.grad is None else p.grad for p in params])
-                stacked = torch.stack(params)
-                self._muon_stack(group, grads, stacked, self.state[params[0]], len(params))
-                torch._foreach_copy_(params, list(stacked.unbind(0)))
+                        self._adamw_update(group, p)
+            elif any(p.grad is not None for p in group["params"]):
+                self._muon_update(group)
+
+    def _adamw_update(self, group: dict, p: Tensor) -> None:
+        self._adamw_param(group, p, p.grad, self.state[p])
+
+    def _muon_update(self, group: dict) -> None:
+        params = group["params"]
+        grads = torch.stack([torch.zeros_like(p) if p.grad is None else p.grad for p in params])
+        stacked = torch.stack(params)
+        self._muon_stack(group, grads, stacked, self.state[params[0]], len(params))
+        torch._foreach_copy_(params, list(stacked.unbind(0)))
 
     # --- checkpoints
 
@@ -501,7 +505,8 @@ class FSDPMuonAdamW(MuonAdamW):
         if not all(isinstance(p, DTensor) for g in self.param_groups for p in g["params"]):
             raise ValueError("FSDPMuonAdamW takes the parameters of a model sharded by train.fsdp (DTensors)")
 
-    def _adamw_shard(self, group: dict, p: DTensor, state: dict) -> None:
+    def _adamw_update(self, group: dict, p: DTensor) -> None:
+        state = self.state[p]
         if not state:  # the moments sharded as p, so that they are saved (and resharded) as p is
             state_dtype = torch.promote_types(p.dtype, torch.float32)
             state.update(step=0, exp_avg=torch.zeros_like(p, dtype=state_dtype),
@@ -510,7 +515,8 @@ class FSDPMuonAdamW(MuonAdamW):
         self._adamw_param(group, p.to_local(), p.grad.to_local(), local)
         state["step"] = local["step"]
 
-    def _muon_group(self, group: dict) -> None:
+    def _muon_update(self, group: dict) -> None:
+        # step() calls it alike on every rank (FSDP2 gives each a gradient for every matrix): the all_to_alls meet
         params, W = group["params"], self.world_size
         rows, cols = params[0].shape
         n = _fsdp_rows(rows, W)  # rows per rank
@@ -539,16 +545,6 @@ class FSDPMuonAdamW(MuonAdamW):
         dist.all_to_all_single(out, back, [len(owned[o]) * n[self.rank] * cols for o in range(W)],
                                [len(mine) * n[d] * cols for d in range(W)])
         torch._foreach_copy_([w for _, w in local], list(out.view(len(params), n[self.rank], cols).unbind(0)))
-
-    @torch.no_grad()
-    def step(self) -> None:
-        for group in self.param_groups:
-            if group["kind"] == "adamw":
-                for p in group["params"]:
-                    if p.grad is not None:
-                        self._adamw_shard(group, p, self.state[p])
-            elif any(p.grad is not None for p in group["params"]):  # alike on every rank: FSDP2 grads all
-                self._muon_group(group)
 
     def state_dict(self) -> dict:
         """DistMuonAdamW's state_dict() at this world size (a collective: every rank calls it)."""
