@@ -17,6 +17,11 @@ class DistInfo:
     fsdp: bool = False  # FSDP2 (train.fsdp) rather than the replicated model
 
     @property
+    def mode(self) -> str:
+        """The data-parallel mode, as train.memory names it."""
+        return "fsdp" if self.fsdp else "replicated"
+
+    @property
     def is_master(self) -> bool:
         return self.rank == 0
 

@@ -25,14 +25,13 @@ import torch
 from kernels import dispatch
 from model import config as model_config
 from model.gpt import GPT
-from train import checkpoint, distributed, fp8, fsdp, metrics, optim, resume, scaling
+from train import checkpoint, distributed, fp8, fsdp, memory, metrics, optim, resume, scaling
 from train.builder import build_model_and_optimizer, schedule_of
 from train.dataloader import DataLoader
 from train.dataset import DEFAULT_DATASET, dataset_fingerprint, ensure_dataset, split_shards
 from train.distributed import DistInfo
 from train.errors import Parser, UserError, require, run_cli
 from train.evaluate import evaluate_bpb, sample
-from train import memory
 from train.memory import (RECOMPUTE_SAVES, choose_recompute_mlp, estimate_memory_gib, gpu_memory_gib,
                           memory_advice)
 from train.metrics import MetricsLog, format_duration, mfu, peak_bf16_flops
@@ -288,9 +287,8 @@ def main(argv=None) -> None:
     except dispatch.KernelUnavailable as e:  # a forced kernel that cannot run here: one line, exit 2
         raise UserError(str(e)) from None
     except torch.OutOfMemoryError:  # a batch too large for this GPU is bad input: say what would fit
-        mode = "fsdp" if dist_info.fsdp else "replicated"
-        recompute = choose_recompute_mlp(args.recompute_mlp, plan, dist_info.device, mode)
-        advice = memory_advice(plan, dist_info.device, recompute, ran_out=True, mode=mode)
+        recompute = choose_recompute_mlp(args.recompute_mlp, plan, dist_info.device, dist_info.mode)
+        advice = memory_advice(plan, dist_info.device, recompute, ran_out=True, mode=dist_info.mode)
         raise UserError(f"out of GPU memory at --device-batch-size {args.device_batch_size}: {advice}") from None
     except (MemoryError, RuntimeError) as e:  # torch's CPU allocator raises a RuntimeError
         if not isinstance(e, MemoryError) and "can't allocate memory" not in str(e):
@@ -458,13 +456,13 @@ def build_run(args, plan, tokenizer, dist_info, ckpt_dir) -> Run:
     use_compile = args.compile if args.compile is not None else device.type == "cuda"
     model, optimizer, converted = build_model_and_optimizer(
         plan, args, device,
-        choose_recompute_mlp(args.recompute_mlp, plan, device, "fsdp" if dist_info.fsdp else "replicated"),
+        choose_recompute_mlp(args.recompute_mlp, plan, device, dist_info.mode),
         dist_info.distributed,
         model_state=checkpoint.load_model_state(ckpt_dir, start_step, device) if meta else None,
         fsdp=dist_info.fsdp, compile_blocks=use_compile)  # FSDP2: compiled per block, before sharding
     if meta:  # another world size than the checkpoint's: resharded
         resume.load_optimizer(optimizer, model, ckpt_dir, start_step, meta["world_size"], rank, device, print0)
-    describe_model(args, plan, device, model, converted, dist_info.fsdp)
+    describe_model(args, plan, device, model, converted, dist_info.mode)
     states = (meta or {}).get("dataloader")  # every rank's position (absent: from the data's beginning)
     loader = DataLoader(tokenizer, args.device_batch_size, args.max_seq_len, split="train", dataset=args.dataset,
                         rank=rank, world_size=world, device=device, state=states)  # dealt anew on another world
@@ -562,11 +560,10 @@ def resume_meta(args, plan, tokenizer, ckpt_dir) -> tuple[int, dict | None]:
     return step, meta
 
 
-def describe_model(args, plan, device, model, converted: list[str], fsdp_mode: bool = False) -> None:
+def describe_model(args, plan, device, model, converted: list[str], mode: str = "replicated") -> None:
     if args.fp8:
         print0(f"fp8 ({args.fp8_recipe}): converted {len(converted)} linear layers")
     print0(f"MLP relu² {'recomputed in the backward' if model.recompute_mlp else 'kept for the backward'}")
-    mode = "fsdp" if fsdp_mode else "replicated"
     if device.type == "cuda" and estimate_memory_gib(plan, model.recompute_mlp, mode=mode) > gpu_memory_gib(device):
         print0(f"warning: {memory_advice(plan, device, model.recompute_mlp, mode=mode)}")
 
