@@ -102,7 +102,7 @@ def test_out_of_memory_is_one_line_with_a_batch_that_fits(monkeypatch, tmp_path)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(total_memory=85.0e9))
     from train import distributed
     monkeypatch.setattr(distributed, "setup",
-                        lambda device_type, group=False: types.SimpleNamespace(device=torch.device("cuda", 0)))
+                        lambda device_type, group=False: distributed.DistInfo(0, 0, 1, torch.device("cuda", 0)))
     monkeypatch.setattr(distributed, "cleanup", lambda: None)
 
     def out_of_memory(*args):
