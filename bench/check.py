@@ -18,7 +18,7 @@ KEYS = ("kind", "mode", "env", "steps", "peers", "d20_step", "profile", "fp8", "
 PEERS = {"liger_kernel": "Liger-Kernel", "cut_cross_entropy": "cut-cross-entropy", "torchao": "torchao (FP8)",
          "flash_attn_interface": "FlashAttention-3", "flash_attn": "FlashAttention-2"}
 STEP_FIELDS = ("tokens_per_s", "step_ms", "mfu_h100", "mfu_device", "peak_mem_gb", "loss", "first_step_s",
-               "extras_error", "recompute_mlp")
+               "extras_error", "recompute_mlp", "checkpoint_blocks")
 
 
 def _load(path: Path):

@@ -29,6 +29,7 @@ from model.config import MAX_SEQ_LEN, VOCAB_SIZE, WINDOW_PATTERN
 from train.dataloader import Batch
 from train.errors import Parser, UserError, first_line, run_cli
 from train.fp8 import RECIPES as FP8_RECIPES
+from train.memory import CHECKPOINTING
 from train.metrics import H100_PEAK_BF16, mfu, peak_bf16_flops
 from train.scaling import DEVICE_BATCH_SIZE, Plan
 from train.step import TrainStep, autocast_for
@@ -45,6 +46,7 @@ class Trainer:
     plan: Plan
     device: torch.device
     recompute_mlp: bool = False
+    checkpoint_blocks: bool = False
     steps_done: int = 0
 
     @property
@@ -61,11 +63,12 @@ class Trainer:
 def build_trainer(depth: int, device, device_batch_size: int, seq_len: int, grad_accum: int = 1,
                   compile: bool = True, fp8: str | None = None, vocab_size: int = VOCAB_SIZE,
                   window_pattern: str = WINDOW_PATTERN, seed: int = 0, n_batches: int = 4,
-                  recompute_mlp: bool | None = None, fp8_emulate: bool = False) -> Trainer:
+                  recompute_mlp: bool | None = None, fp8_emulate: bool = False,
+                  activation_checkpointing: str = "auto") -> Trainer:
     """The model, optimizer, schedules and random batches of one depth, built as train.pretrain builds them (its
     flags' defaults for everything not given here)."""
     from train.builder import build_model_and_optimizer, schedule_of
-    from train.memory import choose_recompute_mlp
+    from train.memory import choose_checkpointing, choose_recompute_mlp
     from train.pretrain import build_parser
     from train.scaling import make_plan
 
@@ -80,6 +83,7 @@ def build_trainer(depth: int, device, device_batch_size: int, seq_len: int, grad
         fp8_training.check_fp8_available(device, emulate=fp8_emulate)
     recompute = choose_recompute_mlp(recompute_mlp, plan, device)  # as train.pretrain decides it
     orig, optimizer, _ = build_model_and_optimizer(plan, args, device, recompute)
+    orig.checkpoint_blocks = choose_checkpointing(activation_checkpointing, plan, device, "replicated", recompute)
     g = torch.Generator(device=device)
     g.manual_seed(seed)
     batches = []
@@ -90,7 +94,7 @@ def build_trainer(depth: int, device, device_batch_size: int, seq_len: int, grad
     model = torch.compile(orig, dynamic=False) if compile else orig
     step = TrainStep(model, optimizer, schedule_of(plan, args), batches, grad_accum, autocast_for(device),
                      next(batches))
-    return Trainer(step, plan, device, orig.recompute_mlp)
+    return Trainer(step, plan, device, orig.recompute_mlp, orig.checkpoint_blocks)
 
 
 def speed(trainer: Trainer, seconds_per_step: float) -> dict:
@@ -144,7 +148,8 @@ def run_variant(args, forced: dict, info: dict, first: bool = False) -> dict:
             trainer = build_trainer(args.depth, args.device, args.device_batch_size, args.seq_len, args.grad_accum,
                                     compile=args.compile, fp8=args.fp8_recipe if args.fp8 else None,
                                     vocab_size=args.vocab_size, window_pattern=args.window_pattern,
-                                    recompute_mlp=args.recompute_mlp, fp8_emulate=args.fp8_emulate)
+                                    recompute_mlp=args.recompute_mlp, fp8_emulate=args.fp8_emulate,
+                                    activation_checkpointing=args.activation_checkpointing)
             on_cuda = torch.device(args.device).type == "cuda"
             if on_cuda:
                 torch.cuda.reset_peak_memory_stats()
@@ -155,7 +160,7 @@ def run_variant(args, forced: dict, info: dict, first: bool = False) -> dict:
             result |= time_steps(trainer, args.steps, max(args.warmup - 1, 0))
             if on_cuda:
                 result["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
-            result["recompute_mlp"] = trainer.recompute_mlp
+            result["recompute_mlp"], result["checkpoint_blocks"] = trainer.recompute_mlp, trainer.checkpoint_blocks
             try:  # extras: a failure here is recorded, and the timing above is kept
                 if first and args.tuned_out and on_cuda:
                     from bench.tune import save_choices
@@ -196,6 +201,8 @@ def build_parser() -> Parser:
       help="torch.compile the model (default: on for CUDA)")
     a("--recompute-mlp", action=argparse.BooleanOptionalAction, default=None,
       help="recompute relu² in the backward (default: as train.pretrain decides, by the memory estimate)")
+    a("--activation-checkpointing", default="auto", choices=CHECKPOINTING,
+      help="each layer run again in the backward (auto: as train.pretrain decides, by the memory estimate)")
     a("--fp8", action="store_true", help="FP8 linears through torchao (train/fp8.py)")
     a("--fp8-recipe", default=FP8_RECIPES[0], choices=FP8_RECIPES)
     a("--fp8-emulate", action="store_true", help="allow --fp8 without FP8 hardware (torchao emulation; smoke tests)")
@@ -283,10 +290,11 @@ def main(argv=None) -> None:
             raise
         except torch.OutOfMemoryError:
             if not args.compare:
-                from train.memory import choose_recompute_mlp, memory_advice
+                from train.memory import choose_checkpointing, choose_recompute_mlp, memory_advice
                 device = torch.device(args.device)
                 recompute = choose_recompute_mlp(args.recompute_mlp, plan, device)
-                advice = memory_advice(plan, device, recompute, ran_out=True)
+                checkpoint = choose_checkpointing(args.activation_checkpointing, plan, device, "replicated", recompute)
+                advice = memory_advice(plan, device, recompute, ran_out=True, checkpoint_blocks=checkpoint)
                 raise UserError(f"out of memory at --device-batch-size {args.device_batch_size}: {advice}") from None
             row |= {"status": "error", "reason": "out of memory"}
         except Exception as e:  # noqa: BLE001 - with --compare one failing variant must not lose the others

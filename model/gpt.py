@@ -211,6 +211,10 @@ class GPT(nn.Module):
         cos, sin = rotary_tables(self.rotary_seq_len, config.head_dim)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
+        # Activation checkpointing per layer (--activation-checkpointing): a training forward keeps only each layer's
+        # input for the backward and runs the layer again there. torch.utils.checkpoint rather than wrapper modules,
+        # which would rename the parameters that checkpoints and the optimizer state are keyed by.
+        self.checkpoint_blocks = False
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -317,10 +321,12 @@ class GPT(nn.Module):
         assert pos + T <= self.rotary_seq_len, f"sequence of {pos + T} past the rotary table ({self.rotary_seq_len})"
         cos, sin = self.cos[:, pos:pos + T], self.sin[:, pos:pos + T]
         x = x0 = self.smear(norm(self.transformer.wte(idx)), kv_cache)
-        for i, block in enumerate(self.transformer.h):
-            x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
-            ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
-            x = block(x, ve, cos, sin, self.window_sizes[i], kv_cache)
+        checkpointing = self.checkpoint_blocks and torch.is_grad_enabled()
+        for i in range(self.config.n_layer):
+            if checkpointing:
+                x = torch.utils.checkpoint.checkpoint(self.layer, i, x, x0, idx, cos, sin, use_reentrant=False)
+            else:
+                x = self.layer(i, x, x0, idx, cos, sin, kv_cache)
             if i == self.backout_layer:
                 middle = x
         x = norm(x - self.backout_lambda * middle)
@@ -338,6 +344,16 @@ class GPT(nn.Module):
             loss = linear_cross_entropy(h, w, targets.reshape(-1), softcap=SOFTCAP, ignore_index=-1,
                                         reduction=loss_reduction)
         return loss.view(B, T) if loss_reduction == "none" else loss
+
+    def layer(self, i: int, x: torch.Tensor, x0: torch.Tensor, idx: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+              kv_cache: KVCache | None = None) -> torch.Tensor:
+        """Layer i: the residual mix, the value embedding, the block. Checkpointed as one, a layer keeps only x (the
+        fp32 residual stream) for the backward: x0 and idx are the model's, the mixed x and ve are recomputed. With the
+        mix outside, eager would keep x twice and ve; and torch.compile's partitioner, which keeps the boundary only
+        between checkpointed regions that follow each other directly, would recompute the residual stream from x0."""
+        x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
+        ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
+        return self.transformer.h[i](x, ve, cos, sin, self.window_sizes[i], kv_cache)
 
     def smear(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
         """x[t] += smear_lambda · sigmoid(smear_gate(x[t, :24])) · x[t-1] for t >= 1 (x: the normalised

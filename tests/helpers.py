@@ -114,3 +114,23 @@ def saved_and_loaded(obj):
     torch.save(obj, buf)
     buf.seek(0)
     return torch.load(buf, weights_only=True)
+
+
+def data_file(folder: Path, step: int) -> Path:
+    """The first of a checkpoint's DCP data files (a single process's: the whole model in it)."""
+    return sorted((Path(folder) / f"step_{step:06d}").glob("*.distcp"))[0]
+
+
+def save_format2(folder: Path, step: int, model_state: dict, optimizer_states: list, meta: dict) -> None:
+    """A checkpoint as this project wrote it before DCP (format 2): the model file, each rank's optimizer file, the
+    meta with their digests, written last."""
+    import torch
+
+    from train import checkpoint
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {f"step_{step:06d}_model.pt": model_state}
+    files |= {f"step_{step:06d}_optimizer_rank{r}.pt": state for r, state in enumerate(optimizer_states)}
+    for name, obj in files.items():
+        torch.save(obj, folder / name)
+    meta = meta | {"format": 2, "files": {name: checkpoint.file_digest(folder / name) for name in files}}
+    (folder / f"step_{step:06d}_meta.json").write_text(json.dumps(meta | {"meta_sha256": checkpoint.meta_digest(meta)}))

@@ -8,7 +8,8 @@ import json
 import pytest
 
 from bench import activations
-from train.memory import ACTIVATION_BYTES_PER_CHANNEL, ACTIVATION_BYTES_PER_CHANNEL_ONCE, estimate_memory_gib
+from train.memory import (ACTIVATION_BYTES_PER_CHANNEL, ACTIVATION_BYTES_PER_CHANNEL_ONCE,
+                          CHECKPOINTED_BYTES_PER_CHANNEL, estimate_memory_gib)
 from train.scaling import make_plan
 
 
@@ -31,6 +32,13 @@ def test_estimate_constants_match_the_partitioner(traced):
         # d2 (width 128, one head) has the same per-channel tensors as d20 up to the gate's per-head scalars
         assert r["bytes_per_channel_per_layer"] == pytest.approx(ACTIVATION_BYTES_PER_CHANNEL[recompute], abs=0.3)
         assert r["bytes_per_token_once"] / r["n_embd"] == pytest.approx(ACTIVATION_BYTES_PER_CHANNEL_ONCE, abs=0.3)
+
+
+def test_a_checkpointed_layer_keeps_only_its_fp32_input():
+    """With GPT.checkpoint_blocks the compiled step keeps per layer only the residual stream that enters it (the
+    backward runs the layer again): train.memory's constant for a checkpointed layer."""
+    r = activations.per_layer(depth=2, seq_len=64, recompute_mlp=True, checkpoint_blocks=True)
+    assert r["bytes_per_channel_per_layer"] == pytest.approx(CHECKPOINTED_BYTES_PER_CHANNEL, abs=0.3)
 
 
 def test_cli_json_line(capsys):
@@ -117,7 +125,7 @@ def test_out_of_memory_is_one_line_with_a_batch_that_fits(monkeypatch, tmp_path)
 def test_output_saving_norms_keep_the_residual_stream_out(monkeypatch, traced):
     """With plain rms_norm (which keeps its input) in front of the blocks' matmuls and as the QK norm, a layer
     keeps more: the fp32 residual twice and q and k before their norm (12 bytes per channel). The per-layer count
-    (4-layer minus 2-layer trace) shows 8 since backout: the partitioner then rematerialises one fp32 residual
+    (6-layer minus 4-layer trace) shows 8 since backout: the partitioner then rematerialises one fp32 residual
     per layer of the plain variant from the residual backout keeps (the model's own counts did not change)."""
     import model.gpt
     monkeypatch.setattr(model.gpt, "pre_norm", model.gpt.norm)

@@ -265,8 +265,11 @@ def test_mfu_tiny_on_cpu(tmp_path, capsys):
 def test_mfu_compare_one_op(tmp_path):
     out = tmp_path / "mfu.json"
     mfu.main(["--depth", "1", "--seq-len", "32", "--device-batch-size", "2", "--vocab-size", "256",
-              "--steps", "1", "--warmup", "0", "--json", str(out), "--compare", "newton_schulz"])
-    assert [r["variant"] for r in json.loads(out.read_text())["results"]] == ["default", "torch newton_schulz"]
+              "--steps", "1", "--warmup", "0", "--json", str(out), "--compare", "newton_schulz",
+              "--activation-checkpointing", "on"])
+    results = json.loads(out.read_text())["results"]
+    assert [r["variant"] for r in results] == ["default", "torch newton_schulz"]
+    assert all(r["checkpoint_blocks"] and r["status"] == "ok" for r in results)  # forced on, as train.pretrain's flag
 
 
 @pytest.mark.parametrize("args", [["--depth", "0"], ["--fp8", "--device", "cpu", "--depth", "1"],

@@ -1,5 +1,6 @@
 """Checkpoints: atomic writes, weights-only loads, and a crash mid-save never costs the last good one."""
 import os
+import pickle
 import subprocess
 import sys
 import textwrap
@@ -22,20 +23,48 @@ def _state(seed):
     return {"w": torch.randn(8, 8, generator=g), "b": torch.randn(8, generator=g)}
 
 
+def _optim(seed):
+    return {"a.weight.step": torch.tensor(seed), "a.weight.exp_avg": _state(seed)["b"]}
+
+
 def test_save_then_load_round_trip(ckpt_dir):
-    model, optim = _state(0), {"state": {0: {"m": torch.randn(3)}}, "param_groups": [{"lr": 0.1, "params": [0]}]}
-    checkpoint.save_checkpoint(ckpt_dir, 5, model, optim, {"step": 5, "loop_state": {"x": 1}})
+    model, optim = _state(0), _optim(1)
+    checkpoint.save_checkpoint(ckpt_dir, 5, {"model": model, "optimizer": optim}, {"step": 5, "loop_state": {"x": 1}})
     assert checkpoint.saved_steps(ckpt_dir) == [5]
+    assert checkpoint.is_dcp(ckpt_dir, 5) and checkpoint.damage(ckpt_dir, 5) is None
     loaded = checkpoint.load_model_state(ckpt_dir, 5, "cpu")
-    assert all(torch.equal(loaded[k], model[k]) for k in model)
-    opt = checkpoint.load_optimizer_state(ckpt_dir, 5, 0, "cpu")
-    assert torch.equal(opt["state"][0]["m"], optim["state"][0]["m"])
+    assert loaded.keys() == model.keys() and all(torch.equal(loaded[k], model[k]) for k in model)
+    into = {k: torch.full_like(v, -1) for k, v in optim.items()}  # poisoned: loaded in place
+    checkpoint.load_state(ckpt_dir, 5, {"optimizer": into})
+    assert all(torch.equal(into[k], optim[k]) for k in optim)
+    keys = {f"model.{k}" for k in model} | {f"optimizer.{k}" for k in optim}
+    assert set(checkpoint.saved_tensors(ckpt_dir, 5)) == keys
     assert checkpoint.load_meta(ckpt_dir, 5)["loop_state"] == {"x": 1}
-    assert not [p for p in ckpt_dir.iterdir() if ".tmp" in p.name]
+    assert set(checkpoint.load_meta(ckpt_dir, 5)["files"]) == {
+        f"step_000005/{p.name}" for p in (ckpt_dir / "step_000005").iterdir()}
+    assert not [p for p in ckpt_dir.rglob("*") if ".tmp" in p.name]
+
+
+def test_a_damaged_dcp_file_is_found_before_it_is_read(ckpt_dir):
+    checkpoint.save_checkpoint(ckpt_dir, 5, {"model": _state(0)}, {"step": 5})
+    data = next((ckpt_dir / "step_000005").glob("*.distcp"))
+    data.write_bytes(data.read_bytes()[:-1] + b"!")
+    assert "is damaged" in checkpoint.damage(ckpt_dir, 5)
+    with pytest.raises(UserError, match="is damaged"):
+        checkpoint.load_model_state(ckpt_dir, 5, "cpu")
+    checkpoint.verify_files(ckpt_dir, 5, rank=0, world=len(checkpoint.load_meta(ckpt_dir, 5)["files"]))  # .metadata
+
+
+def test_format_2_checkpoints_still_load(ckpt_dir):
+    from helpers import save_format2
+    save_format2(ckpt_dir, 4, _state(2), [{"state": {}, "param_groups": []}], {"step": 4})
+    assert not checkpoint.is_dcp(ckpt_dir, 4) and checkpoint.damage(ckpt_dir, 4) is None
+    assert torch.equal(checkpoint.load_model_state(ckpt_dir, 4, "cpu")["w"], _state(2)["w"])
+    assert checkpoint.load_optimizer_state(ckpt_dir, 4, 0, "cpu") == {"state": {}, "param_groups": []}
 
 
 def test_missing_step_is_one_clear_error(ckpt_dir):
-    checkpoint.save_checkpoint(ckpt_dir, 3, _state(1), None, {"step": 3})
+    checkpoint.save_checkpoint(ckpt_dir, 3, {"model": _state(1)}, {"step": 3})
     with pytest.raises(UserError, match="no checkpoint at step 7.*saved steps: 3"):
         checkpoint.load_meta(ckpt_dir, 7)
 
@@ -51,6 +80,19 @@ def test_loads_refuse_code(ckpt_dir):
         checkpoint.load_model_state(ckpt_dir, 1, "cpu")
 
 
+def test_a_dcp_metadata_that_would_run_code_is_refused(ckpt_dir, tmp_path):
+    """DCP unpickles its .metadata unrestricted: ours names only DCP's records and torch's sizes and dtypes."""
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+    checkpoint.save_checkpoint(ckpt_dir, 1, {"model": _state(0)}, {"step": 1})
+    (ckpt_dir / "step_000001" / ".metadata").write_bytes(pickle.dumps(Evil()))
+    for read in (lambda: checkpoint.saved_tensors(ckpt_dir, 1), lambda: checkpoint.load_state(ckpt_dir, 1, _state(1))):
+        with pytest.raises(UserError, match="system is not allowed in a checkpoint"):
+            read()
+    assert not (tmp_path / "pwned").exists()
+
+
 def test_corrupt_file_is_one_clear_error(ckpt_dir):
     ckpt_dir.mkdir(parents=True)
     (ckpt_dir / "step_000002_model.pt").write_bytes(b"not a checkpoint" * 10)
@@ -60,36 +102,42 @@ def test_corrupt_file_is_one_clear_error(ckpt_dir):
 
 @pytest.mark.slow
 def test_killed_mid_save_leaves_previous_checkpoint_loadable(ckpt_dir, tmp_path):
-    """A process that dies halfway through writing step 2 leaves step 1 intact and step 2 absent."""
+    """A process that dies halfway through writing step 2's DCP files leaves step 1 intact and step 2 absent; the
+    next run holding the folder removes what it left."""
     script = textwrap.dedent("""
         import os, torch
         from train import checkpoint, paths
         d = paths.checkpoint_dir("d2")
-        checkpoint.save_checkpoint(d, 1, {"w": torch.ones(64, 64)}, {"m": torch.ones(4)}, {"step": 1})
+        checkpoint.save_checkpoint(d, 1, {"model": {"w": torch.ones(64, 64)}, "optimizer": {"m": torch.ones(4)}},
+                                   {"step": 1})
         real_save = torch.save
         def dying_save(obj, f, *a, **k):
             f.write(b"partial bytes of a checkpoint")
             f.flush()
             os._exit(9)  # killed mid-write: no cleanup, no exception handlers
         torch.save = dying_save
-        checkpoint.save_checkpoint(d, 2, {"w": torch.zeros(64, 64)}, {"m": torch.zeros(4)}, {"step": 2})
+        checkpoint.save_checkpoint(d, 2, {"model": {"w": torch.zeros(64, 64)}, "optimizer": {"m": torch.zeros(4)}},
+                                   {"step": 2})
     """)
     env = dict(os.environ, NANOCHAT_BASE_DIR=str(tmp_path), PYTHONPATH=os.getcwd())
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
     assert proc.returncode == 9, proc.stderr
-    assert checkpoint.saved_steps(ckpt_dir) == [1]
+    assert (ckpt_dir / "step_000002").is_dir()  # it died writing there
+    assert checkpoint.saved_steps(ckpt_dir) == [1] and checkpoint.newest_good_step(ckpt_dir) == (1, [])
     assert torch.equal(checkpoint.load_model_state(ckpt_dir, 1, "cpu")["w"], torch.ones(64, 64))
-    assert torch.equal(checkpoint.load_optimizer_state(ckpt_dir, 1, 0, "cpu")["m"], torch.ones(4))
-    assert not (ckpt_dir / "step_000002_optimizer_rank0.pt").exists()
-    assert not (ckpt_dir / "step_000002_model.pt").exists()
+    into = {"m": torch.zeros(4)}
+    checkpoint.load_state(ckpt_dir, 1, {"optimizer": into})
+    assert torch.equal(into["m"], torch.ones(4))
+    assert checkpoint.remove_leftovers(ckpt_dir) == ["step_000002"]
+    assert not (ckpt_dir / "step_000002").exists() and checkpoint.damage(ckpt_dir, 1) is None
 
 
 def test_prune_keeps_the_newest_complete_checkpoints(ckpt_dir):
     for step in (1, 2, 3, 4, 5):
-        checkpoint.save_checkpoint(ckpt_dir, step, _state(step), {"state": {}, "param_groups": []}, {"step": step})
+        checkpoint.save_checkpoint(ckpt_dir, step, {"model": _state(step)}, {"step": step})
     (ckpt_dir / "step_000000_model.pt").write_bytes(b"a save that crashed before its meta")
     assert checkpoint.prune(ckpt_dir, 2) == [1, 2, 3]
     assert checkpoint.saved_steps(ckpt_dir) == [4, 5]
-    assert not list(ckpt_dir.glob("step_00000[123]_*"))
+    assert not list(ckpt_dir.glob("step_00000[123]*"))
     assert (ckpt_dir / "step_000000_model.pt").exists()  # not a complete checkpoint: not ours to judge
     assert checkpoint.prune(ckpt_dir, 2) == [] and checkpoint.prune(ckpt_dir, -1) == []

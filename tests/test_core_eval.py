@@ -449,7 +449,7 @@ def test_cli_scores_a_checkpoint_and_a_bad_tag_is_one_line(tmp_path, monkeypatch
     model.init_weights()
     with torch.no_grad():
         model.lm_head.weight.normal_(0, 0.5)
-    checkpoint.save_checkpoint(paths.checkpoint_dir("t"), 7, model.state_dict(), None,
+    checkpoint.save_checkpoint(paths.checkpoint_dir("t"), 7, {"model": model.state_dict()},
                                {"step": 7, "model_config": config.to_dict()})
     proc = run("train.core_eval", ["--model-tag", "t", "--device-type", "cpu"], base)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -11,7 +11,7 @@ import shutil
 import pytest
 import torch
 
-from helpers import SHORT, TINY, ckpt, metrics, one_line_error, run, run_patched
+from helpers import SHORT, TINY, ckpt, data_file, metrics, one_line_error, run, run_patched
 from train import checkpoint
 from train.errors import UserError
 
@@ -19,8 +19,9 @@ pytestmark = pytest.mark.slow  # the CLI in subprocesses
 
 
 def files(folder):
-    """{name: bytes} of the checkpoint files and the metrics file of a folder (what a refused run must not touch)."""
-    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file() and p.name != ".lock"}
+    """{path: bytes} of the checkpoint files and the metrics file of a folder (what a refused run must not touch)."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*")
+            if p.is_file() and p.name != ".lock"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -53,7 +54,8 @@ def test_a_fresh_start_in_a_used_folder_is_refused_or_sets_the_old_run_aside(tin
     assert files(folder) == before  # the earlier run's metrics are where they were
     proc = run([*args, "--set-aside"], tiny_base)
     aside, = folder.glob("set-aside-*")
-    assert {p.name for p in aside.iterdir()} == {n for n in before if n.startswith("step_")} | {"metrics.jsonl"}
+    assert {p.name for p in aside.iterdir()} == {n.split("/")[0] for n in before if n.startswith("step_")} | {
+        "metrics.jsonl"}
     assert (aside / "metrics.jsonl").read_bytes() == before["metrics.jsonl"]
     assert [r["step"] for r in metrics(tiny_base, "used") if "train/loss_step" in r] == [1, 2]  # the new run's
     saved = checkpoint.load_meta(folder, 2)
@@ -101,7 +103,7 @@ def save_small(folder, step=3):
             "dataloader": [{"epoch": 1, "shard": 0, "row_group": 9, "rank": 0, "world_size": 1, "buffer": []}],
             "loop_state": {"smooth_loss": 1.5, "val_bpb": 2.25}, "tokenizer": "abc", "val_bpb": 2.25,
             "dataset": {"name": "tiny", "train_shards": ["shard_00000.parquet"]}}
-    checkpoint.save_checkpoint(folder, step, model, {"state": {}, "param_groups": []}, meta)
+    checkpoint.save_checkpoint(folder, step, {"model": model}, meta)
     return folder / f"step_{step:06d}_meta.json"
 
 
@@ -137,11 +139,11 @@ def test_a_meta_with_wrong_types_is_passed_over_by_latest(tmp_path):
 
 def test_unreadable_checkpoint_files_are_one_line(tmp_path):
     save_small(tmp_path)
-    model = tmp_path / "step_000003_model.pt"
+    model = data_file(tmp_path, 3)
     model.unlink()
     model.mkdir()  # a folder where the weights were (or a file this user may not read)
     assert "missing" in checkpoint.damage(tmp_path, 3)
-    with pytest.raises(UserError, match="unreadable"):
+    with pytest.raises(UserError, match="missing"):
         checkpoint.load_model_state(tmp_path, 3, "cpu")
     model.rmdir()
     save_small(tmp_path)
@@ -171,10 +173,10 @@ def test_an_eval_a_stop_signal_skipped_runs_when_the_run_resumes(tiny_base):
     proc = run_patched(patch, args, tiny_base)
     assert proc.returncode == 143 and "stopped by SIGTERM at step 5" in proc.stdout, proc.stdout[-2000:]
     assert [r["step"] for r in metrics(tiny_base, "eval-stop") if "val/bpb" in r] == [0]
-    model = ckpt(tiny_base, "eval-stop") / "step_000005_model.pt"
-    weights = model.read_bytes(), model.stat().st_mtime_ns
+    files = sorted((ckpt(tiny_base, "eval-stop") / "step_000005").iterdir())
+    weights = [(f.read_bytes(), f.stat().st_mtime_ns) for f in files]
     resumed = run([*args, "--resume-from-step", "latest"], tiny_base)
-    assert (model.read_bytes(), model.stat().st_mtime_ns) == weights  # only the meta is written again
+    assert [(f.read_bytes(), f.stat().st_mtime_ns) for f in files] == weights  # only the meta is written again
     bpbs = [(r["step"], r["val/bpb"]) for r in metrics(tiny_base, "eval-stop") if "val/bpb" in r]
     assert [s for s, _ in bpbs] == [0, 5]
     assert f"done: val bpb {bpbs[-1][1]}" in resumed.stdout
@@ -218,7 +220,7 @@ def test_a_checkpoint_the_run_diverges_from_at_once_is_marked_and_latest_passes_
 def test_latest_refuses_when_no_checkpoint_of_the_folder_can_be_resumed(tmp_path):
     from train import resume
     save_small(tmp_path, step=3)
-    (tmp_path / "step_000003_model.pt").write_bytes(b"damaged")
+    data_file(tmp_path, 3).write_bytes(b"damaged")
     with pytest.raises(UserError, match=r"none of the checkpoints .* can be resumed \(steps 3, said above\)"):
         resume.pick_step("latest", tmp_path, print)
     assert resume.pick_step("latest", tmp_path, print, fresh_ok=True) == -1  # --set-aside: afresh

@@ -1,6 +1,7 @@
 """FSDP2 (issue #27): training sharded over 2 and 3 ranks with the whole Muon + AdamW recipe equals a single process
-fed the same global batches; Muon orthogonalizes each matrix once per step over all ranks; the optimizer's
-checkpoint is the replicated mode's (its full form is the single process's) and training continues from it."""
+fed the same global batches, with activation checkpointing too; Muon orthogonalizes each matrix once per step over all
+ranks; the optimizer's checkpoint is the replicated mode's (its full form is the single process's) and training
+continues from it."""
 import os
 import tempfile
 from collections import Counter
@@ -88,6 +89,9 @@ def _check(rank: int, world: int) -> None:
     for step in range(STEPS):
         inputs, targets = batch(step, world)
         ref_loss = train_step(ref, ref_opt, schedule, step, inputs, targets)
+        # every other step with activation checkpointing: each block's recompute in the backward runs on the weights
+        # FSDP2 gathered for that backward (its pre-forward hook is skipped there)
+        model.checkpoint_blocks = step % 2 == 1
         optim._orthogonalize = counting
         try:
             loss = train_step(model, opt, schedule, step, inputs[rows], targets[rows])

@@ -10,7 +10,6 @@ import torch.multiprocessing as mp
 
 from model.config import GPTConfig
 from train.builder import build_model, build_sharded_model
-from train.fsdp import full_state_dict
 
 # uneven rows on 2 ranks: n_kv_head 7 (the value gates), the smear gate's single row, 3 layers of scalars
 CONFIG = GPTConfig(sequence_len=16, vocab_size=101, n_layer=3, n_head=7, n_kv_head=7, n_embd=28, window_pattern="SL")
@@ -26,9 +25,9 @@ def _worker(rank: int, world: int, store: str) -> None:
         for name, p in model.named_parameters():  # only this rank's rows are held (torch.chunk's, maybe none)
             pieces = torch.arange(reference.get_parameter(name).shape[0]).chunk(world)
             assert p.to_local().shape[0] == (len(pieces[rank]) if rank < len(pieces) else 0), name
-        full = full_state_dict(model)
+        full = {k: v.full_tensor() for k, v in model.state_dict().items()}
+        ref = reference.state_dict()
         if rank == 0:
-            ref = reference.state_dict()
             assert set(full) == set(ref)
             for name, value in ref.items():
                 assert torch.equal(full[name], value), name

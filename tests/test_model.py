@@ -292,6 +292,45 @@ def test_recompute_mlp_gives_the_same_loss_and_grads():
     assert all(torch.equal(g0, g1) for g0, g1 in zip(grads0, grads1))
 
 
+def grads_of(model: GPT, x, y, compile: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    run = torch.compile(model, dynamic=False, fullgraph=True, backend="aot_eager") if compile else model
+    loss = run(x, y)
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("compile", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_checkpoint_blocks_gives_the_same_loss_and_grads(compile):
+    """Each layer run again in the backward (torch.utils.checkpoint, within torch.compile too): the same numbers in
+    fp32, relu² kept or recomputed inside it, and the parameter names (checkpoints, optimizer state) unchanged."""
+    x, y = repetitive_batch(T=32)
+    loss0, grads0 = grads_of(perturbed(), x, y)
+    for recompute in (False, True):
+        model = perturbed()
+        model.checkpoint_blocks, model.recompute_mlp = True, recompute
+        loss, grads = grads_of(model, x, y, compile)
+        assert loss.item() == pytest.approx(loss0.item(), abs=1e-6)
+        assert grads.keys() == grads0.keys()
+        assert all((grads[n] - g).abs().max() <= 1e-6 for n, g in grads0.items())
+        assert all(g.abs().max() > 0 for g in grads0.values())  # every parameter's gradient compared
+
+
+def test_checkpoint_blocks_recomputes_each_layer_in_the_backward(monkeypatch):
+    """Where it applies: a training forward runs each layer once more in the backward; no_grad runs it once."""
+    model = perturbed()
+    model.checkpoint_blocks = True
+    calls = []
+    layer = GPT.layer
+    monkeypatch.setattr(GPT, "layer", lambda self, i, *a, **k: calls.append(i) or layer(self, i, *a, **k))
+    x, y = repetitive_batch(T=32)
+    with torch.no_grad():
+        model(x, y)
+    assert calls == [0, 1, 2]
+    calls.clear()
+    model(x, y).backward()
+    assert calls == [0, 1, 2, 2, 1, 0]
+
+
 def cuda_model(n_layer: int) -> GPT:
     """A small GPT built the way train.pretrain builds it: on the meta device, then on the GPU."""
     torch.manual_seed(0)

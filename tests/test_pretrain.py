@@ -11,7 +11,8 @@ import sys
 
 import pytest
 
-from helpers import REPO, TINY, cli_env, free_port, metrics, run, step_losses, torchrun, wait_for_lines
+from helpers import REPO, TINY, cli_env, free_port, metrics, run, run_patched, step_losses, torchrun, wait_for_lines
+from train import checkpoint
 
 pytestmark = pytest.mark.slow  # every test here runs the CLI in a subprocess
 
@@ -28,7 +29,7 @@ def test_tiny_run_loss_falls_and_ends_with_checkpoint_and_bpb(base):
     assert last < first - 0.5, (first, last)
     bpbs = [r["val/bpb"] for r in metrics(base, "falls") if "val/bpb" in r]
     assert len(bpbs) == 3 and bpbs[-1] < bpbs[0]
-    assert (base / "base_checkpoints" / "falls" / "step_000040_model.pt").exists()
+    assert checkpoint.damage(base / "base_checkpoints" / "falls", 40) is None
     assert "val bpb" in proc.stdout
     assert (base / "base_checkpoints" / "falls" / "metrics.png").stat().st_size > 10_000  # the run's curves
 
@@ -112,16 +113,21 @@ def test_dry_run_needs_no_data_and_prints_the_plan_as_json(tmp_path):
     assert "estimated GPU memory" in proc.stdout
 
 
+def written_by(ckpt, step) -> set[int]:
+    """The ranks whose DCP files a checkpoint's meta lists (__{rank}_{i}.distcp)."""
+    return {int(name.split("__")[1].split("_")[0]) for name in checkpoint.load_meta(ckpt, step)["files"]
+            if name.endswith(".distcp")}
+
+
 def test_torchrun_two_ranks_train_save_and_resume_exactly(base):
-    """Two gloo ranks through torchrun: per-rank optimizer shards, val bpb over both ranks, and a resumed
-    2-rank run continues the same loss curve (on another world size: tests/test_reshard.py)."""
+    """Two gloo ranks through torchrun: each rank writes its part of the checkpoint, val bpb over both ranks, and a
+    resumed 2-rank run continues the same loss curve (on another world size: tests/test_reshard.py)."""
     ddp = [*TINY, "--device-batch-size", "2", "--num-iterations", "8", "--save-every", "4", "--eval-every", "4"]
     proc = torchrun([*ddp, "--model-tag", "ddp"], base)
     assert "on 2 x cpu" in proc.stdout, proc.stdout[-2000:]
     ckpt = base / "base_checkpoints" / "ddp"
     for step in (4, 8):
-        assert (ckpt / f"step_{step:06d}_optimizer_rank0.pt").exists()
-        assert (ckpt / f"step_{step:06d}_optimizer_rank1.pt").exists()
+        assert written_by(ckpt, step) == {0, 1} and checkpoint.damage(ckpt, step) is None
         meta = json.loads((ckpt / f"step_{step:06d}_meta.json").read_text())
         assert meta["world_size"] == 2 and len(meta["dataloader"]) == 2
         assert meta["dataloader"][0] != meta["dataloader"][1]  # each rank reads its own row groups
@@ -137,13 +143,13 @@ def test_torchrun_two_ranks_train_save_and_resume_exactly(base):
     for s in resumed:
         assert resumed[s] == pytest.approx(full[s], rel=1e-5, abs=1e-6), (s, resumed[s], full[s])
 
-    # one rank refuses (its own optimizer shard is damaged): no rank changes the folder, every rank says why
-    shard = ckpt / "step_000004_optimizer_rank1.pt"
+    # one rank refuses (a file it checks is damaged): no rank changes the folder, every rank says why
+    shard = ckpt / "step_000004" / "__1_0.distcp"
     shard.write_bytes(shard.read_bytes()[:-1] + b"!")
-    before = {p.name: p.read_bytes() for p in ckpt.iterdir() if p.is_file() and p.name != ".lock"}
+    before = {p: p.read_bytes() for p in ckpt.rglob("*") if p.is_file() and p.name != ".lock"}
     proc = torchrun([*ddp, "--model-tag", "ddp", "--resume-from-step", "4", "--set-aside"], base, check=False)
-    assert proc.returncode != 0 and proc.stderr.count("step_000004_optimizer_rank1.pt is damaged") == 2, proc.stderr
-    assert {p.name: p.read_bytes() for p in ckpt.iterdir() if p.is_file() and p.name != ".lock"} == before
+    assert proc.returncode != 0 and proc.stderr.count("step_000004/__1_0.distcp is damaged") == 2, proc.stderr
+    assert {p: p.read_bytes() for p in ckpt.rglob("*") if p.is_file() and p.name != ".lock"} == before
     assert not list(ckpt.glob("set-aside-*"))
 
 
@@ -163,7 +169,7 @@ def test_two_nodes_meet_through_torchruns_rendezvous(base):
         assert node.returncode == 0, f"{out[-2000:]}\n{err[-3000:]}"
     assert any("on 2 x cpu" in out for out, _ in outs), [out[-1000:] for out, _ in outs]
     ckpt = base / "base_checkpoints" / "nodes"
-    assert (ckpt / "step_000003_optimizer_rank0.pt").exists() and (ckpt / "step_000003_optimizer_rank1.pt").exists()
+    assert written_by(ckpt, 3) == {0, 1}
     assert sorted(step_losses(metrics(base, "nodes"))) == [1, 2, 3]
 
 
@@ -235,7 +241,7 @@ def test_sigterm_to_torchrun_saves_every_ranks_shard(base):
     stopped = int(re.search(r"stopped by SIGTERM at step (\d+)", out).group(1))
     meta = json.loads((ckpt / f"step_{stopped:06d}_meta.json").read_text())
     assert meta["world_size"] == 2 and len(meta["dataloader"]) == 2
-    assert all((ckpt / f"step_{stopped:06d}_optimizer_rank{r}.pt").exists() for r in (0, 1))
+    assert written_by(ckpt, stopped) == {0, 1}
 
 
 def test_resume_latest_starts_fresh_then_continues_from_the_last_checkpoint(base):
@@ -265,13 +271,20 @@ def test_keep_last_prunes_old_checkpoints(base):
 
 
 def test_a_failed_save_is_one_line_naming_the_last_good_checkpoint(base):
-    """A save that cannot be written (disk full, quota; here a directory in the way) stops the run with one line."""
-    ckpt = base / "base_checkpoints" / "blocked"
-    (ckpt / "step_000004_model.pt" / "in-the-way").mkdir(parents=True)
-    proc = run([*TINY, "--num-iterations", "6", "--save-every", "2", "--eval-every", "-1", "--model-tag", "blocked"],
-               base, check=False)
+    """A save that cannot be written (disk full, quota; here a full disk at step 4) stops the run with one line."""
+    full = ("import torch.distributed.checkpoint as dcp\nreal = dcp.FileSystemWriter.write_data\n"
+            "def write_data(self, plan, planner):\n"
+            "    if 'step_000004' in str(self.path):\n"
+            "        raise OSError(28, 'No space left on device')\n"
+            "    return real(self, plan, planner)\n"
+            "dcp.FileSystemWriter.write_data = write_data")
+    proc = run_patched(full, [*TINY, "--num-iterations", "6", "--save-every", "2", "--eval-every", "-1",
+                              "--model-tag", "blocked"], base)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    assert "the last good checkpoint is step 2" in proc.stderr.strip().splitlines()[-1]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "No space left on device" in last and "the last good checkpoint is step 2" in last, last
+    assert checkpoint.saved_steps(base / "base_checkpoints" / "blocked") == [2]
+    assert not (base / "base_checkpoints" / "blocked" / "step_000004").exists()
     (base / "base_checkpoints" / "file-not-dir").write_text("")  # a file where the run's folder goes
     proc = run([*TINY, "--num-iterations", "2", "--model-tag", "file-not-dir"], base, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]

@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 
-from helpers import SHORT, ckpt, cli_env, metrics, saved_and_loaded, step_losses, torchrun
+from helpers import SHORT, ckpt, cli_env, metrics, save_format2, saved_and_loaded, step_losses, torchrun
 from train import checkpoint
 from train.errors import UserError
 from train.optim import Schedule, full_state, make_optimizer, shard_state
@@ -184,22 +184,28 @@ def test_resharded_state_is_the_single_process_one_and_training_continues_equal(
         mp.spawn(_worker, args=(world, os.path.join(tmp, "store")), nprocs=world, join=True)
 
 # -----------------------------------------------------------------------------
-# the CLI: 2 ranks -> 1 process -> 2 ranks
+# the CLI: 2 ranks -> 1 process -> 2 ranks in FSDP2 -> 1 process replicated
 
 
-# train.pretrain with the optimizer's load patched: each rank saves what it loaded to $DUMP/rank{r}.pt; with
-# $FRESH_OPTIMIZER it loads nothing (the negative control)
+# train.pretrain with the checkpoint's load patched: each rank saves what it holds after loading (model and optimizer,
+# its share put together: DTensors whole) to $DUMP/rank{r}.pt; with $FRESH_OPTIMIZER (replicated: the weights are
+# loaded before) it loads no optimizer state (the negative control)
 LOAD_AND_DUMP = """
 import os, sys, torch
-from train import optim, pretrain
+from train import optim, pretrain, resume
 from train.errors import run_cli
-load = optim.MuonAdamW.load_state_dict
-def load_and_dump(self, state_dict):
+from torch.distributed.tensor import DTensor
+load = resume.load_state
+def load_and_dump(model, optimizer, *args, **kwargs):
     if os.environ.get("FRESH_OPTIMIZER"):
         return
-    load(self, state_dict)
-    torch.save(self.state_dict(), os.path.join(os.environ["DUMP"], f"rank{os.environ.get('RANK', 0)}.pt"))
-optim.MuonAdamW.load_state_dict = load_and_dump
+    load(model, optimizer, *args, **kwargs)
+    whole = lambda v: v.full_tensor() if isinstance(v, DTensor) else v
+    names = {p: n for n, p in model.named_parameters()}
+    held = {f"optimizer.{k}": whole(v) for k, v in optim.named_state(optimizer, names).items()}
+    held |= {f"model.{k}": whole(v) for k, v in model.state_dict().items()}
+    torch.save(held, os.path.join(os.environ["DUMP"], f"rank{os.environ.get('RANK', 0)}.pt"))
+resume.load_state = load_and_dump
 run_cli(pretrain.main, sys.argv[1:])
 """
 
@@ -212,17 +218,20 @@ def _launch(script, args, base, nproc, **env):
     return proc
 
 
-def _full(folder, step, states):
-    """The full form of states, for the optimizer of the checkpoint's model (built on the CPU)."""
-    from model.config import GPTConfig
-    from train.builder import build_model
-    model = build_model(GPTConfig(**checkpoint.load_meta(folder, step)["model_config"]), "cpu")
-    opt = make_optimizer(model.param_groups())
-    return full_state(opt, {p: n for n, p in model.named_parameters()}, states)
+def _assert_loaded(dumps, folder, step):
+    """What the ranks hold after loading (each its share, keyed by name) is, put together, the checkpoint's model and
+    optimizer state, exactly."""
+    saved = {f"{what}.{k}": v for what in ("model", "optimizer")
+             for k, v in checkpoint.load_tensors(folder, step, f"{what}.").items()}
+    loaded = {}
+    for path in dumps:
+        loaded |= torch.load(path, weights_only=True)
+    assert loaded.keys() == saved.keys() and len(saved) > 40
+    assert [k for k in saved if not torch.equal(loaded[k], saved[k])] == []
 
 
 @pytest.mark.slow
-def test_cli_resumes_a_two_rank_checkpoint_on_one_process_and_back(tiny_base, tmp_path):
+def test_cli_resumes_on_any_world_size_and_in_either_mode(tiny_base, tmp_path):
     base, script = tiny_base, tmp_path / "load_and_dump.py"
     script.write_text(LOAD_AND_DUMP)
     # 10 x the LRs: the tiny batch scales them down (x 0.022) to where a fresh optimizer barely shows in the losses
@@ -231,7 +240,6 @@ def test_cli_resumes_a_two_rank_checkpoint_on_one_process_and_back(tiny_base, tm
     torchrun([*args, "--num-iterations", "4"], base)
     folder = ckpt(base, "moves")
     shutil.copytree(folder, ckpt(base, "fresh"))
-    saved = checkpoint.load_optimizer_states(folder, 4, 2, "cpu")
 
     # 2 ranks -> 1 process (grad accumulation 2 makes up the batch): what it loaded is the checkpoint's state
     (tmp_path / "one").mkdir()
@@ -239,8 +247,7 @@ def test_cli_resumes_a_two_rank_checkpoint_on_one_process_and_back(tiny_base, tm
                    DUMP=tmp_path / "one")
     assert "optimizer state of 2 ranks resharded onto 1" in proc.stdout, proc.stdout[-2000:]
     assert "| grad accum 2" in proc.stdout  # the same 256-token batch, on 1 process
-    assert_same_full(_full(folder, 4, [torch.load(tmp_path / "one" / "rank0.pt", weights_only=True)]),
-                     _full(folder, 4, saved), groups=False)
+    _assert_loaded([tmp_path / "one" / "rank0.pt"], folder, 4)
     # the control: the same resume with a fresh optimizer; the first step's loss (weights as saved) is the same,
     # the next ones visibly not
     fresh_args = [*args[:-1], "fresh", "--num-iterations", "7", "--resume-from-step", "latest"]
@@ -250,32 +257,37 @@ def test_cli_resumes_a_two_rank_checkpoint_on_one_process_and_back(tiny_base, tm
     assert fresh[5] == pytest.approx(resumed[5], rel=1e-6)
     assert all(abs(fresh[s] - resumed[s]) > 1e-3 for s in (6, 7)), (resumed, fresh)
 
-    # 1 process -> 2 ranks, from the checkpoint the 1-process run saved at its end
+    # 1 process -> 2 ranks in FSDP2, from the checkpoint the 1-process run saved at its end
     (tmp_path / "two").mkdir()
-    proc = _launch(script, [*args, "--num-iterations", "9", "--resume-from-step", "latest"], base, 2,
+    proc = _launch(script, [*args, "--num-iterations", "9", "--resume-from-step", "latest", "--fsdp", "on"], base, 2,
                    DUMP=tmp_path / "two")
     assert "optimizer state of 1 rank resharded onto 2" in proc.stdout, proc.stdout[-2000:]
-    assert "| grad accum 1" in proc.stdout
-    loaded = [torch.load(tmp_path / "two" / f"rank{r}.pt", weights_only=True) for r in range(2)]
-    assert_same_full(_full(folder, 7, loaded), _full(folder, 7, checkpoint.load_optimizer_states(folder, 7, 1, "cpu")),
-                     groups=False)
-    assert sorted(step_losses(metrics(base, "moves"))) == list(range(1, 10))
+    assert "| grad accum 1" in proc.stdout and "data parallel: FSDP2" in proc.stdout
+    _assert_loaded([tmp_path / "two" / f"rank{r}.pt" for r in range(2)], folder, 7)
+
+    # FSDP2's 2 ranks -> 1 process, replicated
+    (tmp_path / "back").mkdir()
+    proc = _launch(script, [*args, "--num-iterations", "10", "--resume-from-step", "latest"], base, 1,
+                   DUMP=tmp_path / "back")
+    assert "optimizer state of 2 ranks resharded onto 1" in proc.stdout and "data parallel: replicated" in proc.stdout
+    _assert_loaded([tmp_path / "back" / "rank0.pt"], folder, 9)
+    assert sorted(step_losses(metrics(base, "moves"))) == list(range(1, 11))
 
 
 def test_a_meta_rewritten_by_another_world_size_keeps_the_one_of_its_files(tmp_path, monkeypatch):
     """A run that resumed the last step on 1 process and only evaluated rewrites the meta of the 2 ranks' files."""
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
     folder = tmp_path / "d2"
-    checkpoint.save_checkpoint(folder, 3, {"w": torch.ones(2)}, {"state": {}}, {"step": 3, "world_size": 2})
+    checkpoint.save_checkpoint(folder, 3, {"model": {"w": torch.ones(2)}}, {"step": 3, "world_size": 2})
     checkpoint.rewrite_meta(folder, 3, {"step": 3, "world_size": 1})
     assert checkpoint.load_meta(folder, 3)["world_size"] == 2
 
 
 def test_a_missing_or_damaged_rank_file_is_one_line(tmp_path, monkeypatch):
-    """Resharding reads every old rank's file, each verified as a rank's own is."""
+    """Resharding format 2 reads every old rank's file, each verified as a rank's own is."""
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
     folder = tmp_path / "d2"
-    checkpoint.save_checkpoint(folder, 3, {"w": torch.ones(2)}, {"state": {}}, {"step": 3, "world_size": 2})
+    save_format2(folder, 3, {"w": torch.ones(2)}, [{"state": {}}], {"step": 3, "world_size": 2})
     with pytest.raises(UserError, match=r"step_000003_optimizer_rank1\.pt is missing"):
         checkpoint.load_optimizer_states(folder, 3, 2, "cpu")
     rank0 = folder / "step_000003_optimizer_rank0.pt"

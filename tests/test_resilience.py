@@ -13,8 +13,8 @@ import sys
 import pytest
 import torch
 
-from helpers import (REPO, SHORT, TINY, ckpt, cli_env, metrics, one_line_error, run, run_patched, step_losses,
-                     wait_for_lines)
+from helpers import (REPO, SHORT, TINY, ckpt, cli_env, data_file, metrics, one_line_error, run, run_patched,
+                     step_losses, wait_for_lines)
 from train import checkpoint, pretrain
 from train.errors import UserError, run_cli
 
@@ -93,13 +93,13 @@ def test_another_tokenizer_or_dataset_is_refused_on_resume(tiny_base, tmp_path):
 def test_damage_is_found_and_latest_falls_back_to_the_newest_good_step(tiny_base):
     run([*SHORT, "--num-iterations", "6", "--save-every", "3", "--model-tag", "damage"], tiny_base)
     folder = ckpt(tiny_base, "damage")
-    model = folder / "step_000006_model.pt"
+    model = data_file(folder, 6)
     data = bytearray(model.read_bytes())
     data[len(data) // 2] ^= 0xFF  # one flipped byte inside a tensor
     model.write_bytes(bytes(data))
     proc = run([*SHORT, "--num-iterations", "8", "--model-tag", "damage", "--resume-from-step", "6"], tiny_base,
                check=False)
-    one_line_error(proc, "step_000006_model.pt is damaged")
+    one_line_error(proc, "step_000006/__0_0.distcp is damaged")
     latest = run([*SHORT, "--num-iterations", "8", "--model-tag", "damage", "--resume-from-step", "latest"],
                  tiny_base)
     assert "skipped step 6:" in latest.stdout and "latest: step 3" in latest.stdout
@@ -108,7 +108,7 @@ def test_damage_is_found_and_latest_falls_back_to_the_newest_good_step(tiny_base
 def test_a_broken_checkpoint_is_one_line(tiny_base):
     run([*SHORT, "--num-iterations", "2", "--model-tag", "broken"], tiny_base)
     breakages = [  # (what is done to the folder's step 2, what the one line says)
-        (lambda f: (f / "step_000002_model.pt").write_bytes(b""), "step_000002_model.pt is damaged"),
+        (lambda f: data_file(f, 2).write_bytes(b""), "step_000002/__0_0.distcp has 0 bytes"),
         (lambda f: (f / "step_000002_meta.json").write_bytes(b'{"step": 2, "x": "\xff"}'), "meta .* is unreadable"),
         (lambda f: (f / "step_000002_meta.json").write_text('{"step": 2}'), "lacks model_config"),
     ]
@@ -120,15 +120,14 @@ def test_a_broken_checkpoint_is_one_line(tiny_base):
 
 
 def test_a_full_disk_during_a_save_is_one_line_and_leaves_no_orphan(tiny_base):
-    """torch reports a full disk as a RuntimeError of its zip writer: here it comes after part of the file."""
-    patch = ("import torch\nreal = torch.save\ncalls = []\n"
-             "def save(obj, f, *a, **k):\n"
-             "    calls.append(1)\n"
-             "    if len(calls) > 2:  # the second checkpoint's optimizer shard\n"
-             "        f.write(b'partial')\n"
+    """torch reports a full disk as a RuntimeError of its zip writer: here it comes after part of a DCP file."""
+    patch = ("import torch.distributed.checkpoint.filesystem as fs\nreal = fs._write_item\n"
+             "def write(transforms, stream, *a, **k):\n"
+             "    if 'step_000004' in str(getattr(stream, 'name', '')):  # the second checkpoint\n"
+             "        stream.write(b'partial')\n"
              "        raise RuntimeError('[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0')\n"
-             "    return real(obj, f, *a, **k)\n"
-             "torch.save = save")
+             "    return real(transforms, stream, *a, **k)\n"
+             "fs._write_item = write")
     proc = run_patched(patch, [*SHORT, "--num-iterations", "4", "--save-every", "2", "--model-tag", "fulldisk"],
                        tiny_base)
     one_line_error(proc, r"could not write the checkpoint of step 4 .*the last good checkpoint is step 2")
@@ -141,7 +140,8 @@ def test_a_small_tmpfs_filled_by_a_save(tiny_base):
     folder.mkdir(parents=True)
     probe = run([*SHORT, "--num-iterations", "2", "--model-tag", "tmpfs-size"], tiny_base)
     assert probe.returncode == 0
-    one = sum(p.stat().st_size for p in ckpt(tiny_base, "tmpfs-size").glob("step_000002_*"))
+    one = sum(p.stat().st_size for p in ckpt(tiny_base, "tmpfs-size").rglob("*") if p.is_file()
+              and p.relative_to(ckpt(tiny_base, "tmpfs-size")).as_posix().startswith("step_000002"))
     if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={int(one * 1.6) // 4096 * 4096}", "tmpfs",
                        str(folder)], capture_output=True).returncode != 0:
         pytest.skip("no tmpfs can be mounted here (not root): the full disk is simulated in the test above")
@@ -198,13 +198,16 @@ def test_a_second_run_in_the_same_folder_is_refused_and_a_dead_ones_lock_taken_o
 def test_leftovers_of_killed_saves_are_removed_at_start(tiny_base):
     folder = ckpt(tiny_base, "leftovers")
     run([*SHORT, "--num-iterations", "2", "--model-tag", "leftovers"], tiny_base)
-    (folder / ".step_000004_model.pt.tmp123-456").write_bytes(b"half")
-    (folder / "step_000004_optimizer_rank0.pt").write_bytes(b"orphan")  # a save killed before its meta
+    (folder / ".step_000004_meta.json.tmp123-456").write_bytes(b"half")
+    (folder / "step_000004").mkdir()
+    (folder / "step_000004" / "__0_0.distcp").write_bytes(b"orphan")  # a save killed before its meta
+    (folder / "step_000005_optimizer_rank0.pt").write_bytes(b"orphan")  # format 2's
     proc = run([*SHORT, "--num-iterations", "4", "--save-every", "2", "--keep-last", "1", "--model-tag",
                 "leftovers", "--resume-from-step", "2"], tiny_base)
-    assert ".step_000004_model.pt.tmp123-456" in proc.stdout and "step_000004_optimizer_rank0.pt" in proc.stdout
+    assert all(name in proc.stdout for name in (".step_000004_meta.json.tmp123-456", "step_000004,",
+                                                  "step_000005_optimizer_rank0.pt")), proc.stdout
     assert sorted(p.name for p in folder.iterdir() if p.name.startswith(("step_", ".step_"))) == [
-        "step_000004_meta.json", "step_000004_model.pt", "step_000004_optimizer_rank0.pt"]
+        "step_000004", "step_000004_meta.json"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -260,7 +263,7 @@ def test_epochs_are_announced_and_a_resume_logs_no_step_twice(tiny_base):
 
 def test_meta_never_holds_nan_and_a_failed_write_leaves_nothing(tmp_path):
     with pytest.raises(checkpoint.CheckpointWriteError):
-        checkpoint.save_checkpoint(tmp_path, 3, {"w": torch.ones(2)}, {"m": torch.ones(2)},
+        checkpoint.save_checkpoint(tmp_path, 3, {"model": {"w": torch.ones(2)}, "optimizer": {"m": torch.ones(2)}},
                                    {"step": 3, "val_bpb": float("nan")})
     assert list(tmp_path.iterdir()) == []
 

@@ -2,13 +2,14 @@
 subprocess run for the exit status and the one stderr line)."""
 import io
 import re
+import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from helpers import REPO, cli_env, one_line_error, run
+from helpers import REPO, cli_env, data_file, one_line_error, run
 from model.config import GPTConfig
 from model.gpt import GPT
 from train import checkpoint, paths, sample
@@ -45,7 +46,7 @@ def tiny_model(seed: int) -> GPT:
 
 
 def save(step: int, model: GPT) -> None:
-    checkpoint.save_checkpoint(paths.checkpoint_dir("t"), step, model.state_dict(), None,
+    checkpoint.save_checkpoint(paths.checkpoint_dir("t"), step, {"model": model.state_dict()},
                                {"step": step, "model_config": CONFIG.to_dict(), "tokenizer": TOK.fingerprint})
 
 
@@ -111,7 +112,7 @@ def test_an_explicit_step_and_one_that_is_not_there(base, cli):
 
 
 def flip_a_byte(step: int) -> None:
-    path = paths.checkpoint_dir("t") / f"step_{step:06d}_model.pt"
+    path = data_file(paths.checkpoint_dir("t"), step)
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x01
     path.write_bytes(data)
@@ -123,7 +124,7 @@ def test_a_damaged_checkpoint_is_passed_over_by_default_and_refused_by_step(base
     assert (status, out) == (0, greedy(5))  # as --resume-from-step latest: the newest that verifies
     assert err.startswith("skipped step 10 of ") and "is damaged" in err and len(err.splitlines()) == 1
     status, out, err = cli("--prompt", PROMPT, "--step", 10)
-    assert status == 2 and out == "" and len(err.splitlines()) == 1 and "step_000010_model.pt is damaged" in err
+    assert status == 2 and out == "" and len(err.splitlines()) == 1 and "step_000010/__0_0.distcp is damaged" in err
     flip_a_byte(5)
     status, out, err = cli("--prompt", PROMPT)
     assert status == 2 and out == "" and len(err.splitlines()) == 1
@@ -145,7 +146,7 @@ def test_a_missing_or_bad_tag_is_one_line(base, cli, tag, message):
 
 def test_no_checkpoint_in_the_folder_is_one_line(base, cli):
     for p in paths.checkpoint_dir("t").iterdir():
-        p.unlink()
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
     status, out, err = cli("--prompt", PROMPT)
     assert status == 2 and err == f"error: no checkpoints in {paths.checkpoint_dir('t')}\n"
 
@@ -192,7 +193,7 @@ def test_the_command_line_exits_2_with_one_line(base):
     flip_a_byte(10)
     proc = run(["--model-tag", "t", "--step", "10", "--prompt", PROMPT, "--device-type", "cpu"], base,
                check=False, module="train.sample")
-    one_line_error(proc, r"^error: checkpoint file .*step_000010_model\.pt is damaged")
+    one_line_error(proc, r"^error: checkpoint step 10: .*step_000010/__0_0\.distcp is damaged")
 
 
 def test_a_reader_that_leaves_ends_the_stream_quietly(base):

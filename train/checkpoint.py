@@ -1,28 +1,36 @@
-"""Checkpoints: atomic writes with checksums, verified weights-only loads, per-rank optimizer shards, a lock.
+"""Checkpoints: tensors through torch.distributed.checkpoint (DCP), checksums, verified loads, a lock.
 
 Layout under $NANOCHAT_BASE_DIR/base_checkpoints/{model_tag}/:
-  step_{N}_model.pt                  model weights (plain tensors), written by rank 0
-  step_{N}_optimizer_rank{r}.pt      rank r's optimizer state (sharded in the distributed optimizer)
+  step_{N}/                          DCP's files: .metadata and each rank's __{rank}_{i}.distcp. The state is global
+                                     ("model.<name>", "optimizer.<name>.<key>": whole tensors, or DTensors of a rank's
+                                     rows), so any number of ranks, in either mode, loads it: each reads what it holds
   step_{N}_meta.json                 config, flags, step, val bpb, dataloader and loop state, and the size and
                                      sha256 of every file above
   .lock                              held (flock) by the run writing here; its host and pid inside
-Every file goes to a temporary name first and is renamed into place, and the meta file is written last: a step
-counts as saved only once its meta exists, so a crash mid-save leaves the previous checkpoint as the latest.
+Format 2 (before DCP, still resumed): step_{N}_model.pt (rank 0) and step_{N}_optimizer_rank{r}.pt (each rank's
+DistMuonAdamW shard) instead of the folder.
+The meta file is written last, once every rank's files are whole: a step counts as saved only once its meta exists,
+so a crash mid-save leaves the previous checkpoint as the latest.
 """
 import fcntl
 import hashlib
 import json
 import os
+import pickle
 import re
+import shutil
 import socket
+import warnings
 from pathlib import Path
 
 import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 
 from train.errors import UserError, first_line
 from train.paths import TEMP_MARK, atomic_write
 
-STEP_FILE = re.compile(r"step_(\d+)_(model\.pt|optimizer_rank\d+\.pt|meta\.json|suspect\.txt)")
+STEP_FILE = re.compile(r"step_(\d+)(_model\.pt|_optimizer_rank\d+\.pt|_meta\.json|_suspect\.txt)?")
 
 
 class CheckpointWriteError(OSError):
@@ -80,20 +88,75 @@ def _paths(ckpt_dir: Path, step: int, rank: int):
             ckpt_dir / f"step_{step:06d}_meta.json")
 
 
-def save_checkpoint(ckpt_dir: Path, step: int, model_state: dict, optimizer_state: dict | None,
-                    meta: dict, rank: int = 0, gather=lambda obj: [obj]) -> None:
-    """Every rank writes its optimizer shard; rank 0 writes the model, then (once every rank has written) the
-    meta with every file's digest. gather(obj) -> every rank's obj (torch.distributed's all_gather_object);
-    a write that fails on any rank removes this step's files on every rank and raises CheckpointWriteError."""
-    model_path, optim_path, meta_path = _paths(Path(ckpt_dir), step, rank)
+def step_folder(ckpt_dir: Path, step: int) -> Path:
+    """The folder of a step's DCP files."""
+    return Path(ckpt_dir) / f"step_{step:06d}"
+
+
+# what DCP's .metadata may name: its own records, torch's sizes, layouts and dtypes (these are checked apart)
+METADATA_GLOBALS = {("torch.distributed.checkpoint.metadata", name) for name in (
+    "Metadata", "MetadataIndex", "TensorStorageMetadata", "TensorProperties", "ChunkStorageMetadata", "StorageMeta",
+    "BytesStorageMetadata", "_MEM_FORMAT_ENCODING")} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+    ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath")}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        if (module, name) not in METADATA_GLOBALS and not dtype:
+            raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a checkpoint's .metadata")
+        return super().find_class(module, name)
+
+
+class _Reader(dcp.FileSystemReader):
+    """DCP's FileSystemReader, with a .metadata that cannot run code: DCP unpickles it unrestricted (its tensors it
+    loads weights-only), and would load a record of pickled bytes with weights_only=False: we write tensors only."""
+
+    def read_metadata(self, *args, **kwargs) -> Metadata:
+        with open(Path(self.path) / ".metadata", "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+        if not isinstance(metadata, Metadata) or not all(
+                isinstance(m, TensorStorageMetadata) for m in metadata.state_dict_metadata.values()):
+            raise ValueError("its .metadata records something other than tensors")
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = getattr(self, "load_id", None)
+        return metadata
+
+
+def _dcp(fn, state: dict, alone: bool, **where):
+    """DCP's save or load of state; alone: this process by itself, without collectives (DCP warns that it assumes
+    so: we know)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        warnings.filterwarnings("ignore", message="Detected an existing checkpoint")  # a killed save's leftovers
+        return fn(state, no_dist=alone, **where)
+
+
+def _reason(e: BaseException) -> str:
+    """The first line of what went wrong; of a DCP failure, the first failing rank's own exception."""
+    if isinstance(e, dcp.api.CheckpointException) and e.failures:
+        e = next(iter(e.failures.values()))[0]
+    return f"{type(e).__name__}: {first_line(e)}" if not isinstance(e, OSError) else first_line(e)
+
+
+def save_checkpoint(ckpt_dir: Path, step: int, state: dict, meta: dict, rank: int = 0, world: int = 1,
+                    gather=lambda obj: [obj]) -> None:
+    """state ({"model": ..., "optimizer": ...}: this rank's tensors, global as the module's docstring says) into the
+    step's folder through DCP, a collective: a tensor every rank holds alike is written once. Then each rank hashes
+    its share of the files written and rank 0 writes the meta, last, with every file's digest. gather(obj) -> every
+    rank's obj (torch.distributed's all_gather_object); a write that fails on any rank removes the step's folder and
+    raises CheckpointWriteError on every rank."""
+    folder = step_folder(ckpt_dir, step)
     digests, error = {}, None
     try:
-        if optimizer_state is not None:
-            digests[optim_path.name] = atomic_torch_save(optimizer_state, optim_path)
-        if rank == 0:
-            digests[model_path.name] = atomic_torch_save(model_state, model_path)
-    except CheckpointWriteError as e:
-        error = str(e)
+        written = _dcp(dcp.save, state, alone=not torch.distributed.is_initialized(),
+                       storage_writer=dcp.FileSystemWriter(folder, overwrite=True))  # a leftover of a killed save
+        files = sorted({".metadata"} | {info.relative_path for info in written.storage_data.values()})
+        digests = {f"{folder.name}/{name}": file_digest(folder / name) for name in files[rank::world]}
+    except (OSError, RuntimeError, dcp.api.CheckpointException) as e:  # DCP gathers every rank's failures
+        error = f"cannot write {folder}: {_reason(e)}"
     every = gather((digests, error))
     error = next((err for _, err in every if err), None)  # the same on every rank
     if error is None:  # then rank 0 writes the meta and tells every rank how that went
@@ -101,13 +164,13 @@ def save_checkpoint(ckpt_dir: Path, step: int, model_state: dict, optimizer_stat
         if rank == 0:
             try:
                 meta = meta | {"format": META_FORMAT, "files": {k: v for d, _ in every for k, v in d.items()}}
-                atomic_json_save(meta | {"meta_sha256": meta_digest(meta)}, meta_path)
+                atomic_json_save(meta | {"meta_sha256": meta_digest(meta)}, _paths(Path(ckpt_dir), step, 0)[2])
             except (CheckpointWriteError, ValueError) as e:
                 meta_error = str(e)
         error = gather(meta_error)[0]
     if error is not None:
-        for name in digests:
-            (Path(ckpt_dir) / name).unlink(missing_ok=True)
+        if rank == 0:
+            shutil.rmtree(folder, ignore_errors=True)
         raise CheckpointWriteError(error)
 
 
@@ -138,7 +201,7 @@ def meta_digest(meta: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, allow_nan=False).encode()).hexdigest()
 
 
-META_FORMAT = 2  # 2: the meta carries its own digest (meta_sha256); before it, only the files' digests ("files")
+META_FORMAT = 3  # 3: DCP's files; 2: the meta carries its own digest (meta_sha256); before, only the files' digests
 # the type of each key a meta may hold (train.resume says which a run's meta must hold)
 NONE = type(None)
 META_TYPES = {"format": int, "step": int, "model_config": dict, "user_config": dict, "plan": dict,
@@ -208,18 +271,22 @@ def damage(ckpt_dir: Path, step: int) -> str | None:
     files = load_meta(ckpt_dir, step).get("files")
     if not isinstance(files, dict):
         return None  # written before checksums: nothing to compare with
-    for name in sorted(files):
-        path = Path(ckpt_dir) / name
-        if not path.is_file():
-            return f"{path} is missing"
-        try:
-            found = file_digest(path)
-        except OSError as e:
-            return f"{path} is unreadable: {e.strerror or e}"
-        if found["bytes"] != files[name].get("bytes"):
-            return f"{path} has {found['bytes']} bytes, the checkpoint wrote {files[name].get('bytes')}"
-        if found["sha256"] != files[name].get("sha256"):
-            return f"{path} is damaged (its sha256 differs from the one written with it)"
+    return next((why for name in sorted(files) if (why := _file_damage(Path(ckpt_dir), name, files[name]))), None)
+
+
+def _file_damage(ckpt_dir: Path, name: str, digest: dict) -> str | None:
+    """Why a checkpoint file differs from its digest ({"bytes", "sha256"}), or None."""
+    path = ckpt_dir / name
+    if not path.is_file():
+        return f"{path} is missing"
+    try:
+        found = file_digest(path)
+    except OSError as e:
+        return f"{path} is unreadable: {e.strerror or e}"
+    if found["bytes"] != digest.get("bytes"):
+        return f"{path} has {found['bytes']} bytes, the checkpoint wrote {digest.get('bytes')}"
+    if found["sha256"] != digest.get("sha256"):
+        return f"{path} is damaged (its sha256 differs from the one written with it)"
     return None
 
 
@@ -234,9 +301,59 @@ def newest_good_step(ckpt_dir: Path) -> tuple[int | None, list[tuple[int, str]]]
     return None, skipped
 
 
-def load_model_state(ckpt_dir: Path, step: int, device) -> dict:
-    model_path, _, _ = _paths(Path(ckpt_dir), step, 0)
-    return _load(ckpt_dir, step, model_path, device)
+def is_dcp(ckpt_dir: Path, step: int) -> bool:
+    """Whether the checkpoint of step is in DCP's files (format 3), not format 2's (or a file without a meta)."""
+    return _paths(Path(ckpt_dir), step, 0)[2].exists() and load_meta(ckpt_dir, step).get("format", 1) >= 3
+
+
+def saved_tensors(ckpt_dir: Path, step: int) -> dict:
+    """DCP's record of the step's tensors: {key: its TensorStorageMetadata (size, dtype)}; one line if unreadable."""
+    folder = step_folder(ckpt_dir, step)
+    try:
+        return dict(_Reader(folder).read_metadata().state_dict_metadata)
+    except Exception as e:  # missing, damaged or not DCP's
+        raise UserError(f"checkpoint {folder} cannot be read: {type(e).__name__}: {first_line(e)}") from None
+
+
+def verify_files(ckpt_dir: Path, step: int, rank: int = 0, world: int = 1) -> None:
+    """The step's files listed in its meta, rank's share of them (every world-th), have their digests: else one
+    line (a rank's error is gathered by the caller, so each rank hashes only its share)."""
+    files = load_meta(ckpt_dir, step).get("files") or {}
+    for name in sorted(files)[rank::world]:
+        why = _file_damage(Path(ckpt_dir), name, files[name])
+        if why:
+            raise UserError(f"checkpoint step {step}: {why}")
+
+
+def load_state(ckpt_dir: Path, step: int, state: dict) -> None:
+    """Fill state's tensors in place from the step's DCP files (keys as saved, "model.<name>", "optimizer.<name>.
+    <key>"; a DTensor gets its rows): each process reads what it asks for, without collectives. Check the files
+    first (verify_files)."""
+    folder = step_folder(ckpt_dir, step)
+    try:
+        _dcp(dcp.load, state, alone=True, storage_reader=_Reader(folder))
+    except (Exception, dcp.api.CheckpointException) as e:  # damaged, or not this model's
+        raise UserError(f"checkpoint {folder} cannot be loaded: {_reason(e)}") from None
+
+
+def load_model_state(ckpt_dir: Path, step: int, device, verified: bool = False) -> dict:
+    """The whole model's state dict of a checkpoint (either format), its files verified first (DCP's: all of them,
+    unless the caller has verified them)."""
+    if not is_dcp(ckpt_dir, step):
+        model_path, _, _ = _paths(Path(ckpt_dir), step, 0)
+        return _load(ckpt_dir, step, model_path, device)
+    if not verified:
+        verify_files(ckpt_dir, step)
+    return load_tensors(ckpt_dir, step, "model.", device)
+
+
+def load_tensors(ckpt_dir: Path, step: int, prefix: str, device="cpu") -> dict:
+    """Every tensor of a DCP checkpoint whose key starts with prefix ("model.", "optimizer."), whole, keyed without
+    the prefix."""
+    state = {k: torch.empty(m.size, dtype=m.properties.dtype, device=device)
+             for k, m in saved_tensors(ckpt_dir, step).items() if k.startswith(prefix)}
+    load_state(ckpt_dir, step, state)
+    return {k.removeprefix(prefix): v for k, v in state.items()}
 
 
 def load_optimizer_state(ckpt_dir: Path, step: int, rank: int, device) -> dict:
@@ -287,8 +404,16 @@ def prune(ckpt_dir: Path, keep: int) -> list[int]:
     for step in doomed:
         (Path(ckpt_dir) / f"step_{step:06d}_meta.json").unlink(missing_ok=True)
         for f in files.get(step, []):
-            f.unlink(missing_ok=True)
+            _remove(f)
     return doomed
+
+
+def _remove(path: Path) -> None:
+    """A step's file, or its DCP folder."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def set_aside(ckpt_dir: Path, steps: list[int]) -> Path:
@@ -319,8 +444,9 @@ def remove_leftovers(ckpt_dir: Path) -> list[str]:
     leftovers = list(folder.glob(f".step_*{TEMP_MARK}*"))
     leftovers += [p for step, paths in sorted(_step_files(folder).items()) if step not in complete for p in paths]
     for p in leftovers:
-        if p.is_file():  # a folder in the way is the user's: a save there fails and says so
-            p.unlink(missing_ok=True)
+        # a step's DCP folder is ours; any other folder in the way is the user's: a save there fails and says so
+        if p.is_file() or (p.is_dir() and re.fullmatch(r"step_\d+", p.name)):
+            _remove(p)
             removed.append(p.name)
     return removed
 

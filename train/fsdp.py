@@ -57,13 +57,6 @@ def shard_model(model: GPT, device: torch.device, compile: bool = False) -> GPT:
     return model
 
 
-def full_state_dict(model: GPT) -> dict:
-    """The whole model's state dict on rank 0's CPU (empty on the others), in the keys of the unsharded model's
-    state_dict(): a checkpoint either mode resumes. A collective: every rank calls it."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
 def reshard(model: GPT) -> None:
     """Every FSDP2 unit's weights back to this rank's rows (those a forward without backward left gathered)."""
     from torch.distributed.fsdp import FSDPModule

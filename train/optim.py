@@ -1,11 +1,13 @@
 """MuonAdamW: Muon for the 2-D matrices inside the transformer blocks, AdamW for everything else.
 
-Two versions with the same math and the same param groups:
+Three versions with the same math and the same param groups:
   MuonAdamW      one device.
   DistMuonAdamW  several ranks without DDP, ZeRO-2 style: each rank reduce-scatters the gradients,
                  updates only its share (and keeps optimizer state only for it), then all-gathers weights.
-A checkpoint holds every rank's state_dict(); full_state() puts them together and shard_state() takes one rank's
-share for another world size.
+  FSDPMuonAdamW  over FSDP2's sharded parameters (train.fsdp).
+A checkpoint holds named_state(): every rank's share keyed by parameter name, each tensor global, so that DCP loads it
+onto any world size and either mode (load_named_state). Format 2's per-rank state_dict()s are put together by
+full_state() and cut for another world size by shard_state().
 
 Muon, per shape (all matrices of one shape are stacked and updated as one batch):
   Nesterov momentum -> MuonEq (each row rescaled to the matrix's mean row norm) -> Polar Express
@@ -27,7 +29,8 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.distributed.tensor import DTensor
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Shard
 
 from kernels.newton_schulz import orthogonalize
 from train.errors import UserError
@@ -182,13 +185,29 @@ def _orthogonalize(x: Tensor, steps: int) -> Tensor:
 # Single device
 
 
+def new_adamw_state(p: Tensor) -> dict:
+    """AdamW's state at its first step for p (a whole param, a rank's rows, or a DTensor: the moments are alike)."""
+    state_dtype = torch.promote_types(p.dtype, torch.float32)
+    return {"step": 0, "exp_avg": torch.zeros_like(p, dtype=state_dtype),
+            "exp_avg_sq": torch.zeros_like(p, dtype=state_dtype)}
+
+
+def new_muon_state(p: Tensor, slots: int) -> dict:
+    """A Muon group's stacked state at its first step, for `slots` matrices of p's shape (the last two dims)."""
+    rows, cols = p.shape[-2:]
+    kw = {"dtype": p.dtype, "device": p.device}
+    # factored second moment: one value per row (tall) or per column (wide)
+    return {"momentum_buffer": torch.zeros(slots, rows, cols, **kw),
+            "second_moment": torch.zeros((slots, rows, 1) if rows >= cols else (slots, 1, cols), **kw)}
+
+
 class MuonAdamW(torch.optim.Optimizer):
     """Muon + AdamW on one device. Param groups are dicts with kind 'adamw' (lr, betas, eps,
     weight_decay) or 'muon' (lr, momentum, ns_steps, beta2, weight_decay; all params one shape).
     Muon state (stacked momentum and factored second moment) lives in the state of the group's
     first parameter."""
 
-    world_size = 1
+    rank, world_size = 0, 1
 
     def __init__(self, param_groups: list[dict], compile: bool | None = None):
         super().__init__(param_groups, defaults={})
@@ -203,6 +222,20 @@ class MuonAdamW(torch.optim.Optimizer):
         # 0-D CPU tensors for the compiled path (refilled every call)
         self._scalars = {k: torch.tensor(0.0) for k in
                          ("step", "lr", "beta1", "beta2", "eps", "wd", "momentum")}
+
+    # --- what this rank keeps (the distributed versions keep a share)
+
+    def muon_share(self, k: int) -> tuple[int, slice]:
+        """(the slots of a Muon group's stacked state, the matrices of the group this rank updates and keeps)."""
+        return _muon_share(k, self.rank, self.world_size)
+
+    def moment_like(self, p: Tensor) -> Tensor:
+        """What p's AdamW moments are shaped as on this rank."""
+        return p
+
+    def global_moment(self, p: Tensor, moment: Tensor) -> Tensor:
+        """This rank's AdamW moment of p as a tensor of p's global shape (a DTensor where the rank keeps rows)."""
+        return moment
 
     # --- helpers shared with DistMuonAdamW
 
@@ -222,10 +255,7 @@ class MuonAdamW(torch.optim.Optimizer):
     def _adamw_param(self, group: dict, p: Tensor, grad: Tensor, state: dict) -> None:
         """AdamW on p (a whole param or this rank's shard), state initialised lazily."""
         if not state:
-            state_dtype = torch.promote_types(p.dtype, torch.float32)
-            state["step"] = 0
-            state["exp_avg"] = torch.zeros_like(p, dtype=state_dtype)
-            state["exp_avg_sq"] = torch.zeros_like(p, dtype=state_dtype)
+            state.update(new_adamw_state(p))
         state["step"] += 1
         beta1, beta2 = group["betas"]
         s = self._values(p, step=float(state["step"]), lr=group["lr"], beta1=beta1, beta2=beta2,
@@ -240,9 +270,7 @@ class MuonAdamW(torch.optim.Optimizer):
         k, rows, cols = params.shape
         tall = rows >= cols
         if "momentum_buffer" not in state:
-            state["momentum_buffer"] = params.new_zeros(slots, rows, cols)
-            # factored second moment: one value per row (tall) or per column (wide)
-            state["second_moment"] = params.new_zeros((slots, rows, 1) if tall else (slots, 1, cols))
+            state.update(new_muon_state(params, slots))
         lr = group["lr"] * max(1.0, rows / cols) ** 0.5
         s = self._values(params, momentum=group["momentum"], lr=lr, wd=group["weight_decay"],
                          beta2=group["beta2"])
@@ -377,9 +405,21 @@ class DistMuonAdamW(MuonAdamW):
         # exits right then aborts ("terminate called without an active exception"). So with gloo
         # (CPU runs, memory is no concern) we hold the last step's collectives until the next step.
         self._hold: list = []
+        self._mesh = None  # for the checkpoints' DTensors of AdamW rows, made at the first save
 
     def _rows(self, p: Tensor) -> slice | None:
         return _adamw_rows(p, self.rank, self.world_size)
+
+    def moment_like(self, p: Tensor) -> Tensor:
+        rows = self._rows(p)
+        return p if rows is None else p[rows]
+
+    def global_moment(self, p: Tensor, moment: Tensor) -> Tensor:
+        if self._rows(p) is None:
+            return moment
+        if self._mesh is None:
+            self._mesh = init_device_mesh(p.device.type, (self.world_size,))
+        return DTensor.from_local(moment, self._mesh, [Shard(0)], shape=p.shape, stride=p.stride(), run_check=False)
 
     def _launched(self, work):
         if not self._avg:
@@ -508,9 +548,7 @@ class FSDPMuonAdamW(MuonAdamW):
     def _adamw_update(self, group: dict, p: DTensor) -> None:
         state = self.state[p]
         if not state:  # the moments sharded as p, so that they are saved (and resharded) as p is
-            state_dtype = torch.promote_types(p.dtype, torch.float32)
-            state.update(step=0, exp_avg=torch.zeros_like(p, dtype=state_dtype),
-                         exp_avg_sq=torch.zeros_like(p, dtype=state_dtype))
+            state.update(new_adamw_state(p))
         local = {k: _local(v) for k, v in state.items()}
         self._adamw_param(group, p.to_local(), p.grad.to_local(), local)
         state["step"] = local["step"]
@@ -580,7 +618,54 @@ class FSDPMuonAdamW(MuonAdamW):
                                                       shape=p.shape, stride=p.stride())
 
 # -----------------------------------------------------------------------------
-# Resharding: a checkpoint's optimizer state onto another number of ranks (same rules as the sharding above)
+# Checkpoints: the state keyed by parameter name, every tensor global (train.checkpoint saves it through DCP, which
+# reshards it onto any world size and either mode)
+
+
+def named_state(optimizer: MuonAdamW, names: dict) -> dict[str, Tensor]:
+    """This rank's state as "<param name>.<key>": tensor, each aliasing the state (loading into it loads the state).
+    Muon: each matrix's momentum buffer and second moment, on the rank that updates it only; AdamW: step (a 0-d
+    tensor) and moments of the global shape (whole, the same on every rank that keeps them whole, or DTensors of a
+    rank's rows). names: param -> name."""
+    out = {}
+    for group in optimizer.param_groups:
+        params = group["params"]
+        if group["kind"] == "muon":
+            stacks = optimizer.state.get(params[0])
+            if stacks:
+                for j, p in enumerate(params[optimizer.muon_share(len(params))[1]]):
+                    out.update({f"{names[p]}.{k}": v[j] for k, v in stacks.items()})
+            continue
+        for p in params:
+            for k, v in optimizer.state.get(p, {}).items():
+                out[f"{names[p]}.{k}"] = optimizer.global_moment(p, v) if torch.is_tensor(v) else torch.tensor(v)
+    return out
+
+
+def load_named_state(optimizer: MuonAdamW, names: dict, saved: set[str], load) -> None:
+    """The state of a checkpoint, whatever world size and mode wrote it, into optimizer: this rank's share made as a
+    first step makes it (for the parameters with state there; saved: named_state's keys that the checkpoint holds),
+    then load(named_state(...)) fills it in place."""
+    optimizer.state = defaultdict(dict)
+    for group in optimizer.param_groups:
+        params = group["params"]
+        if group["kind"] == "muon":
+            slots, share = optimizer.muon_share(len(params))
+            if params[share] and f"{names[params[share][0]]}.momentum_buffer" in saved:
+                optimizer.state[params[0]] = new_muon_state(params[0], slots)
+            continue
+        for p in params:
+            if f"{names[p]}.step" in saved:
+                optimizer.state[p] = new_adamw_state(optimizer.moment_like(p))
+    wanted = named_state(optimizer, names)
+    load(wanted)
+    for p, state in optimizer.state.items():
+        if "step" in state:  # an int in the state; a tensor in the checkpoint
+            state["step"] = int(wanted[f"{names[p]}.step"])
+
+# -----------------------------------------------------------------------------
+# Format 2's checkpoints (before DCP): every rank's state_dict() put together (full_state) and one rank's share of
+# another world size taken from it (shard_state)
 
 
 def full_state(optimizer: MuonAdamW, names: dict, states: list[dict]) -> dict:

@@ -104,6 +104,9 @@ def build_parser() -> Parser:
       help=f"recompute each MLP's relu² in the backward instead of keeping it: {round(100 * RECOMPUTE_SAVES)}%% less "
            "activation memory per layer for one more elementwise pass (default: on when the plan would not fit in "
            "90%% of the GPU's memory otherwise)")
+    a("--activation-checkpointing", default="auto", choices=memory.CHECKPOINTING,
+      help="keep only each layer's input for the backward and run the layer again there (about a third more compute; "
+           "auto: on where the plan would not fit 90%% of the GPU's memory even with relu² recomputed)")
     for op in dispatch.OPS:
         a(f"--kernel-{op.replace('_', '-')}", default="auto", choices=dispatch.choices(op),
           help=f"force the {op.replace('_', ' ')} implementation (A/B)")
@@ -247,21 +250,25 @@ def print_plan(plan, args, memory_gib) -> None:
               f"weight decay {g['weight_decay']:.4g}")
     if memory_gib is not None:
         print(f"estimated GPU memory per device: {memory_gib:.1f} GiB, or "
-              f"{estimate_memory_gib(plan, recompute_mlp=True):.1f} GiB with relu² recomputed "
-              f"(--recompute-mlp: automatic where the first would not fit) (estimates)")
+              f"{estimate_memory_gib(plan, recompute_mlp=True):.1f} GiB with relu² recomputed, or "
+              f"{estimate_memory_gib(plan, recompute_mlp=True, checkpoint_blocks=True):.1f} GiB with blocks "
+              "checkpointed too (--recompute-mlp, --activation-checkpointing: automatic where the one before would "
+              "not fit) (estimates)")
 
 
 def print_memory(plan, table: dict) -> None:
     """memory.plan_memory's table: per mode one rank's estimate and the fewest GPUs that fit it."""
     print(f"per-rank GPU memory at world size {plan.world_size}, device batch {plan.device_batch_size} "
           f"(estimates; fits: within {table['headroom']:.0%} of {table['gpu_gib']:.1f} GiB, {table['gpu']}):")
+    names = {"kept": "relu² kept", "recomputed": "relu² recomputed", "checkpointed": "blocks checkpointed"}
     for mode, name in (("replicated", "replicated"), ("fsdp", "FSDP2")):
-        cells = [f"relu² {how} {table[mode][how]['gib']:6.1f} GiB, fewest GPUs "
-                 f"{table[mode][how]['fewest_gpus'] or 'none':>4}"
-                 for how in ("kept", "recomputed")]
-        fits = table[mode]["largest_device_batch"]
-        print(f"  {name:>10}: {' | '.join(cells)} | largest device batch that fits here: {fits or 'none'}")
-    print(f"  --fsdp auto at this world size: {'FSDP2' if table['fsdp_auto'] else 'replicated'}")
+        cells = [f"{names[how]} {table[mode][how]['gib']:6.1f} GiB, fewest GPUs "
+                 f"{table[mode][how]['fewest_gpus'] or 'none':>4}" for how in names]
+        fits, checkpointed = table[mode]["largest_device_batch"], table[mode]["largest_device_batch_checkpointed"]
+        print(f"  {name:>10}: {' | '.join(cells)} | largest device batch that fits here: {fits or 'none'}, "
+              f"checkpointed {checkpointed or 'none'}")
+    print(f"  --fsdp auto at this world size: {'FSDP2' if table['fsdp_auto'] else 'replicated'}; "
+          f"--activation-checkpointing auto: {'on' if table['activation_checkpointing_auto'] else 'off'}")
 
 
 def main(argv=None) -> None:
@@ -278,7 +285,8 @@ def main(argv=None) -> None:
     use_fsdp = fsdp.wanted(args.fsdp, args.device_type or distributed.autodetect_device_type())
     dist_info = distributed.setup(args.device_type, group=use_fsdp)  # FSDP2 needs a group even alone
     if args.fsdp == "auto":  # more than one rank has its group already; alone it stays replicated
-        use_fsdp, why = memory.choose_fsdp(args.fsdp, args.recompute_mlp, plan, dist_info.device)
+        use_fsdp, why = memory.choose_fsdp(args.fsdp, args.recompute_mlp, plan, dist_info.device,
+                                           args.activation_checkpointing)
         if why:
             print0(why)
     dist_info.fsdp = use_fsdp
@@ -288,7 +296,10 @@ def main(argv=None) -> None:
         raise UserError(str(e)) from None
     except torch.OutOfMemoryError:  # a batch too large for this GPU is bad input: say what would fit
         recompute = choose_recompute_mlp(args.recompute_mlp, plan, dist_info.device, dist_info.mode)
-        advice = memory_advice(plan, dist_info.device, recompute, ran_out=True, mode=dist_info.mode)
+        checkpointing = memory.choose_checkpointing(args.activation_checkpointing, plan, dist_info.device,
+                                                    dist_info.mode, recompute)
+        advice = memory_advice(plan, dist_info.device, recompute, ran_out=True, mode=dist_info.mode,
+                               checkpoint_blocks=checkpointing)
         raise UserError(f"out of GPU memory at --device-batch-size {args.device_batch_size}: {advice}") from None
     except (MemoryError, RuntimeError) as e:  # torch's CPU allocator raises a RuntimeError
         if not isinstance(e, MemoryError) and "can't allocate memory" not in str(e):
@@ -454,14 +465,17 @@ def build_run(args, plan, tokenizer, dist_info, ckpt_dir) -> Run:
         loop_state.evaluated_step = None  # saved on the way to a later last step: evaluate it as the last
     in_the_way = checkpoints_in_the_way(args, ckpt_dir, start_step if meta else None)
     use_compile = args.compile if args.compile is not None else device.type == "cuda"
+    model_state = resume.model_state(ckpt_dir, start_step, rank, world, device, dist_info.fsdp) if meta else None
     model, optimizer, converted = build_model_and_optimizer(
         plan, args, device,
         choose_recompute_mlp(args.recompute_mlp, plan, device, dist_info.mode),
-        dist_info.distributed,
-        model_state=checkpoint.load_model_state(ckpt_dir, start_step, device) if meta else None,
+        dist_info.distributed, model_state=model_state,
         fsdp=dist_info.fsdp, compile_blocks=use_compile)  # FSDP2: compiled per block, before sharding
-    if meta:  # another world size than the checkpoint's: resharded
-        resume.load_optimizer(optimizer, model, ckpt_dir, start_step, meta["world_size"], rank, device, print0)
+    model.checkpoint_blocks = memory.choose_checkpointing(args.activation_checkpointing, plan, device, dist_info.mode,
+                                                          model.recompute_mlp)
+    if meta:  # on another world size or in another mode than the checkpoint's: resharded
+        resume.load_state(model, optimizer, ckpt_dir, start_step, meta["world_size"], rank, device, print0,
+                          weights=model_state is None)
     describe_model(args, plan, device, model, converted, dist_info.mode)
     states = (meta or {}).get("dataloader")  # every rank's position (absent: from the data's beginning)
     loader = DataLoader(tokenizer, args.device_batch_size, args.max_seq_len, split="train", dataset=args.dataset,
@@ -564,8 +578,11 @@ def describe_model(args, plan, device, model, converted: list[str], mode: str = 
     if args.fp8:
         print0(f"fp8 ({args.fp8_recipe}): converted {len(converted)} linear layers")
     print0(f"MLP relu² {'recomputed in the backward' if model.recompute_mlp else 'kept for the backward'}")
-    if device.type == "cuda" and estimate_memory_gib(plan, model.recompute_mlp, mode=mode) > gpu_memory_gib(device):
-        print0(f"warning: {memory_advice(plan, device, model.recompute_mlp, mode=mode)}")
+    print0("activation checkpointing: " + ("each layer run again in the backward, only its input kept"
+                                           if model.checkpoint_blocks else "off"))
+    memory_now = dict(mode=mode, checkpoint_blocks=model.checkpoint_blocks)
+    if device.type == "cuda" and estimate_memory_gib(plan, model.recompute_mlp, **memory_now) > gpu_memory_gib(device):
+        print0(f"warning: {memory_advice(plan, device, model.recompute_mlp, **memory_now)}")
 
 
 def saves_at(run: Run, step: int) -> bool:
@@ -658,10 +675,11 @@ def save(run: Run) -> None:
             if run.dist.is_master:
                 checkpoint.rewrite_meta(run.ckpt_dir, step, meta)
         else:
-            model_state = (fsdp.full_state_dict(run.orig_model) if run.dist.fsdp else
-                           fp8.plain_state_dict(run.orig_model) if run.args.fp8 else run.orig_model.state_dict())
-            checkpoint.save_checkpoint(run.ckpt_dir, step, model_state, run.optimizer.state_dict(), meta,
-                                       rank=run.dist.rank, gather=distributed.all_gather_objects)
+            model = run.orig_model  # FSDP2: its state dict holds this rank's rows (DTensors)
+            state = {"model": fp8.plain_state_dict(model) if run.args.fp8 else model.state_dict(),
+                     "optimizer": optim.named_state(run.optimizer, {p: n for n, p in model.named_parameters()})}
+            checkpoint.save_checkpoint(run.ckpt_dir, step, state, meta, rank=run.dist.rank,
+                                       world=run.dist.world_size, gather=distributed.all_gather_objects)
     except checkpoint.CheckpointWriteError as e:  # disk full, quota, permissions: the previous one is whole
         raise UserError(f"could not write the checkpoint of step {step} ({e}); {resume.last_good(run.ckpt_dir)}"
                         ) from None

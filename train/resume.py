@@ -116,15 +116,33 @@ def changed_flags(meta: dict, args) -> list[str]:
             if k in before and before[k] != getattr(args, k)]
 
 
-def load_optimizer(optimizer: optim.MuonAdamW, model, ckpt_dir: Path, step: int, saved_world: int, rank: int,
-                   device, print0) -> None:
-    """The optimizer state of checkpoint step, written by saved_world ranks. As many ranks now: each loads its own
-    file. Otherwise every rank reads all of them (onto the CPU: the whole state is more than one GPU should
-    hold), puts the state together and takes its own share, which load_state_dict moves to the device."""
-    if saved_world == optimizer.world_size:
+def model_state(ckpt_dir: Path, step: int, rank: int, world: int, device, fsdp: bool) -> dict | None:
+    """The checkpoint's files checked (each rank its share of a DCP checkpoint's), then its whole model state dict
+    for a replicated model; None for an FSDP2 model, which load_state fills with its rows only."""
+    if not checkpoint.is_dcp(ckpt_dir, step):  # format 2: the model file, checked as it is read
+        return checkpoint.load_model_state(ckpt_dir, step, device)
+    checkpoint.verify_files(ckpt_dir, step, rank, world)
+    return None if fsdp else checkpoint.load_model_state(ckpt_dir, step, device, verified=True)
+
+
+def load_state(model, optimizer: optim.MuonAdamW, ckpt_dir: Path, step: int, saved_world: int, rank: int, device,
+               print0, weights: bool) -> None:
+    """The optimizer state of checkpoint step (and, weights, the model's, in place: an FSDP2 model's rows), written
+    by saved_world ranks in either mode, into this rank's share. DCP: each rank reads what it keeps. Format 2: as many
+    ranks as now load their own file; otherwise every rank reads all of them (onto the CPU), puts the state together
+    and takes its own share."""
+    names = {p: name for name, p in model.named_parameters()}
+    if checkpoint.is_dcp(ckpt_dir, step):
+        saved = {k.removeprefix("optimizer.") for k in checkpoint.saved_tensors(ckpt_dir, step)}
+        extra = {"model": model.state_dict()} if weights else {}
+        optim.load_named_state(optimizer, names, saved, lambda named: checkpoint.load_state(
+            ckpt_dir, step, extra | {"optimizer": named}))
+    elif saved_world == optimizer.world_size:
         optimizer.load_state_dict(checkpoint.load_optimizer_state(ckpt_dir, step, rank, device))
         return
-    names = {p: name for name, p in model.named_parameters()}
-    full = optim.full_state(optimizer, names, checkpoint.load_optimizer_states(ckpt_dir, step, saved_world, "cpu"))
-    optimizer.load_state_dict(optim.shard_state(optimizer, names, full, rank, optimizer.world_size))
-    print0(f"optimizer state of {saved_world} rank{'s' * (saved_world > 1)} resharded onto {optimizer.world_size}")
+    else:
+        full = optim.full_state(optimizer, names, checkpoint.load_optimizer_states(ckpt_dir, step, saved_world, "cpu"))
+        optimizer.load_state_dict(optim.shard_state(optimizer, names, full, rank, optimizer.world_size))
+    if saved_world != optimizer.world_size:
+        print0(f"optimizer state of {saved_world} rank{'s' * (saved_world > 1)} resharded onto "
+               f"{optimizer.world_size}")
