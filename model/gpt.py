@@ -321,7 +321,7 @@ class GPT(nn.Module):
         assert pos + T <= self.rotary_seq_len, f"sequence of {pos + T} past the rotary table ({self.rotary_seq_len})"
         cos, sin = self.cos[:, pos:pos + T], self.sin[:, pos:pos + T]
         x = x0 = self.smear(norm(self.transformer.wte(idx)), kv_cache)
-        checkpointing = self.checkpoint_blocks and torch.is_grad_enabled()
+        checkpointing = self.checkpoint_blocks and torch.is_grad_enabled() and kv_cache is None
         for i in range(self.config.n_layer):
             if checkpointing:
                 x = torch.utils.checkpoint.checkpoint(self.layer, i, x, x0, idx, cos, sin, use_reentrant=False)

@@ -117,8 +117,8 @@ def saved_and_loaded(obj):
 
 
 def data_file(folder: Path, step: int) -> Path:
-    """The first of a checkpoint's DCP data files (a single process's: the whole model in it)."""
-    return sorted((Path(folder) / f"step_{step:06d}").glob("*.distcp"))[0]
+    """The first of the DCP data files of a checkpoint's model (a single process's: the whole model in it)."""
+    return sorted((Path(folder) / f"step_{step:06d}" / "model").glob("*.distcp"))[0]
 
 
 def save_format2(folder: Path, step: int, model_state: dict, optimizer_states: list, meta: dict) -> None:

@@ -8,6 +8,7 @@ import textwrap
 import pytest
 import torch
 
+from helpers import data_file, save_format2
 from train import checkpoint, paths
 from train.errors import UserError
 
@@ -37,30 +38,36 @@ def test_save_then_load_round_trip(ckpt_dir):
     into = {k: torch.full_like(v, -1) for k, v in optim.items()}  # poisoned: loaded in place
     checkpoint.load_state(ckpt_dir, 5, {"optimizer": into})
     assert all(torch.equal(into[k], optim[k]) for k in optim)
-    keys = {f"model.{k}" for k in model} | {f"optimizer.{k}" for k in optim}
-    assert set(checkpoint.saved_tensors(ckpt_dir, 5)) == keys
+    assert set(checkpoint.saved_tensors(ckpt_dir, 5, "optimizer")) == {f"optimizer.{k}" for k in optim}
+    assert set(checkpoint.load_tensors(ckpt_dir, 5, "model")) == set(model)
     assert checkpoint.load_meta(ckpt_dir, 5)["loop_state"] == {"x": 1}
     assert set(checkpoint.load_meta(ckpt_dir, 5)["files"]) == {
-        f"step_000005/{p.name}" for p in (ckpt_dir / "step_000005").iterdir()}
+        p.relative_to(ckpt_dir).as_posix() for p in (ckpt_dir / "step_000005").rglob("*") if p.is_file()}
     assert not [p for p in ckpt_dir.rglob("*") if ".tmp" in p.name]
 
 
 def test_a_damaged_dcp_file_is_found_before_it_is_read(ckpt_dir):
     checkpoint.save_checkpoint(ckpt_dir, 5, {"model": _state(0)}, {"step": 5})
-    data = next((ckpt_dir / "step_000005").glob("*.distcp"))
+    data = data_file(ckpt_dir, 5)
     data.write_bytes(data.read_bytes()[:-1] + b"!")
     assert "is damaged" in checkpoint.damage(ckpt_dir, 5)
     with pytest.raises(UserError, match="is damaged"):
         checkpoint.load_model_state(ckpt_dir, 5, "cpu")
-    checkpoint.verify_files(ckpt_dir, 5, rank=0, world=len(checkpoint.load_meta(ckpt_dir, 5)["files"]))  # .metadata
+    checkpoint.verify_files(ckpt_dir, 5, rank=0, world=2, part="model")  # .metadata only: its share of 2
 
 
-def test_format_2_checkpoints_still_load(ckpt_dir):
-    from helpers import save_format2
+def test_format_2_checkpoints_still_load_and_keep_their_format_when_their_meta_is_rewritten(ckpt_dir):
     save_format2(ckpt_dir, 4, _state(2), [{"state": {}, "param_groups": []}], {"step": 4})
-    assert not checkpoint.is_dcp(ckpt_dir, 4) and checkpoint.damage(ckpt_dir, 4) is None
-    assert torch.equal(checkpoint.load_model_state(ckpt_dir, 4, "cpu")["w"], _state(2)["w"])
-    assert checkpoint.load_optimizer_state(ckpt_dir, 4, 0, "cpu") == {"state": {}, "param_groups": []}
+    for _ in range(2):
+        assert not checkpoint.is_dcp(ckpt_dir, 4) and checkpoint.damage(ckpt_dir, 4) is None
+        assert torch.equal(checkpoint.load_model_state(ckpt_dir, 4, "cpu")["w"], _state(2)["w"])
+        assert checkpoint.load_optimizer_state(ckpt_dir, 4, 0, "cpu") == {"state": {}, "param_groups": []}
+        checkpoint.rewrite_meta(ckpt_dir, 4, {"step": 4, "val_bpb": 1.5})  # a resume at its last step
+    assert checkpoint.load_meta(ckpt_dir, 4)["val_bpb"] == 1.5
+    meta = ckpt_dir / "step_000004_meta.json"
+    meta.write_text(meta.read_text().replace("1.5", "2.5"))  # format 2's metas carry their digest: checked
+    with pytest.raises(UserError, match="damaged"):
+        checkpoint.load_meta(ckpt_dir, 4)
 
 
 def test_missing_step_is_one_clear_error(ckpt_dir):
@@ -86,8 +93,9 @@ def test_a_dcp_metadata_that_would_run_code_is_refused(ckpt_dir, tmp_path):
         def __reduce__(self):
             return (os.system, (f"touch {tmp_path / 'pwned'}",))
     checkpoint.save_checkpoint(ckpt_dir, 1, {"model": _state(0)}, {"step": 1})
-    (ckpt_dir / "step_000001" / ".metadata").write_bytes(pickle.dumps(Evil()))
-    for read in (lambda: checkpoint.saved_tensors(ckpt_dir, 1), lambda: checkpoint.load_state(ckpt_dir, 1, _state(1))):
+    (ckpt_dir / "step_000001" / "model" / ".metadata").write_bytes(pickle.dumps(Evil()))
+    for read in (lambda: checkpoint.saved_tensors(ckpt_dir, 1, "model"),
+                 lambda: checkpoint.load_state(ckpt_dir, 1, {"model": _state(1)})):
         with pytest.raises(UserError, match="system is not allowed in a checkpoint"):
             read()
     assert not (tmp_path / "pwned").exists()

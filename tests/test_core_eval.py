@@ -1,5 +1,6 @@
 """train.core_eval: the bundle download, prompt rendering, scoring against models whose answers we know,
 the CORE arithmetic, 2 gloo ranks, a tiny real GPT, the CLI and train.pretrain with --core-metric-every."""
+import datetime
 import io
 import json
 import os
@@ -23,6 +24,7 @@ from train import checkpoint, core_eval, paths
 from train.core_eval import (continuation_spans, crop_left, evaluate_core, fewshot_examples, load_tasks,
                              render_prompts)
 from train.errors import UserError
+from train.fsdp import shard_model
 from train.tokenizer import make_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -298,36 +300,46 @@ def test_truncation_to_what_the_model_can_take_keeps_the_answers_scorable(tmp_pa
     assert out["cropped"] > 0  # and said so
 
 
-def _dist_worker(rank, world, init_file, bundle, queue):
-    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        out = evaluate_core(Oracle(answer_texts(*MIXED)), TOK, "cpu", bundle_dir=Path(bundle))
-        queue.put((rank, out))
-    finally:
-        torch.distributed.destroy_process_group()
-
-
-@pytest.mark.slow
-def test_two_ranks_split_the_examples_and_sum_the_counts(bundle):
-    ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_dist_worker, args=(2, os.path.join(tmp, "store"), str(bundle), queue), nprocs=2, join=True)
-    outs = dict(queue.get() for _ in range(2))
-    for out in outs.values():
-        assert out["results"] == pytest.approx(MIXED_RESULTS) and out["core_metric"] == pytest.approx(MIXED_CORE)
-
-
-def test_a_tiny_gpt_runs_end_to_end_with_fewshot_and_truncation(tmp_path):
-    bundle = make_bundle(tmp_path / "fewshot", fewshot=(1, 2, 3))
+def tiny_gpt() -> GPT:
+    """A tiny GPT with non-trivial logits (lm_head starts near zero), the same on every call."""
     config = GPTConfig(sequence_len=32, vocab_size=TOK.vocab_size, n_layer=2, n_head=2, n_kv_head=2, n_embd=32,
                        window_pattern="SL")
     torch.manual_seed(0)
     model = GPT(config)
     model.init_weights()
     with torch.no_grad():
-        model.lm_head.weight.normal_(0, 0.5)  # non-trivial logits (lm_head starts near zero)
-    model.eval()
+        model.lm_head.weight.normal_(0, 0.5)
+    return model.eval()
+
+
+def _dist_worker(rank, world, init_file, bundle, queue):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                                         timeout=datetime.timedelta(seconds=60))  # a mismatched forward: fails
+    try:
+        out = evaluate_core(Oracle(answer_texts(*MIXED)), TOK, "cpu", bundle_dir=Path(bundle))
+        sharded = shard_model(tiny_gpt(), torch.device("cpu"))  # FSDP2: every forward a collective
+        queue.put((rank, out, evaluate_core(sharded, TOK, "cpu", bundle_dir=Path(bundle))))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_ranks_split_the_examples_and_sum_the_counts(bundle):
+    """Also with an FSDP2 model, whose ranks run as many forwards each (the bundle's 13 examples split 7 / 6)."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_dist_worker, args=(2, os.path.join(tmp, "store"), str(bundle), queue), nprocs=2, join=True)
+    outs = {rank: (out, sharded) for rank, out, sharded in (queue.get() for _ in range(2))}
+    alone = evaluate_core(tiny_gpt(), TOK, "cpu", bundle_dir=bundle)
+    for out, sharded in outs.values():
+        assert out["results"] == pytest.approx(MIXED_RESULTS) and out["core_metric"] == pytest.approx(MIXED_CORE)
+        assert sharded == alone
+
+
+def test_a_tiny_gpt_runs_end_to_end_with_fewshot_and_truncation(tmp_path):
+    bundle = make_bundle(tmp_path / "fewshot", fewshot=(1, 2, 3))
+    model = tiny_gpt()
     out = evaluate_core(model, TOK, "cpu", bundle_dir=bundle)
     assert set(out["results"]) == {"mc", "schema", "lm"}
     assert all(0 <= a <= 1 for a in out["results"].values())

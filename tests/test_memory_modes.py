@@ -191,6 +191,8 @@ def test_choose_checkpointing_on_a_gpu_only_where_the_plan_overflows(monkeypatch
     assert memory.choose_checkpointing("auto", d26, cpu, "replicated", True) is False
     assert memory.choose_checkpointing("on", d20, cpu, "replicated", False) is True
     assert memory.choose_checkpointing("off", d26, cuda, "replicated", True) is False
+    note = memory.checkpointing_note(d26, cuda, "replicated", True)  # why, and the faster way that fits
+    assert "about 83.0 GiB per GPU without it" in note and "--device-batch-size 16 should fit" in note, note
 
 
 def test_out_of_memory_advice_names_checkpointing_where_no_batch_fits_without():

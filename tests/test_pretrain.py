@@ -144,11 +144,11 @@ def test_torchrun_two_ranks_train_save_and_resume_exactly(base):
         assert resumed[s] == pytest.approx(full[s], rel=1e-5, abs=1e-6), (s, resumed[s], full[s])
 
     # one rank refuses (a file it checks is damaged): no rank changes the folder, every rank says why
-    shard = ckpt / "step_000004" / "__1_0.distcp"
+    shard = ckpt / "step_000004" / "optimizer" / "__1_0.distcp"
     shard.write_bytes(shard.read_bytes()[:-1] + b"!")
     before = {p: p.read_bytes() for p in ckpt.rglob("*") if p.is_file() and p.name != ".lock"}
     proc = torchrun([*ddp, "--model-tag", "ddp", "--resume-from-step", "4", "--set-aside"], base, check=False)
-    assert proc.returncode != 0 and proc.stderr.count("step_000004/__1_0.distcp is damaged") == 2, proc.stderr
+    assert proc.returncode != 0 and proc.stderr.count("step_000004/optimizer/__1_0.distcp is damaged") == 2, proc.stderr
     assert {p: p.read_bytes() for p in ckpt.rglob("*") if p.is_file() and p.name != ".lock"} == before
     assert not list(ckpt.glob("set-aside-*"))
 

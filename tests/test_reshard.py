@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 
-from helpers import SHORT, ckpt, cli_env, metrics, save_format2, saved_and_loaded, step_losses, torchrun
+from helpers import SHORT, ckpt, cli_env, metrics, run, save_format2, saved_and_loaded, step_losses, torchrun
 from train import checkpoint
 from train.errors import UserError
 from train.optim import Schedule, full_state, make_optimizer, shard_state
@@ -222,7 +222,7 @@ def _assert_loaded(dumps, folder, step):
     """What the ranks hold after loading (each its share, keyed by name) is, put together, the checkpoint's model and
     optimizer state, exactly."""
     saved = {f"{what}.{k}": v for what in ("model", "optimizer")
-             for k, v in checkpoint.load_tensors(folder, step, f"{what}.").items()}
+             for k, v in checkpoint.load_tensors(folder, step, what).items()}
     loaded = {}
     for path in dumps:
         loaded |= torch.load(path, weights_only=True)
@@ -294,3 +294,33 @@ def test_a_missing_or_damaged_rank_file_is_one_line(tmp_path, monkeypatch):
     rank0.write_bytes(rank0.read_bytes()[:-1] + b"!")
     with pytest.raises(UserError, match=r"step_000003_optimizer_rank0\.pt is damaged"):
         checkpoint.load_optimizer_states(folder, 3, 1, "cpu")
+
+
+@pytest.mark.slow
+def test_a_format_2_checkpoint_resumes_in_fsdp2_on_two_ranks_as_its_dcp_twin(tiny_base):
+    """A checkpoint of before DCP (model file, one optimizer file per rank) still resumes, here on 2 ranks in FSDP2
+    (its state resharded through full_state / shard_state): the same losses as the same state saved through DCP."""
+    from model.config import GPTConfig
+    from train.builder import build_model
+    from train.optim import load_named_state
+    args = [*SHORT, "--device-batch-size", "2", "--matrix-lr", "0.2", "--embedding-lr", "3"]
+    run([*args, "--num-iterations", "4", "--model-tag", "legacy"], tiny_base)
+    folder, twin = ckpt(tiny_base, "legacy"), ckpt(tiny_base, "legacy-dcp")
+    shutil.copytree(folder, twin)
+    meta = checkpoint.load_meta(folder, 4)
+    model = build_model(GPTConfig(**meta["model_config"]), "cpu")
+    model.load_state_dict(checkpoint.load_tensors(folder, 4, "model"))
+    opt = make_optimizer(model.param_groups())
+    saved = {k.removeprefix("optimizer.") for k in checkpoint.saved_tensors(folder, 4, "optimizer")}
+    load_named_state(opt, {p: n for n, p in model.named_parameters()}, saved,
+                     lambda named: checkpoint.load_state(folder, 4, {"optimizer": named}))
+    shutil.rmtree(folder / "step_000004")
+    (folder / "step_000004_meta.json").unlink()
+    save_format2(folder, 4, model.state_dict(), [opt.state_dict()],
+                 {k: v for k, v in meta.items() if k not in ("format", "files", "meta_sha256")})
+    for tag in ("legacy", "legacy-dcp"):
+        proc = torchrun([*args, "--num-iterations", "6", "--model-tag", tag, "--resume-from-step", "4", "--fsdp", "on"],
+                        tiny_base)
+        assert "optimizer state of 1 rank resharded onto 2" in proc.stdout
+    legacy, dcp = step_losses(metrics(tiny_base, "legacy")), step_losses(metrics(tiny_base, "legacy-dcp"))
+    assert sorted(legacy) == list(range(1, 7)) and all(legacy[s] == pytest.approx(dcp[s], rel=1e-6) for s in (5, 6))

@@ -99,7 +99,7 @@ def test_damage_is_found_and_latest_falls_back_to_the_newest_good_step(tiny_base
     model.write_bytes(bytes(data))
     proc = run([*SHORT, "--num-iterations", "8", "--model-tag", "damage", "--resume-from-step", "6"], tiny_base,
                check=False)
-    one_line_error(proc, "step_000006/__0_0.distcp is damaged")
+    one_line_error(proc, "step_000006/model/__0_0.distcp is damaged")
     latest = run([*SHORT, "--num-iterations", "8", "--model-tag", "damage", "--resume-from-step", "latest"],
                  tiny_base)
     assert "skipped step 6:" in latest.stdout and "latest: step 3" in latest.stdout
@@ -108,7 +108,7 @@ def test_damage_is_found_and_latest_falls_back_to_the_newest_good_step(tiny_base
 def test_a_broken_checkpoint_is_one_line(tiny_base):
     run([*SHORT, "--num-iterations", "2", "--model-tag", "broken"], tiny_base)
     breakages = [  # (what is done to the folder's step 2, what the one line says)
-        (lambda f: data_file(f, 2).write_bytes(b""), "step_000002/__0_0.distcp has 0 bytes"),
+        (lambda f: data_file(f, 2).write_bytes(b""), "step_000002/model/__0_0.distcp has 0 bytes"),
         (lambda f: (f / "step_000002_meta.json").write_bytes(b'{"step": 2, "x": "\xff"}'), "meta .* is unreadable"),
         (lambda f: (f / "step_000002_meta.json").write_text('{"step": 2}'), "lacks model_config"),
     ]

@@ -124,7 +124,8 @@ def test_a_damaged_checkpoint_is_passed_over_by_default_and_refused_by_step(base
     assert (status, out) == (0, greedy(5))  # as --resume-from-step latest: the newest that verifies
     assert err.startswith("skipped step 10 of ") and "is damaged" in err and len(err.splitlines()) == 1
     status, out, err = cli("--prompt", PROMPT, "--step", 10)
-    assert status == 2 and out == "" and len(err.splitlines()) == 1 and "step_000010/__0_0.distcp is damaged" in err
+    assert status == 2 and out == "" and len(err.splitlines()) == 1
+    assert "step_000010/model/__0_0.distcp is damaged" in err
     flip_a_byte(5)
     status, out, err = cli("--prompt", PROMPT)
     assert status == 2 and out == "" and len(err.splitlines()) == 1
@@ -193,7 +194,7 @@ def test_the_command_line_exits_2_with_one_line(base):
     flip_a_byte(10)
     proc = run(["--model-tag", "t", "--step", "10", "--prompt", PROMPT, "--device-type", "cpu"], base,
                check=False, module="train.sample")
-    one_line_error(proc, r"^error: checkpoint step 10: .*step_000010/__0_0\.distcp is damaged")
+    one_line_error(proc, r"^error: checkpoint step 10: .*step_000010/model/__0_0\.distcp is damaged")
 
 
 def test_a_reader_that_leaves_ends_the_stream_quietly(base):

@@ -25,11 +25,12 @@ def build_model(config: GPTConfig, device, seed: int | None = None, recompute_ml
 
 
 def build_sharded_model(config: GPTConfig, device, seed: int | None = None, recompute_mlp: bool = False,
-                        compile: bool = False) -> GPT:
+                        compile: bool = False, convert=None) -> GPT:
     """A freshly initialised GPT sharded by FSDP2 (train.fsdp.shard_model) over the process group, never whole on
-    any rank: built and sharded on the meta device, each rank's rows materialised, then every parameter initialised
-    in init_weights' order, drawn whole (the very random numbers build_model draws for it: bit for bit its model) and
-    cut to this rank's rows. Peak memory: this rank's rows plus the largest single parameter."""
+    any rank: built (and convert(model)ed: FP8's linears) and sharded on the meta device, each rank's rows
+    materialised, then every parameter initialised in init_weights' order, drawn whole (the very random numbers
+    build_model draws for it: bit for bit its model) and cut to this rank's rows. Peak memory: this rank's rows plus
+    the largest single parameter."""
     from torch.distributed.tensor import DTensor
 
     from train.fsdp import shard_model
@@ -39,6 +40,8 @@ def build_sharded_model(config: GPTConfig, device, seed: int | None = None, reco
     with torch.device("meta"):
         model = GPT(config)
     model.recompute_mlp = recompute_mlp
+    if convert is not None:  # module swaps: before FSDP2 holds on to the modules
+        convert(model)
     shard_model(model, device, compile=compile)
     model.to_empty(device=device)
     with torch.no_grad():
@@ -79,10 +82,13 @@ def build_model_and_optimizer(plan, args, device, recompute_mlp: bool, distribut
     """(model, optimizer, names of the FP8 linears) as train.pretrain runs them: seeded init or model_state,
     then FP8 when args.fp8, then (fsdp) the model sharded, its blocks compiled first when compile_blocks, then the
     optimizer. args carries train.pretrain's flags (its parser's defaults)."""
-    if fsdp and model_state is None and not args.fp8:  # a fresh FSDP2 run: never the whole model on a rank
+    if fsdp and model_state is None:  # FSDP2, fresh or to load its rows: never the whole model on a rank
+        converted = []
         model = build_sharded_model(plan.config, device, seed=args.seed, recompute_mlp=recompute_mlp,
-                                    compile=compile_blocks)
-        return model, build_optimizer(model, plan, args, distributed, fsdp), []
+                                    compile=compile_blocks, convert=lambda m: converted.extend(
+                                        convert_to_fp8(m, args.fp8_recipe, emulate=args.fp8_emulate) if args.fp8
+                                        else []))
+        return model, build_optimizer(model, plan, args, distributed, fsdp), converted
     model = build_model(plan.config, device, seed=args.seed, recompute_mlp=recompute_mlp)
     if model_state is not None:  # whole, on every rank: FSDP2 then keeps each rank's rows
         load_weights(model, model_state)

@@ -1,9 +1,10 @@
 """Checkpoints: tensors through torch.distributed.checkpoint (DCP), checksums, verified loads, a lock.
 
 Layout under $NANOCHAT_BASE_DIR/base_checkpoints/{model_tag}/:
-  step_{N}/                          DCP's files: .metadata and each rank's __{rank}_{i}.distcp. The state is global
-                                     ("model.<name>", "optimizer.<name>.<key>": whole tensors, or DTensors of a rank's
-                                     rows), so any number of ranks, in either mode, loads it: each reads what it holds
+  step_{N}/model/, step_{N}/optimizer/  DCP's files of each part: .metadata and each rank's __{rank}_{i}.distcp. The
+                                     state is global ("model.<name>", "optimizer.<name>.<key>": whole tensors, or
+                                     DTensors of a rank's rows), so any number of ranks, in either mode, loads it:
+                                     each reads what it holds (and a reader of the weights only their files)
   step_{N}_meta.json                 config, flags, step, val bpb, dataloader and loop state, and the size and
                                      sha256 of every file above
   .lock                              held (flock) by the run writing here; its host and pid inside
@@ -30,7 +31,7 @@ from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorS
 from train.errors import UserError, first_line
 from train.paths import TEMP_MARK, atomic_write
 
-STEP_FILE = re.compile(r"step_(\d+)(_model\.pt|_optimizer_rank\d+\.pt|_meta\.json|_suspect\.txt)?")
+STEP_FILE = re.compile(r"step_(\d{6,})(_model\.pt|_optimizer_rank\d+\.pt|_meta\.json|_suspect\.txt)?")
 
 
 class CheckpointWriteError(OSError):
@@ -143,19 +144,21 @@ def _reason(e: BaseException) -> str:
 
 def save_checkpoint(ckpt_dir: Path, step: int, state: dict, meta: dict, rank: int = 0, world: int = 1,
                     gather=lambda obj: [obj]) -> None:
-    """state ({"model": ..., "optimizer": ...}: this rank's tensors, global as the module's docstring says) into the
-    step's folder through DCP, a collective: a tensor every rank holds alike is written once. Then each rank hashes
-    its share of the files written and rank 0 writes the meta, last, with every file's digest. gather(obj) -> every
-    rank's obj (torch.distributed's all_gather_object); a write that fails on any rank removes the step's folder and
-    raises CheckpointWriteError on every rank."""
+    """state ({"model": ..., "optimizer": ...}: this rank's tensors, global as the module's docstring says; every rank
+    the same parts) into the step's folder through DCP, a part at a time, each a collective: a tensor every rank holds
+    alike is written once. Then each rank hashes the files it wrote and rank 0 writes the meta, last, with every file's
+    digest. gather(obj) -> every rank's obj (torch.distributed's all_gather_object); a write that fails on any rank
+    removes the step's folder and raises CheckpointWriteError on every rank."""
     folder = step_folder(ckpt_dir, step)
     digests, error = {}, None
     try:
-        written = _dcp(dcp.save, state, alone=not torch.distributed.is_initialized(),
-                       storage_writer=dcp.FileSystemWriter(folder, overwrite=True))  # a leftover of a killed save
-        files = sorted({".metadata"} | {info.relative_path for info in written.storage_data.values()})
-        digests = {f"{folder.name}/{name}": file_digest(folder / name) for name in files[rank::world]}
+        for part, tensors in state.items():
+            written = _dcp(dcp.save, {part: tensors}, alone=not torch.distributed.is_initialized(),
+                           storage_writer=dcp.FileSystemWriter(folder / part, overwrite=True))  # a killed save's
+            digests |= {f"{folder.name}/{part}/{name}": file_digest(folder / part / name)
+                        for name in _written_by(written, rank)}
     except (OSError, RuntimeError, dcp.api.CheckpointException) as e:  # DCP gathers every rank's failures
+        _reraise_interrupt(e)
         error = f"cannot write {folder}: {_reason(e)}"
     every = gather((digests, error))
     error = next((err for _, err in every if err), None)  # the same on every rank
@@ -174,12 +177,27 @@ def save_checkpoint(ckpt_dir: Path, step: int, state: dict, meta: dict, rank: in
         raise CheckpointWriteError(error)
 
 
+def _written_by(written, rank: int) -> list[str]:
+    """The files of a DCP save (its Metadata) that rank wrote: DCP names them __{rank}_{i}.distcp; .metadata (and
+    anything else) is rank 0's."""
+    names = {".metadata"} | {info.relative_path for info in written.storage_data.values()}
+    return sorted(n for n in names if (m := re.match(r"__(\d+)_", n)) and int(m.group(1)) == rank
+                  or not m and rank == 0)
+
+
+def _reraise_interrupt(e: BaseException) -> None:
+    """A Ctrl-C that DCP caught in its work is the user's, not a failed write."""
+    if isinstance(e, dcp.api.CheckpointException) and any(
+            isinstance(exc, KeyboardInterrupt) for exc, _ in e.failures.values()):
+        raise KeyboardInterrupt
+
+
 def rewrite_meta(ckpt_dir: Path, step: int, meta: dict) -> None:
     """A new meta for a saved step whose files are unchanged (a run resumed at its last step only evaluated): the
     files keep their digests, and nothing but the meta is written (never a second copy of the weights to lose).
     The world size stays that of the ranks that wrote the optimizer files (the run may have another)."""
     old = load_meta(ckpt_dir, step)
-    meta = meta | {"format": META_FORMAT, "files": old.get("files", {})}
+    meta = meta | {"format": old.get("format", 1), "files": old.get("files", {})}  # the files' format, kept
     if "world_size" in old:
         meta["world_size"] = old["world_size"]
     atomic_json_save(meta | {"meta_sha256": meta_digest(meta)}, _paths(Path(ckpt_dir), step, 0)[2])
@@ -227,7 +245,7 @@ def load_meta(ckpt_dir: Path, step: int) -> dict:
     if wrong:
         raise UserError(f"checkpoint meta {meta_path} has values of the wrong type for {', '.join(wrong)}")
     # a meta written with its digest says so twice (its format and the digest): one flipped bit cannot hide both
-    if (meta.get("format", 1) >= META_FORMAT or "meta_sha256" in meta) and meta.get("meta_sha256") != meta_digest(meta):
+    if (meta.get("format", 1) >= 2 or "meta_sha256" in meta) and meta.get("meta_sha256") != meta_digest(meta):
         raise UserError(f"checkpoint meta {meta_path} is damaged: its content differs from the digest written with "
                         "it")
     return meta
@@ -306,54 +324,55 @@ def is_dcp(ckpt_dir: Path, step: int) -> bool:
     return _paths(Path(ckpt_dir), step, 0)[2].exists() and load_meta(ckpt_dir, step).get("format", 1) >= 3
 
 
-def saved_tensors(ckpt_dir: Path, step: int) -> dict:
-    """DCP's record of the step's tensors: {key: its TensorStorageMetadata (size, dtype)}; one line if unreadable."""
-    folder = step_folder(ckpt_dir, step)
+def saved_tensors(ckpt_dir: Path, step: int, part: str) -> dict:
+    """DCP's record of a part's tensors: {key ("<part>.<name>"): its TensorStorageMetadata (size, dtype)}; one line if
+    unreadable."""
+    folder = step_folder(ckpt_dir, step) / part
     try:
         return dict(_Reader(folder).read_metadata().state_dict_metadata)
     except Exception as e:  # missing, damaged or not DCP's
         raise UserError(f"checkpoint {folder} cannot be read: {type(e).__name__}: {first_line(e)}") from None
 
 
-def verify_files(ckpt_dir: Path, step: int, rank: int = 0, world: int = 1) -> None:
-    """The step's files listed in its meta, rank's share of them (every world-th), have their digests: else one
-    line (a rank's error is gathered by the caller, so each rank hashes only its share)."""
+def verify_files(ckpt_dir: Path, step: int, rank: int = 0, world: int = 1, part: str | None = None) -> None:
+    """The step's files listed in its meta (of one part, or all), rank's share of them (every world-th), have their
+    digests: else one line (each rank hashes only its share; the caller gathers the errors)."""
     files = load_meta(ckpt_dir, step).get("files") or {}
-    for name in sorted(files)[rank::world]:
+    inside = f"{step_folder(ckpt_dir, step).name}/{part}/" if part else ""
+    for name in sorted(n for n in files if n.startswith(inside))[rank::world]:
         why = _file_damage(Path(ckpt_dir), name, files[name])
         if why:
             raise UserError(f"checkpoint step {step}: {why}")
 
 
 def load_state(ckpt_dir: Path, step: int, state: dict) -> None:
-    """Fill state's tensors in place from the step's DCP files (keys as saved, "model.<name>", "optimizer.<name>.
-    <key>"; a DTensor gets its rows): each process reads what it asks for, without collectives. Check the files
-    first (verify_files)."""
-    folder = step_folder(ckpt_dir, step)
-    try:
-        _dcp(dcp.load, state, alone=True, storage_reader=_Reader(folder))
-    except (Exception, dcp.api.CheckpointException) as e:  # damaged, or not this model's
-        raise UserError(f"checkpoint {folder} cannot be loaded: {_reason(e)}") from None
+    """Fill state's tensors ({part: {name: tensor}}) in place from the step's DCP files (a DTensor gets its rows):
+    each process reads what it asks for, without collectives. Check the files first (verify_files)."""
+    for part, tensors in state.items():
+        folder = step_folder(ckpt_dir, step) / part
+        try:
+            _dcp(dcp.load, {part: tensors}, alone=True, storage_reader=_Reader(folder))
+        except (Exception, dcp.api.CheckpointException) as e:  # damaged, or not this model's
+            _reraise_interrupt(e)
+            raise UserError(f"checkpoint {folder} cannot be loaded: {_reason(e)}") from None
 
 
 def load_model_state(ckpt_dir: Path, step: int, device, verified: bool = False) -> dict:
-    """The whole model's state dict of a checkpoint (either format), its files verified first (DCP's: all of them,
-    unless the caller has verified them)."""
+    """The whole model's state dict of a checkpoint (either format), its files verified first unless the caller has."""
     if not is_dcp(ckpt_dir, step):
         model_path, _, _ = _paths(Path(ckpt_dir), step, 0)
         return _load(ckpt_dir, step, model_path, device)
     if not verified:
-        verify_files(ckpt_dir, step)
-    return load_tensors(ckpt_dir, step, "model.", device)
+        verify_files(ckpt_dir, step, part="model")
+    return load_tensors(ckpt_dir, step, "model", device)
 
 
-def load_tensors(ckpt_dir: Path, step: int, prefix: str, device="cpu") -> dict:
-    """Every tensor of a DCP checkpoint whose key starts with prefix ("model.", "optimizer."), whole, keyed without
-    the prefix."""
-    state = {k: torch.empty(m.size, dtype=m.properties.dtype, device=device)
-             for k, m in saved_tensors(ckpt_dir, step).items() if k.startswith(prefix)}
-    load_state(ckpt_dir, step, state)
-    return {k.removeprefix(prefix): v for k, v in state.items()}
+def load_tensors(ckpt_dir: Path, step: int, part: str, device="cpu") -> dict:
+    """Every tensor of a part of a DCP checkpoint, whole, keyed by name."""
+    tensors = {k.removeprefix(f"{part}."): torch.empty(m.size, dtype=m.properties.dtype, device=device)
+               for k, m in saved_tensors(ckpt_dir, step, part).items()}
+    load_state(ckpt_dir, step, {part: tensors})
+    return tensors
 
 
 def load_optimizer_state(ckpt_dir: Path, step: int, rank: int, device) -> dict:
@@ -390,7 +409,7 @@ def _step_files(ckpt_dir: Path) -> dict[int, list[Path]]:
     out: dict[int, list[Path]] = {}
     for p in Path(ckpt_dir).glob("step_*"):
         m = STEP_FILE.fullmatch(p.name)
-        if m:
+        if m and (m.group(2) or p.is_dir()):  # step_N alone: a DCP folder
             out.setdefault(int(m.group(1)), []).append(p)
     return out
 
@@ -445,7 +464,7 @@ def remove_leftovers(ckpt_dir: Path) -> list[str]:
     leftovers += [p for step, paths in sorted(_step_files(folder).items()) if step not in complete for p in paths]
     for p in leftovers:
         # a step's DCP folder is ours; any other folder in the way is the user's: a save there fails and says so
-        if p.is_file() or (p.is_dir() and re.fullmatch(r"step_\d+", p.name)):
+        if p.is_file() or (p.is_dir() and STEP_FILE.fullmatch(p.name).group(2) is None):
             _remove(p)
             removed.append(p.name)
     return removed

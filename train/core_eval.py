@@ -27,6 +27,7 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.fsdp import FSDPModule
 from tqdm import tqdm
 
 from train.download import DownloadError, fetch_with_retries
@@ -244,7 +245,9 @@ def evaluate_core(model, tokenizer, device, max_per_task: int = 500, autocast=No
     """Per-task accuracy and centred accuracy, and their mean: {"results", "centered_results", "core_metric",
     "cropped"}: cropped counts the examples with a row longer than the model can take (cut at its start).
 
-    Under torchrun rank r scores examples r, r + W, ... of every task and the counts are summed.
+    Under torchrun rank r scores examples r, r + W, ... of every task and the counts are summed. An FSDP2 model
+    gathers its weights with every rank at every forward: there each rank runs as many as rank 0, which has the
+    most (the extra ones score an example again, uncounted).
     """
     from train.distributed import all_reduce_sum
 
@@ -255,6 +258,11 @@ def evaluate_core(model, tokenizer, device, max_per_task: int = 500, autocast=No
     # a bar on stderr, from rank 0 and only on a terminal (disable=None); leave=False: the results take its place
     for t, i in tqdm(mine, desc="CORE", unit="example", leave=False, disable=None if rank == 0 else True):
         right[t] += score_example(model, tokenizer, tasks[t], i, device, autocast, crops)
+    if isinstance(model, FSDPModule):
+        most = sum(len(range(0, len(task.examples), world)) for task in tasks)
+        t, i = mine[-1] if mine else (0, 0)
+        for _ in range(most - len(mine)):
+            score_example(model, tokenizer, tasks[t], i, device, autocast)
     correct = torch.tensor(right + [len(crops)], dtype=torch.long, device=device)  # the last: examples cropped
     all_reduce_sum(correct)
     results = {task.label: correct[t].item() / len(task.examples) for t, task in enumerate(tasks)}

@@ -13,6 +13,7 @@
 torchao is an optional extra (`pip install -e .[fp8]`), imported only from the functions here.
 """
 import dataclasses
+import functools
 from contextlib import contextmanager
 
 import torch
@@ -91,29 +92,18 @@ def _float8_linear_type():
 
 @contextmanager
 def fp8_disabled(model: nn.Module):
-    """Within the block, every Float8Linear of model is a plain nn.Linear on the same weight and bias
-    Parameters, so forward (and backward) run the bf16 model exactly; the FP8 modules come back on exit."""
+    """Within the block, every Float8Linear of model runs nn.Linear's forward on its own weight and bias, so forward
+    (and backward) run the bf16 model exactly; FP8 comes back on exit. The modules stay in place (an instance
+    attribute shadows the forward): FSDP2 puts the gathered weights on the very modules it sharded."""
     float8_linear = _float8_linear_type()
-    swapped = []
+    patched = [m for m in model.modules() if float8_linear is not None and isinstance(m, float8_linear)]
     try:
-        if float8_linear is not None:
-            for name, module in list(model.named_modules()):
-                if not isinstance(module, float8_linear):
-                    continue
-                if not name:
-                    raise ValueError("fp8_disabled: the model itself is a Float8Linear; pass its parent")
-                parent_name, _, child = name.rpartition(".")
-                parent = model.get_submodule(parent_name)
-                with torch.device("meta"):  # no storage: the Parameters are shared, not copied
-                    plain = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
-                plain.weight, plain.bias = module.weight, module.bias
-                plain.train(module.training)
-                setattr(parent, child, plain)
-                swapped.append((parent, child, module))
+        for module in patched:
+            module.forward = functools.partial(nn.Linear.forward, module)
         yield model
     finally:
-        for parent, child, module in swapped:
-            setattr(parent, child, module)
+        for module in patched:
+            module.__dict__.pop("forward", None)
 
 
 def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

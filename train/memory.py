@@ -175,6 +175,17 @@ def choose_checkpointing(flag: str, plan: Plan, device: torch.device, mode: str,
     return checkpoint_for(flag, plan, gpu_memory_gib(device), mode, recompute_mlp)
 
 
+def checkpointing_note(plan: Plan, device: torch.device, mode: str, recompute_mlp: bool) -> str:
+    """Why --activation-checkpointing auto turned it on, and the faster way that fits without it."""
+    total = gpu_memory_gib(device)
+    need = estimate_memory_gib(plan, recompute_mlp, mode=mode)
+    batch = largest_fitting_batch(plan, total, recompute_mlp=True, mode=mode)
+    faster = (f"; --activation-checkpointing off --device-batch-size {batch} should fit without running each block "
+              "twice (the same total batch, more accumulation)" if batch else "")
+    return (f"--activation-checkpointing auto: on, since the plan needs about {need:.1f} GiB per GPU without it, more "
+            f"than {HEADROOM:.0%} of the GPU's {total:.0f} GiB (estimates){faster}")
+
+
 def checkpoint_for(flag: str, plan: Plan, total_gib: float, mode: str, recompute_mlp: bool) -> bool:
     """choose_checkpointing's rule for a GPU of total_gib (dry runs: no device to ask), relu² as chosen."""
     if flag != "auto":

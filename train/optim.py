@@ -405,7 +405,8 @@ class DistMuonAdamW(MuonAdamW):
         # exits right then aborts ("terminate called without an active exception"). So with gloo
         # (CPU runs, memory is no concern) we hold the last step's collectives until the next step.
         self._hold: list = []
-        self._mesh = None  # for the checkpoints' DTensors of AdamW rows, made at the first save
+        # for the checkpoints' DTensors of AdamW rows; made here, with every rank, as it may be a collective
+        self._mesh = init_device_mesh(self.param_groups[0]["params"][0].device.type, (self.world_size,))
 
     def _rows(self, p: Tensor) -> slice | None:
         return _adamw_rows(p, self.rank, self.world_size)
@@ -417,8 +418,6 @@ class DistMuonAdamW(MuonAdamW):
     def global_moment(self, p: Tensor, moment: Tensor) -> Tensor:
         if self._rows(p) is None:
             return moment
-        if self._mesh is None:
-            self._mesh = init_device_mesh(p.device.type, (self.world_size,))
         return DTensor.from_local(moment, self._mesh, [Shard(0)], shape=p.shape, stride=p.stride(), run_check=False)
 
     def _launched(self, work):
@@ -535,8 +534,7 @@ class FSDPMuonAdamW(MuonAdamW):
     all_to_all brings the owner every rank's rows of its matrices' gradients and weights (cautious weight decay
     reads the weights), the owner runs _muon_stack on them whole, and a second all_to_all sends every rank its rows
     of the updated weights.
-    state_dict() is DistMuonAdamW's at this world size (the AdamW moments gathered and cut by _adamw_rows): a
-    checkpoint does not say which mode wrote it, and full_state / shard_state reshard it onto either mode.
+    Checkpoints: named_state() (train.checkpoint, DCP); load_state_dict() takes format 2's DistMuonAdamW state.
     """
 
     def __init__(self, param_groups: list[dict], compile: bool | None = None):
@@ -584,21 +582,8 @@ class FSDPMuonAdamW(MuonAdamW):
                                [len(mine) * n[d] * cols for d in range(W)])
         torch._foreach_copy_([w for _, w in local], list(out.view(len(params), n[self.rank], cols).unbind(0)))
 
-    def state_dict(self) -> dict:
-        """DistMuonAdamW's state_dict() at this world size (a collective: every rank calls it)."""
-        sd = super().state_dict()
-        for group, saved in zip(self.param_groups, sd["param_groups"]):
-            if group["kind"] != "adamw":
-                continue  # the Muon stacks: already DistMuonAdamW's
-            for p, i in zip(group["params"], saved["params"]):
-                if i in sd["state"]:
-                    rows = _adamw_rows(p, self.rank, self.world_size) or slice(None)
-                    sd["state"][i] = {k: v.full_tensor()[rows].clone() if isinstance(v, DTensor) else v
-                                      for k, v in sd["state"][i].items()}
-        return sd
-
     def load_state_dict(self, state_dict: dict) -> None:
-        """This rank's DistMuonAdamW state_dict() at this world size (what state_dict() gives): the AdamW moments,
+        """This rank's DistMuonAdamW state_dict() at this world size (format 2's checkpoints): the AdamW moments,
         whole or in _adamw_rows, become this rank's FSDP2 rows, as DTensors sharded as their parameter."""
         super().load_state_dict(state_dict)
         for group in self.param_groups:

@@ -166,11 +166,6 @@ def validate(args) -> None:
     require(args.world_size is None or args.world_size >= 1, f"--world-size must be at least 1, got {args.world_size}")
     require(args.gpu_memory_gib is None or (math.isfinite(args.gpu_memory_gib) and args.gpu_memory_gib > 0),
             f"--gpu-memory-gib must be a positive number, got {args.gpu_memory_gib}")
-    if args.fsdp == "on":  # what this first version of the FSDP2 mode does not do yet
-        require(not args.fp8, "--fsdp on does not take --fp8 yet")
-        require(args.core_metric_every == -1, "--fsdp on evaluates no CORE yet (its ranks score different "
-                                              "examples): pass --core-metric-every -1; train.core_eval scores a "
-                                              "saved checkpoint")
 
 
 class StopSignal:
@@ -459,13 +454,13 @@ def build_run(args, plan, tokenizer, dist_info, ckpt_dir) -> Run:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    start_step, meta = resume_meta(args, plan, tokenizer, ckpt_dir)
+    start_step, meta = resume_meta(args, plan, tokenizer, ckpt_dir, rank, world)
     loop_state = LoopState.from_meta(meta["loop_state"], start_step) if meta else LoopState()
     if meta and start_step == plan.num_iterations and meta.get("plan", {}).get("num_iterations") != start_step:
         loop_state.evaluated_step = None  # saved on the way to a later last step: evaluate it as the last
     in_the_way = checkpoints_in_the_way(args, ckpt_dir, start_step if meta else None)
     use_compile = args.compile if args.compile is not None else device.type == "cuda"
-    model_state = resume.model_state(ckpt_dir, start_step, rank, world, device, dist_info.fsdp) if meta else None
+    model_state = resume.model_state(ckpt_dir, start_step, device, dist_info.fsdp) if meta else None
     model, optimizer, converted = build_model_and_optimizer(
         plan, args, device,
         choose_recompute_mlp(args.recompute_mlp, plan, device, dist_info.mode),
@@ -553,13 +548,15 @@ def check_inputs(args, tokenizer, device) -> None:
             raise UserError(f"{e} (or turn CORE off with --core-metric-every -1)") from None
 
 
-def resume_meta(args, plan, tokenizer, ckpt_dir) -> tuple[int, dict | None]:
-    """(the step to start from, the meta of the checkpoint to resume, checked against this model, tokenizer and
-    data; or 0, None)."""
+def resume_meta(args, plan, tokenizer, ckpt_dir, rank: int = 0, world: int = 1) -> tuple[int, dict | None]:
+    """(the step to start from, the meta of the checkpoint to resume, its files and it checked against this model,
+    tokenizer and data; or 0, None)."""
     step = resume.pick_step(args.resume_from_step, ckpt_dir, print0, fresh_ok=args.set_aside)
     if step < 0:
         return 0, None
     meta = checkpoint.load_meta(ckpt_dir, step)
+    if args.resume_from_step != "latest":  # latest: rank 0 has just checked its files
+        resume.verify(ckpt_dir, step, rank, world)
     if step > plan.num_iterations:
         raise UserError(f"checkpoint step {step} is past this run's last step ({plan.num_iterations}, from "
                         "--num-iterations or the scaling law): nothing is left to train; raise --num-iterations to "
@@ -580,6 +577,8 @@ def describe_model(args, plan, device, model, converted: list[str], mode: str = 
     print0(f"MLP relu² {'recomputed in the backward' if model.recompute_mlp else 'kept for the backward'}")
     print0("activation checkpointing: " + ("each layer run again in the backward, only its input kept"
                                            if model.checkpoint_blocks else "off"))
+    if model.checkpoint_blocks and args.activation_checkpointing == "auto":
+        print0(memory.checkpointing_note(plan, device, mode, model.recompute_mlp))
     memory_now = dict(mode=mode, checkpoint_blocks=model.checkpoint_blocks)
     if device.type == "cuda" and estimate_memory_gib(plan, model.recompute_mlp, **memory_now) > gpu_memory_gib(device):
         print0(f"warning: {memory_advice(plan, device, model.recompute_mlp, **memory_now)}")
@@ -654,7 +653,8 @@ def val_bpb(run: Run) -> float:
 
 
 def save(run: Run) -> None:
-    """Every rank's optimizer shard and loader position, rank 0's model and meta; --keep-last prunes after.
+    """Every rank's part of the model and optimizer state (DCP) and its loader position, rank 0's meta; --keep-last
+    prunes after.
     Nothing is saved when any rank holds a non-finite weight or optimizer state, or a weight far beyond anything
     training makes (a diverged run that is still finite): the run stops instead."""
     step = run.step
@@ -676,7 +676,8 @@ def save(run: Run) -> None:
                 checkpoint.rewrite_meta(run.ckpt_dir, step, meta)
         else:
             model = run.orig_model  # FSDP2: its state dict holds this rank's rows (DTensors)
-            state = {"model": fp8.plain_state_dict(model) if run.args.fp8 else model.state_dict(),
+            plain = run.args.fp8 and not run.dist.fsdp  # FSDP2's FP8 linears hold their weights as DTensors
+            state = {"model": fp8.plain_state_dict(model) if plain else model.state_dict(),
                      "optimizer": optim.named_state(run.optimizer, {p: n for n, p in model.named_parameters()})}
             checkpoint.save_checkpoint(run.ckpt_dir, step, state, meta, rank=run.dist.rank,
                                        world=run.dist.world_size, gather=distributed.all_gather_objects)

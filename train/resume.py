@@ -116,13 +116,25 @@ def changed_flags(meta: dict, args) -> list[str]:
             if k in before and before[k] != getattr(args, k)]
 
 
-def model_state(ckpt_dir: Path, step: int, rank: int, world: int, device, fsdp: bool) -> dict | None:
-    """The checkpoint's files checked (each rank its share of a DCP checkpoint's), then its whole model state dict
-    for a replicated model; None for an FSDP2 model, which load_state fills with its rows only."""
-    if not checkpoint.is_dcp(ckpt_dir, step):  # format 2: the model file, checked as it is read
-        return checkpoint.load_model_state(ckpt_dir, step, device)
-    checkpoint.verify_files(ckpt_dir, step, rank, world)
-    return None if fsdp else checkpoint.load_model_state(ckpt_dir, step, device, verified=True)
+def verify(ckpt_dir: Path, step: int, rank: int, world: int) -> None:
+    """The files of a DCP checkpoint match their digests, each rank checking its share; every rank raises the same
+    line (a collective: before any other rank-specific step, so that no rank waits in another collective)."""
+    error = None
+    if checkpoint.is_dcp(ckpt_dir, step):  # format 2: each file is checked as it is read
+        try:
+            checkpoint.verify_files(ckpt_dir, step, rank, world)
+        except UserError as e:
+            error = str(e)
+    error = next((e for e in distributed.all_gather_objects(error) if e), None)
+    if error is not None:
+        raise UserError(error)
+
+
+def model_state(ckpt_dir: Path, step: int, device, fsdp: bool) -> dict | None:
+    """The checkpoint's whole model state dict for a replicated model (its files verified); None for an FSDP2 model
+    of a DCP checkpoint, which load_state fills with its rows only."""
+    dcp = checkpoint.is_dcp(ckpt_dir, step)
+    return None if fsdp and dcp else checkpoint.load_model_state(ckpt_dir, step, device, verified=dcp)
 
 
 def load_state(model, optimizer: optim.MuonAdamW, ckpt_dir: Path, step: int, saved_world: int, rank: int, device,
@@ -133,7 +145,7 @@ def load_state(model, optimizer: optim.MuonAdamW, ckpt_dir: Path, step: int, sav
     and takes its own share."""
     names = {p: name for name, p in model.named_parameters()}
     if checkpoint.is_dcp(ckpt_dir, step):
-        saved = {k.removeprefix("optimizer.") for k in checkpoint.saved_tensors(ckpt_dir, step)}
+        saved = {k.removeprefix("optimizer.") for k in checkpoint.saved_tensors(ckpt_dir, step, "optimizer")}
         extra = {"model": model.state_dict()} if weights else {}
         optim.load_named_state(optimizer, names, saved, lambda named: checkpoint.load_state(
             ckpt_dir, step, extra | {"optimizer": named}))
