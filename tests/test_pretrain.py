@@ -8,8 +8,10 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
+import torch
 
 from helpers import REPO, TINY, cli_env, free_port, metrics, run, run_patched, step_losses, torchrun, wait_for_lines
 from train import checkpoint
@@ -117,6 +119,49 @@ def written_by(ckpt, step) -> set[int]:
     """The ranks whose DCP files a checkpoint's meta lists (__{rank}_{i}.distcp)."""
     return {int(name.split("__")[1].split("_")[0]) for name in checkpoint.load_meta(ckpt, step)["files"]
             if name.endswith(".distcp")}
+
+
+def test_async_save_writes_what_a_save_writes_while_training_goes_on(base):
+    """--async-save on 2 ranks: the checkpoints are those of the same run saving in line, bit for bit, with their
+    digests, and step 2's is said to be saved after step 3 trained (written meanwhile)."""
+    args = [*TINY, "--device-batch-size", "2", "--num-iterations", "6", "--save-every", "2", "--eval-every", "-1"]
+    torchrun([*args, "--model-tag", "in-line"], base)
+    proc = torchrun([*args, "--model-tag", "background", "--async-save"], base)
+    folders = [base / "base_checkpoints" / tag for tag in ("in-line", "background")]
+    assert checkpoint.saved_steps(folders[1]) == [2, 4, 6]
+    for step in (2, 4, 6):
+        assert checkpoint.damage(folders[1], step) is None
+        for part in ("model", "optimizer"):
+            a, b = (checkpoint.load_tensors(folder, step, part) for folder in folders)
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), (step, part)
+    assert step_losses(metrics(base, "in-line")) == step_losses(metrics(base, "background"))
+    assert proc.stdout.index("step 00002 | saved checkpoint") > proc.stdout.index("step 00003/6")
+
+
+def test_a_kill_during_a_background_save_leaves_the_one_before(base):
+    """kill -9 while --async-save's thread writes step 4 (its writes slowed down): step 2 stays the latest, and the
+    next run removes what the killed save left."""
+    slow = ("import time\nimport torch.distributed.checkpoint.filesystem as fs\nreal = fs._write_item\n"
+            "def write(transforms, stream, *a, **k):\n"
+            "    if 'step_000004' in str(getattr(stream, 'name', '')):\n"
+            "        time.sleep(600)\n"
+            "    return real(transforms, stream, *a, **k)\n"
+            "fs._write_item = write\nimport sys\nfrom train import pretrain\nfrom train.errors import run_cli\n"
+            "run_cli(pretrain.main, sys.argv[1:])")
+    args = [*TINY, "--num-iterations", "6", "--save-every", "2", "--eval-every", "-1", "--model-tag", "killed"]
+    proc = subprocess.Popen([sys.executable, "-c", slow, *args, "--async-save"], env=cli_env(base), cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    folder = base / "base_checkpoints" / "killed"
+    deadline = time.time() + 120
+    while not list(folder.glob("step_000004/*/*.distcp")):  # the thread is in step 4's (slowed) writes
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.05)
+    proc.kill()
+    proc.communicate(timeout=60)
+    assert (folder / "step_000004").is_dir() and checkpoint.newest_good_step(folder) == (2, [])
+    again = run([*args[:-2], "--model-tag", "killed", "--resume-from-step", "latest"], base)
+    assert "removed what unfinished saves left" in again.stdout and "step_000004" in again.stdout
+    assert "--resume-from-step latest: step 2" in again.stdout and checkpoint.saved_steps(folder) == [2, 4, 6]
 
 
 def test_torchrun_two_ranks_train_save_and_resume_exactly(base):

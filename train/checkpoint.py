@@ -143,17 +143,18 @@ def _reason(e: BaseException) -> str:
 
 
 def save_checkpoint(ckpt_dir: Path, step: int, state: dict, meta: dict, rank: int = 0, world: int = 1,
-                    gather=lambda obj: [obj]) -> None:
+                    gather=lambda obj: [obj], group=None) -> None:
     """state ({"model": ..., "optimizer": ...}: this rank's tensors, global as the module's docstring says; every rank
     the same parts) into the step's folder through DCP, a part at a time, each a collective: a tensor every rank holds
     alike is written once. Then each rank hashes the files it wrote and rank 0 writes the meta, last, with every file's
-    digest. gather(obj) -> every rank's obj (torch.distributed's all_gather_object); a write that fails on any rank
-    removes the step's folder and raises CheckpointWriteError on every rank."""
+    digest. gather(obj) -> every rank's obj (torch.distributed's all_gather_object); group: DCP's process group (None:
+    the default one); a write that fails on any rank removes the step's folder and raises CheckpointWriteError on
+    every rank."""
     folder = step_folder(ckpt_dir, step)
     digests, error = {}, None
     try:
         for part, tensors in state.items():
-            written = _dcp(dcp.save, {part: tensors}, alone=not torch.distributed.is_initialized(),
+            written = _dcp(dcp.save, {part: tensors}, alone=not torch.distributed.is_initialized(), process_group=group,
                            storage_writer=dcp.FileSystemWriter(folder / part, overwrite=True))  # a killed save's
             digests |= {f"{folder.name}/{part}/{name}": file_digest(folder / part / name)
                         for name in _written_by(written, rank)}
@@ -175,6 +176,45 @@ def save_checkpoint(ckpt_dir: Path, step: int, state: dict, meta: dict, rank: in
         if rank == 0:
             shutil.rmtree(folder, ignore_errors=True)
         raise CheckpointWriteError(error)
+
+
+class BackgroundSaves:
+    """--async-save: checkpoints written by a thread while training goes on, one at a time. start() copies this rank's
+    state to the CPU (DCP's stager: the GPU's memory is free to change at once) and returns; the thread writes it as
+    save_checkpoint does, with its collectives on a gloo process group of its own, then calls saved(step). wait()
+    returns once the save in flight has ended, and raises its CheckpointWriteError."""
+
+    def __init__(self, world: int):
+        from concurrent.futures import ThreadPoolExecutor
+        self.world, self.pending, self.step = world, None, None
+        self.thread = ThreadPoolExecutor(1, thread_name_prefix="checkpoint")
+        self.group = torch.distributed.new_group(backend="gloo") if torch.distributed.is_initialized() else None
+
+    def start(self, ckpt_dir: Path, step: int, state: dict, meta: dict, rank: int, saved) -> None:
+        self.wait()
+        from torch.distributed.checkpoint.staging import BlockingAsyncStager
+        staged = {part: BlockingAsyncStager().stage(tensors) for part, tensors in state.items()}
+        self.pending, self.step = self.thread.submit(self._save, ckpt_dir, step, staged, meta, rank, saved), step
+
+    def _save(self, ckpt_dir: Path, step: int, staged: dict, meta: dict, rank: int, saved) -> None:
+        save_checkpoint(ckpt_dir, step, staged, meta, rank, self.world, self._gather, self.group)
+        saved(step)
+
+    def _gather(self, obj) -> list:
+        if self.group is None:
+            return [obj]
+        out = [None] * self.world
+        torch.distributed.all_gather_object(out, obj, group=self.group)
+        return out
+
+    def wait(self) -> None:
+        pending, self.pending = self.pending, None
+        try:
+            if pending is not None:
+                pending.result()
+        except CheckpointWriteError as e:
+            e.step = self.step  # the step it was for: the run is further on
+            raise
 
 
 def _written_by(written, rank: int) -> list[str]:

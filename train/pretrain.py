@@ -80,6 +80,9 @@ def build_parser() -> Parser:
     a("--sample-every", type=int, default=2000, help="greedy samples every N steps (and at the last); -1 disables")
     a("--save-every", type=int, default=-1, help="checkpoint every N steps; -1 = only at the end")
     a("--keep-last", type=int, default=-1, help="after each save keep only the newest N checkpoints; -1 = all")
+    a("--async-save", action="store_true",
+      help="write checkpoints in the background while training goes on (each rank's share copied to host memory "
+           "first; the last one and a stop signal's are written before the run ends)")
     a("--device-type", default="", help="cuda, cpu or mps; empty = autodetect")
     a("--fp8", action="store_true", help="FP8 training of the large linears through torchao (H100 and newer)")
     a("--fp8-recipe", default=fp8.RECIPES[0], choices=fp8.RECIPES, help="torchao float8 recipe")
@@ -353,6 +356,7 @@ class Run:
     val_repeats_said: bool = False
     in_the_way: list = dataclasses.field(default_factory=list)  # later checkpoints set aside at the start
     passed_over_suspect: bool = False  # one of them was marked suspect
+    saver: checkpoint.BackgroundSaves | None = None  # --async-save
 
     @property
     def device(self) -> torch.device:
@@ -445,6 +449,8 @@ def start(args, plan, tokenizer, dist_info, ckpt_dir) -> Run:
         raise UserError(error)
     if dist_info.is_master:  # sure to run now
         tidy_folder(ckpt_dir, run.in_the_way, run.start_step if run.resumed else None)
+    if args.async_save:  # its process group: made by every rank together, now that each is sure to go on
+        run.saver = checkpoint.BackgroundSaves(dist_info.world_size)
     distributed.barrier()
     return run
 
@@ -670,20 +676,32 @@ def save(run: Run) -> None:
             "tokenizer": run.tokenizer.fingerprint,
             "dataset": {"name": run.args.dataset, "train_shards": [p.name for p in run.loader.paths],
                         "digests": dataset_fingerprint(run.args.dataset)}}
+    # --async-save: in the background, but for the last step's and a stop signal's (the run ends there)
+    background = run.saver is not None and step not in (run.plan.num_iterations, run.stop_at)
     try:
+        if run.saver is not None:  # the one before, first: one at a time
+            run.saver.wait()
         if run.resumed and step == run.start_step:  # nothing trained since it was saved: a new meta only
             if run.dist.is_master:
                 checkpoint.rewrite_meta(run.ckpt_dir, step, meta)
+            return saved(run, step)
+        model = run.orig_model  # FSDP2: its state dict holds this rank's rows (DTensors)
+        plain = run.args.fp8 and not run.dist.fsdp  # FSDP2's FP8 linears hold their weights as DTensors
+        state = {"model": fp8.plain_state_dict(model) if plain else model.state_dict(),
+                 "optimizer": optim.named_state(run.optimizer, {p: n for n, p in model.named_parameters()})}
+        if background:
+            run.saver.start(run.ckpt_dir, step, state, meta, run.dist.rank, lambda s: saved(run, s))
         else:
-            model = run.orig_model  # FSDP2: its state dict holds this rank's rows (DTensors)
-            plain = run.args.fp8 and not run.dist.fsdp  # FSDP2's FP8 linears hold their weights as DTensors
-            state = {"model": fp8.plain_state_dict(model) if plain else model.state_dict(),
-                     "optimizer": optim.named_state(run.optimizer, {p: n for n, p in model.named_parameters()})}
             checkpoint.save_checkpoint(run.ckpt_dir, step, state, meta, rank=run.dist.rank,
                                        world=run.dist.world_size, gather=distributed.all_gather_objects)
+            saved(run, step)
     except checkpoint.CheckpointWriteError as e:  # disk full, quota, permissions: the previous one is whole
-        raise UserError(f"could not write the checkpoint of step {step} ({e}); {resume.last_good(run.ckpt_dir)}"
-                        ) from None
+        raise UserError(f"could not write the checkpoint of step {getattr(e, 'step', step)} ({e}); "
+                        f"{resume.last_good(run.ckpt_dir)}") from None
+
+
+def saved(run: Run, step: int) -> None:
+    """Said once the checkpoint of step is whole (from the writing thread with --async-save); --keep-last after."""
     print0(f"step {step:05d} | saved checkpoint to {run.ckpt_dir}")
     if run.args.keep_last > 0 and run.dist.is_master:
         for old in checkpoint.prune(run.ckpt_dir, run.args.keep_last):
