@@ -59,19 +59,20 @@ def max_error(model, ref) -> float:
     return max((full[n] - p.detach()).abs().max().item() for n, p in ref.named_parameters())
 
 
-def _worker(rank: int, world: int, store: str) -> None:
+def _worker(rank: int, world: int, store: str, per_node: int) -> None:
     torch.set_num_threads(1)
+    os.environ["LOCAL_WORLD_SIZE"] = str(per_node)  # as torchrun sets it: below the world size, HSDP
     # fp64: AdamW's eps (1e-10) turns the fp32 rounding of a gradient near 0 into visibly different updates (one
     # of -4.40e-10 here and -4.47e-10 in one process moved its weight 4e-4); fp64 rounding stays far below eps
     torch.set_default_dtype(torch.float64)
     dist.init_process_group("gloo", store=dist.FileStore(store, world), rank=rank, world_size=world)
     try:
-        _check(rank, world, os.path.join(os.path.dirname(store), "checkpoints"))
+        _check(rank, world, os.path.join(os.path.dirname(store), "checkpoints"), world // per_node)
     finally:
         dist.destroy_process_group()
 
 
-def _check(rank: int, world: int, folder: str) -> None:
+def _check(rank: int, world: int, folder: str, replicas: int) -> None:
     schedule = Schedule(STEPS + MORE)  # warmdown from step 4: the LR, momentum and decay all move
     ref = build()
     ref_opt = make_optimizer(ref.param_groups(), weight_decay=0.2)
@@ -79,6 +80,7 @@ def _check(rank: int, world: int, folder: str) -> None:
     opt = make_optimizer(model.param_groups(), weight_decay=0.2, fsdp=True)
     groups = {g["name"]: len(g["params"]) for g in opt.param_groups if g["kind"] == "muon"}
     assert len(groups) >= 3, groups  # several shapes, tall and wide
+    assert next(model.parameters()).device_mesh.shape == ((replicas, world // replicas) if replicas > 1 else (world,))
 
     orthogonalized = Counter()  # matrices orthogonalized on this rank, per shape
     plain = optim._orthogonalize
@@ -104,7 +106,8 @@ def _check(rank: int, world: int, folder: str) -> None:
         dist.all_gather_object(counts, orthogonalized)
         assert abs(sum(losses) / world - ref_loss) < 1e-5, (step, losses, ref_loss)
         assert max_error(model, ref) < 1e-5, (step, max_error(model, ref))
-        assert sum(counts, Counter()) == Counter({name: k * (step + 1) for name, k in groups.items()}), counts
+        # once per step, by one rank of each copy of the model
+        assert sum(counts, Counter()) == Counter({name: k * (step + 1) * replicas for name, k in groups.items()})
 
     # the checkpoint's optimizer state (named_state), put together over the ranks, is the single process's
     names = {p: n for n, p in model.named_parameters()}
@@ -131,10 +134,10 @@ def _check(rank: int, world: int, folder: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("world", [2, 3])
-def test_fsdp_training_equals_one_process_and_orthogonalizes_each_matrix_once(world):
+@pytest.mark.parametrize("world, per_node", [(2, 2), (3, 3), (4, 2)])  # 4 ranks on "2 nodes": HSDP
+def test_fsdp_training_equals_one_process_and_orthogonalizes_each_matrix_once(world, per_node):
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_worker, args=(world, os.path.join(tmp, "store")), nprocs=world, join=True)
+        mp.spawn(_worker, args=(world, os.path.join(tmp, "store"), per_node), nprocs=world, join=True)
 
 # -----------------------------------------------------------------------------
 # the CLI: FSDP2 on 2 ranks saves; the replicated mode resumes it on 1 process; FSDP2 on 1 process resumes that

@@ -200,10 +200,12 @@ def test_torchrun_two_ranks_train_save_and_resume_exactly(base):
 
 def test_two_nodes_meet_through_torchruns_rendezvous(base):
     """Multi-node as users launch it: one torchrun per node, c10d rendezvous at an endpoint (here 2 'nodes' of
-    one gloo process each on this machine); ranks are assigned by the rendezvous and train as one job."""
+    one gloo process each on this machine); ranks are assigned by the rendezvous and train as one job, in FSDP2 mode:
+    sharded within each node, replicated across the nodes (HSDP)."""
     env = cli_env(base, OMP_NUM_THREADS="1")
     endpoint = f"127.0.0.1:{free_port()}"
-    args = [*TINY, "--device-batch-size", "2", "--num-iterations", "3", "--eval-every", "-1", "--model-tag", "nodes"]
+    args = [*TINY, "--device-batch-size", "2", "--num-iterations", "3", "--eval-every", "-1", "--model-tag", "nodes",
+            "--fsdp", "on"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
            "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", "--rdzv-id=nodes-test",
            "-m", "train.pretrain", *map(str, args)]
@@ -212,7 +214,8 @@ def test_two_nodes_meet_through_torchruns_rendezvous(base):
     outs = [node.communicate(timeout=300) for node in nodes]
     for node, (out, err) in zip(nodes, outs):
         assert node.returncode == 0, f"{out[-2000:]}\n{err[-3000:]}"
-    assert any("on 2 x cpu" in out for out, _ in outs), [out[-1000:] for out, _ in outs]
+    assert any("on 2 x cpu" in out and "HSDP (FSDP2 over each node's 1 rank, replicated over 2 nodes)" in out
+               for out, _ in outs), [out[-1000:] for out, _ in outs]
     ckpt = base / "base_checkpoints" / "nodes"
     assert written_by(ckpt, 3) == {0, 1}
     assert sorted(step_losses(metrics(base, "nodes"))) == [1, 2, 3]

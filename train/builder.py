@@ -52,8 +52,9 @@ def build_sharded_model(config: GPTConfig, device, seed: int | None = None, reco
             local = tensor.to_local()
             full = torch.empty(tensor.shape, dtype=tensor.dtype, device=local.device)
             init(full)
-            pieces = full.chunk(tensor.device_mesh.size(), dim=0)  # FSDP2's Shard(0) rows: torch.chunk's
-            rank = tensor.device_mesh.get_local_rank()
+            mesh, shards = tensor.device_mesh, tensor.device_mesh.ndim - 1  # HSDP: (replicas, shards)
+            pieces = full.chunk(mesh.size(shards), dim=0)  # FSDP2's Shard(0) rows: torch.chunk's
+            rank = mesh.get_local_rank(shards)
             if local.numel():
                 local.copy_(pieces[rank])
             del full, pieces

@@ -8,6 +8,8 @@ blocks (wte, value embeddings, lm_head, the per-layer scalars, smear and backout
 sharding. The blocks' code (attention, norms, our kernels) runs unchanged on the gathered weights.
 The optimizer for sharded weights is train.optim.FSDPMuonAdamW.
 """
+import os
+
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
@@ -42,10 +44,22 @@ def policies(device: torch.device) -> tuple[MixedPrecisionPolicy, MixedPrecision
             MixedPrecisionPolicy(reduce_dtype=torch.float32))
 
 
+def device_mesh(device: torch.device):
+    """The ranks FSDP2 shards over: all of them on one node; on several (torchrun's LOCAL_WORLD_SIZE below its world
+    size) a 2-D mesh, the model sharded within each node and replicated across nodes (HSDP: the gathers stay on the
+    node's fast links, and only the gradients' all-reduce crosses nodes)."""
+    world = dist.get_world_size()
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    if per_node >= world or world % per_node:
+        return init_device_mesh(device.type, (world,))
+    return init_device_mesh(device.type, (world // per_node, per_node), mesh_dim_names=("replicate", "shard"))
+
+
 def shard_model(model: GPT, device: torch.device, compile: bool = False) -> GPT:
-    """model (initialised or loaded, the same on every rank) sharded in place over every rank of the process group;
-    its parameters become DTensors sharded on dim 0 (unevenly where dim 0 does not split: torch.chunk's rows)."""
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    """model (initialised or loaded, the same on every rank) sharded in place over the ranks of device_mesh's last
+    dimension; its parameters become DTensors sharded on dim 0 (unevenly where dim 0 does not split: torch.chunk's
+    rows), and replicated over its first on several nodes."""
+    mesh = device_mesh(device)
     blocks_mp, root_mp = policies(device)
     blocks = model.transformer.h
     for i, block in enumerate(blocks):

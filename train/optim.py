@@ -539,9 +539,12 @@ class FSDPMuonAdamW(MuonAdamW):
 
     def __init__(self, param_groups: list[dict], compile: bool | None = None):
         super().__init__(param_groups, compile=compile)
-        self.rank, self.world_size = _rank_and_world(type(self).__name__)
         if not all(isinstance(p, DTensor) for g in self.param_groups for p in g["params"]):
             raise ValueError("FSDPMuonAdamW takes the parameters of a model sharded by train.fsdp (DTensors)")
+        # the ranks one copy of the model is sharded over (HSDP, a 2-D mesh: each replica's, which runs as one)
+        mesh = self.param_groups[0]["params"][0].device_mesh
+        self.group = mesh.get_group(mesh.ndim - 1)
+        self.rank, self.world_size = mesh.get_local_rank(mesh.ndim - 1), mesh.size(mesh.ndim - 1)
 
     def _adamw_update(self, group: dict, p: DTensor) -> None:
         state = self.state[p]
@@ -567,7 +570,7 @@ class FSDPMuonAdamW(MuonAdamW):
                           if owned[o] else local[0][1].new_empty(0) for o in range(W)])
         recv = send.new_empty(2 * len(mine) * rows * cols)
         dist.all_to_all_single(recv, send, [2 * len(mine) * n[s] * cols for s in range(W)],
-                               [2 * len(owned[o]) * n[self.rank] * cols for o in range(W)])
+                               [2 * len(owned[o]) * n[self.rank] * cols for o in range(W)], group=self.group)
         updated = recv.new_empty(len(mine), rows, cols)
         if mine:  # every source's (2, k, its rows, cols) piece, in rank order = row order
             pieces = recv.split([2 * len(mine) * n[s] * cols for s in range(W)])
@@ -579,7 +582,7 @@ class FSDPMuonAdamW(MuonAdamW):
         back = torch.cat([updated[:, starts[d]:starts[d] + n[d]].flatten() for d in range(W)])
         out = back.new_empty(sum(len(owned[o]) for o in range(W)) * n[self.rank] * cols)
         dist.all_to_all_single(out, back, [len(owned[o]) * n[self.rank] * cols for o in range(W)],
-                               [len(mine) * n[d] * cols for d in range(W)])
+                               [len(mine) * n[d] * cols for d in range(W)], group=self.group)
         torch._foreach_copy_([w for _, w in local], list(out.view(len(params), n[self.rank], cols).unbind(0)))
 
     def load_state_dict(self, state_dict: dict) -> None:

@@ -475,7 +475,7 @@ def build_run(args, plan, tokenizer, dist_info, ckpt_dir) -> Run:
     model.checkpoint_blocks = memory.choose_checkpointing(args.activation_checkpointing, plan, device, dist_info.mode,
                                                           model.recompute_mlp)
     if meta:  # on another world size or in another mode than the checkpoint's: resharded
-        resume.load_state(model, optimizer, ckpt_dir, start_step, meta["world_size"], rank, device, print0,
+        resume.load_state(model, optimizer, ckpt_dir, start_step, meta["world_size"], world, device, print0,
                           weights=model_state is None)
     describe_model(args, plan, device, model, converted, dist_info.mode)
     states = (meta or {}).get("dataloader")  # every rank's position (absent: from the data's beginning)
@@ -490,8 +490,11 @@ def build_run(args, plan, tokenizer, dist_info, ckpt_dir) -> Run:
                            next(batches))
     print0(f"training {plan.num_iterations} steps from step {start_step} on {world} x {device.type}, "
            f"compile={'on' if use_compile else 'off'}, checkpoints in {ckpt_dir}")
-    print0("data parallel: " + ("FSDP2 (weights, gradients and optimizer state sharded over the ranks)"
-                                if dist_info.fsdp else "replicated (the optimizer state sharded over the ranks)"))
+    replicas = world // optimizer.world_size if dist_info.fsdp else 1  # HSDP: a copy of the model per node
+    print0("data parallel: " + ("replicated (the optimizer state sharded over the ranks)" if not dist_info.fsdp else
+                                "FSDP2 (weights, gradients and optimizer state sharded over the ranks)" if replicas == 1
+                                else f"HSDP (FSDP2 over each node's {optimizer.world_size} "
+                                     f"rank{'s' * (optimizer.world_size > 1)}, replicated over {replicas} nodes)"))
     return Run(args, plan, tokenizer, dist_info, ckpt_dir, model, train_step, loader, log, loop_state,
                StopSignal(), start_step, resumed=meta is not None, step=start_step, in_the_way=in_the_way,
                passed_over_suspect=any(checkpoint.suspect_marker(ckpt_dir, s).exists() for s in in_the_way))

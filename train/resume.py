@@ -137,7 +137,7 @@ def model_state(ckpt_dir: Path, step: int, device, fsdp: bool) -> dict | None:
     return None if fsdp and dcp else checkpoint.load_model_state(ckpt_dir, step, device, verified=dcp)
 
 
-def load_state(model, optimizer: optim.MuonAdamW, ckpt_dir: Path, step: int, saved_world: int, rank: int, device,
+def load_state(model, optimizer: optim.MuonAdamW, ckpt_dir: Path, step: int, saved_world: int, world: int, device,
                print0, weights: bool) -> None:
     """The optimizer state of checkpoint step (and, weights, the model's, in place: an FSDP2 model's rows), written
     by saved_world ranks in either mode, into this rank's share. DCP: each rank reads what it keeps. Format 2: as many
@@ -149,12 +149,10 @@ def load_state(model, optimizer: optim.MuonAdamW, ckpt_dir: Path, step: int, sav
         extra = {"model": model.state_dict()} if weights else {}
         optim.load_named_state(optimizer, names, saved, lambda named: checkpoint.load_state(
             ckpt_dir, step, extra | {"optimizer": named}))
-    elif saved_world == optimizer.world_size:
-        optimizer.load_state_dict(checkpoint.load_optimizer_state(ckpt_dir, step, rank, device))
-        return
+    elif saved_world == optimizer.world_size:  # HSDP: the rank in its replica
+        optimizer.load_state_dict(checkpoint.load_optimizer_state(ckpt_dir, step, optimizer.rank, device))
     else:
         full = optim.full_state(optimizer, names, checkpoint.load_optimizer_states(ckpt_dir, step, saved_world, "cpu"))
-        optimizer.load_state_dict(optim.shard_state(optimizer, names, full, rank, optimizer.world_size))
-    if saved_world != optimizer.world_size:
-        print0(f"optimizer state of {saved_world} rank{'s' * (saved_world > 1)} resharded onto "
-               f"{optimizer.world_size}")
+        optimizer.load_state_dict(optim.shard_state(optimizer, names, full, optimizer.rank, optimizer.world_size))
+    if saved_world != world:
+        print0(f"optimizer state of {saved_world} rank{'s' * (saved_world > 1)} resharded onto {world}")
