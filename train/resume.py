@@ -7,8 +7,8 @@
   too);
 - flags that shape the optimization (learning rates, betas, weight decay, batch, schedule) may differ from the
   checkpoint's: they take effect from the resumed step, and the run says which changed;
-- the world size may differ too: the optimizer state is resharded (the batch and schedule stay, the gradient
-  accumulation follows the new world size).
+- the world size and the data-parallel mode may differ too: each rank reads its share of the model and optimizer
+  state (the batch and schedule stay, the gradient accumulation follows the new world size).
 """
 from pathlib import Path
 
