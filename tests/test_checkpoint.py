@@ -51,6 +51,8 @@ def test_a_damaged_dcp_file_is_found_before_it_is_read(ckpt_dir):
     data = data_file(ckpt_dir, 5)
     data.write_bytes(data.read_bytes()[:-1] + b"!")
     assert "is damaged" in checkpoint.damage(ckpt_dir, 5)
+    # on 2 ranks (`latest`) each checks its share of the files: one of them finds it
+    assert [bool(checkpoint.damage(ckpt_dir, 5, rank, 2)) for rank in (0, 1)].count(True) == 1
     with pytest.raises(UserError, match="is damaged"):
         checkpoint.load_model_state(ckpt_dir, 5, "cpu")
     checkpoint.verify_files(ckpt_dir, 5, rank=0, world=2, part="model")  # .metadata only: its share of 2

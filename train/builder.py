@@ -25,12 +25,13 @@ def build_model(config: GPTConfig, device, seed: int | None = None, recompute_ml
 
 
 def build_sharded_model(config: GPTConfig, device, seed: int | None = None, recompute_mlp: bool = False,
-                        compile: bool = False, convert=None) -> GPT:
+                        compile: bool = False, convert=None, initialise: bool = True) -> GPT:
     """A freshly initialised GPT sharded by FSDP2 (train.fsdp.shard_model) over the process group, never whole on
     any rank: built (and convert(model)ed: FP8's linears) and sharded on the meta device, each rank's rows
     materialised, then every parameter initialised in init_weights' order, drawn whole (the very random numbers
     build_model draws for it: bit for bit its model) and cut to this rank's rows. Peak memory: this rank's rows plus
-    the largest single parameter."""
+    the largest single parameter. initialise False (a checkpoint's rows come next): the parameters are NaN instead,
+    so that one the checkpoint would not fill could not pass for trained."""
     from torch.distributed.tensor import DTensor
 
     from train.fsdp import shard_model
@@ -50,6 +51,9 @@ def build_sharded_model(config: GPTConfig, device, seed: int | None = None, reco
                 init(tensor)
                 continue
             local = tensor.to_local()
+            if not initialise:
+                local.fill_(float("nan"))
+                continue
             full = torch.empty(tensor.shape, dtype=tensor.dtype, device=local.device)
             init(full)
             mesh, shards = tensor.device_mesh, tensor.device_mesh.ndim - 1  # HSDP: (replicas, shards)
@@ -79,16 +83,17 @@ def build_optimizer(model: GPT, plan, args, distributed: bool = False, fsdp: boo
 
 def build_model_and_optimizer(plan, args, device, recompute_mlp: bool, distributed: bool = False,
                               model_state: dict | None = None, fsdp: bool = False,
-                              compile_blocks: bool = False) -> tuple[GPT, object, list[str]]:
+                              compile_blocks: bool = False, fresh: bool = True) -> tuple[GPT, object, list[str]]:
     """(model, optimizer, names of the FP8 linears) as train.pretrain runs them: seeded init or model_state,
     then FP8 when args.fp8, then (fsdp) the model sharded, its blocks compiled first when compile_blocks, then the
-    optimizer. args carries train.pretrain's flags (its parser's defaults)."""
+    optimizer; fresh False: FSDP2's rows are left for a checkpoint to fill (not initialised). args carries
+    train.pretrain's flags (its parser's defaults)."""
     if fsdp and model_state is None:  # FSDP2, fresh or to load its rows: never the whole model on a rank
         converted = []
         model = build_sharded_model(plan.config, device, seed=args.seed, recompute_mlp=recompute_mlp,
                                     compile=compile_blocks, convert=lambda m: converted.extend(
                                         convert_to_fp8(m, args.fp8_recipe, emulate=args.fp8_emulate) if args.fp8
-                                        else []))
+                                        else []), initialise=fresh)
         return model, build_optimizer(model, plan, args, distributed, fsdp), converted
     model = build_model(plan.config, device, seed=args.seed, recompute_mlp=recompute_mlp)
     if model_state is not None:  # whole, on every rank: FSDP2 then keeps each rank's rows

@@ -320,16 +320,17 @@ def meta_damage(ckpt_dir: Path, step: int) -> str | None:
     return None
 
 
-def damage(ckpt_dir: Path, step: int) -> str | None:
+def damage(ckpt_dir: Path, step: int, rank: int = 0, world: int = 1) -> str | None:
     """Why the checkpoint of step can't be trusted (marked suspect; its meta, or a file it lists missing, of another
-    size, with another sha256, or unreadable), or None."""
+    size, with another sha256, or unreadable), or None; rank of world checks its share of the files (every world-th)."""
     why = meta_damage(ckpt_dir, step)
     if why is not None:
         return why
     files = load_meta(ckpt_dir, step).get("files")
     if not isinstance(files, dict):
         return None  # written before checksums: nothing to compare with
-    return next((why for name in sorted(files) if (why := _file_damage(Path(ckpt_dir), name, files[name]))), None)
+    mine = sorted(files)[rank::world]
+    return next((why for name in mine if (why := _file_damage(Path(ckpt_dir), name, files[name]))), None)
 
 
 def _file_damage(ckpt_dir: Path, name: str, digest: dict) -> str | None:
@@ -348,11 +349,13 @@ def _file_damage(ckpt_dir: Path, name: str, digest: dict) -> str | None:
     return None
 
 
-def newest_good_step(ckpt_dir: Path) -> tuple[int | None, list[tuple[int, str]]]:
-    """(the newest step whose checkpoint verifies, or None; the newer ones skipped, with why)."""
+def newest_good_step(ckpt_dir: Path, rank: int = 0, world: int = 1,
+                     gather=lambda obj: [obj]) -> tuple[int | None, list[tuple[int, str]]]:
+    """(the newest step whose checkpoint verifies, or None; the newer ones skipped, with why). With world ranks (gather:
+    every rank's obj), each checks its share of each step's files, the steps as rank 0 lists them."""
     skipped = []
-    for step in reversed(saved_steps(ckpt_dir)):
-        why = damage(ckpt_dir, step)
+    for step in reversed(gather(saved_steps(ckpt_dir))[0]):
+        why = next((why for why in gather(damage(ckpt_dir, step, rank, world)) if why), None)
         if why is None:
             return step, skipped
         skipped.append((step, why))

@@ -471,7 +471,7 @@ def build_run(args, plan, tokenizer, dist_info, ckpt_dir) -> Run:
         plan, args, device,
         choose_recompute_mlp(args.recompute_mlp, plan, device, dist_info.mode),
         dist_info.distributed, model_state=model_state,
-        fsdp=dist_info.fsdp, compile_blocks=use_compile)  # FSDP2: compiled per block, before sharding
+        fsdp=dist_info.fsdp, compile_blocks=use_compile, fresh=meta is None)  # FSDP2: blocks compiled before sharding
     model.checkpoint_blocks = memory.choose_checkpointing(args.activation_checkpointing, plan, device, dist_info.mode,
                                                           model.recompute_mlp)
     if meta:  # on another world size or in another mode than the checkpoint's: resharded
@@ -560,11 +560,11 @@ def check_inputs(args, tokenizer, device) -> None:
 def resume_meta(args, plan, tokenizer, ckpt_dir, rank: int = 0, world: int = 1) -> tuple[int, dict | None]:
     """(the step to start from, the meta of the checkpoint to resume, its files and it checked against this model,
     tokenizer and data; or 0, None)."""
-    step = resume.pick_step(args.resume_from_step, ckpt_dir, print0, fresh_ok=args.set_aside)
+    step = resume.pick_step(args.resume_from_step, ckpt_dir, print0, fresh_ok=args.set_aside, rank=rank, world=world)
     if step < 0:
         return 0, None
     meta = checkpoint.load_meta(ckpt_dir, step)
-    if args.resume_from_step != "latest":  # latest: rank 0 has just checked its files
+    if args.resume_from_step != "latest":  # latest: its files have just been checked
         resume.verify(ckpt_dir, step, rank, world)
     if step > plan.num_iterations:
         raise UserError(f"checkpoint step {step} is past this run's last step ({plan.num_iterations}, from "

@@ -30,19 +30,20 @@ def last_good(ckpt_dir: Path) -> str:
     return f"the last good checkpoint is step {step} in {ckpt_dir} (--resume-from-step {step})"
 
 
-def pick_step(requested, ckpt_dir: Path, print0, fresh_ok: bool = False) -> int:
-    """The step to resume (-1: none). `latest`: the newest good checkpoint by rank 0's view, said in a line; when
-    the folder holds checkpoints and none is good, refused (unless fresh_ok: --set-aside moves them out of the way)."""
+def pick_step(requested, ckpt_dir: Path, print0, fresh_ok: bool = False, rank: int = 0, world: int = 1) -> int:
+    """The step to resume (-1: none). `latest`: the newest good checkpoint (rank of world ranks checks its share of
+    the files), said in a line; when the folder holds checkpoints and none is good, refused (unless fresh_ok:
+    --set-aside moves them out of the way). A collective."""
     if requested != "latest":
         return requested
-    step, skipped = checkpoint.newest_good_step(ckpt_dir) if distributed.is_rank0() else (None, [])
+    step, skipped = checkpoint.newest_good_step(ckpt_dir, rank, world, distributed.all_gather_objects)
     for bad, why in skipped:
         print0(f"--resume-from-step latest: skipped step {bad}: {why}")
-    step, refused = distributed.all_gather_objects((-1 if step is None else step, bool(skipped) and not fresh_ok))[0]
-    if step < 0 and refused:
+    step = -1 if step is None else step
+    if step < 0 and skipped and not fresh_ok:
         raise UserError(f"--resume-from-step latest: none of the checkpoints in {ckpt_dir} can be resumed (steps "
-                        f"{', '.join(str(s) for s, _ in skipped) or 'as rank 0 found'}, said above): mend them, or "
-                        "pass --set-aside to move them out of the way and start afresh")
+                        f"{', '.join(str(s) for s, _ in skipped)}, said above): mend them, or pass --set-aside to "
+                        "move them out of the way and start afresh")
     print0(f"--resume-from-step latest: {f'step {step}' if step >= 0 else 'no checkpoint yet, starting from scratch'}"
            f" in {ckpt_dir}")
     return step
