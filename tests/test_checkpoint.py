@@ -1,4 +1,5 @@
 """Checkpoints: atomic writes, weights-only loads, and a crash mid-save never costs the last good one."""
+import datetime
 import os
 import pickle
 import subprocess
@@ -151,3 +152,31 @@ def test_prune_keeps_the_newest_complete_checkpoints(ckpt_dir):
     assert not list(ckpt_dir.glob("step_00000[123]*"))
     assert (ckpt_dir / "step_000000_model.pt").exists()  # not a complete checkpoint: not ours to judge
     assert checkpoint.prune(ckpt_dir, 2) == [] and checkpoint.prune(ckpt_dir, -1) == []
+
+
+def _failing_hash_worker(rank: int, folder: str, store: str) -> None:
+    import torch.distributed as dist
+
+    from train import distributed
+    dist.init_process_group("gloo", store=dist.FileStore(store, 2), rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=60))  # collectives out of step: fail, do not hang
+    try:
+        real = checkpoint.file_digest
+        if rank == 1:  # rank 1 cannot read back its model file: after the model part, before the optimizer's
+            checkpoint.file_digest = lambda path: (_ for _ in ()).throw(OSError(5, "Input/output error")) \
+                if "/model/" in str(path) else real(path)
+        state = {"model": {f"w{rank}": torch.full((4, 4), float(rank))}, "optimizer": {f"m{rank}": torch.ones(3)}}
+        with pytest.raises(checkpoint.CheckpointWriteError, match="Input/output error"):
+            checkpoint.save_checkpoint(folder, 1, state, {"step": 1}, rank, 2, distributed.all_gather_objects)
+        dist.barrier()
+        assert checkpoint.saved_steps(folder) == []  # no meta: the step is not a checkpoint
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_a_rank_that_cannot_hash_its_files_fails_the_save_on_every_rank(tmp_path):
+    """Each rank hashes its own files after every part is written: one that fails is every rank's failure, with no
+    meta (and the ranks' collectives stay in step)."""
+    import torch.multiprocessing as mp
+    mp.spawn(_failing_hash_worker, args=(str(tmp_path / "ckpt"), str(tmp_path / "store")), nprocs=2, join=True)

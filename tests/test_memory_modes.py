@@ -210,3 +210,15 @@ def test_out_of_memory_advice_names_checkpointing_where_no_batch_fits_without():
         # already checkpointed: the advice is a smaller batch
         half = memory.memory_advice(plan, torch.device("cuda", 0), True, ran_out=True, checkpoint_blocks=True)
         assert "; --device-batch-size 2 should fit" in half, half
+
+
+def test_on_several_nodes_fsdp2_is_estimated_sharded_over_a_node(monkeypatch):
+    """HSDP (torchrun's LOCAL_WORLD_SIZE below the world size): a copy of the model per node, its memory that of
+    FSDP2 over a node's ranks."""
+    from train.fsdp import ranks_per_copy
+    plan = make_plan(26, world_size=16)
+    one_node = estimate_memory_gib(make_plan(26, world_size=8), True, mode="fsdp")
+    all_ranks = estimate_memory_gib(plan, True, mode="fsdp")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert ranks_per_copy(16) == 8 and ranks_per_copy(8) == 8 and ranks_per_copy(12) == 12  # 12: nodes of unequal size
+    assert estimate_memory_gib(plan, True, mode="fsdp") == pytest.approx(one_node) and one_node > all_ranks

@@ -126,13 +126,15 @@ class _Reader(dcp.FileSystemReader):
         return metadata
 
 
+# DCP warns that a process without collectives is assumed to be alone (we know), and that it overwrites a folder (a
+# killed save's leftovers): set once, as warnings.catch_warnings is not thread-safe (--async-save writes in a thread)
+warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+warnings.filterwarnings("ignore", message="Detected an existing checkpoint")
+
+
 def _dcp(fn, state: dict, alone: bool, **where):
-    """DCP's save or load of state; alone: this process by itself, without collectives (DCP warns that it assumes
-    so: we know)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        warnings.filterwarnings("ignore", message="Detected an existing checkpoint")  # a killed save's leftovers
-        return fn(state, no_dist=alone, **where)
+    """DCP's save or load of state; alone: this process by itself, without collectives."""
+    return fn(state, no_dist=alone, **where)
 
 
 def _reason(e: BaseException) -> str:
@@ -151,16 +153,21 @@ def save_checkpoint(ckpt_dir: Path, step: int, state: dict, meta: dict, rank: in
     the default one); a write that fails on any rank removes the step's folder and raises CheckpointWriteError on
     every rank."""
     folder = step_folder(ckpt_dir, step)
-    digests, error = {}, None
-    try:
+    written, digests, error = {}, {}, None
+    try:  # DCP's collectives: a failure on any rank is every rank's, in the same part
         for part, tensors in state.items():
-            written = _dcp(dcp.save, {part: tensors}, alone=not torch.distributed.is_initialized(), process_group=group,
-                           storage_writer=dcp.FileSystemWriter(folder / part, overwrite=True))  # a killed save's
-            digests |= {f"{folder.name}/{part}/{name}": file_digest(folder / part / name)
-                        for name in _written_by(written, rank)}
-    except (OSError, RuntimeError, dcp.api.CheckpointException) as e:  # DCP gathers every rank's failures
+            writer = dcp.FileSystemWriter(folder / part, overwrite=True)
+            written[part] = _dcp(dcp.save, {part: tensors}, alone=not torch.distributed.is_initialized(),
+                                 process_group=group, storage_writer=writer)
+    except (OSError, RuntimeError, dcp.api.CheckpointException) as e:
         _reraise_interrupt(e)
         error = f"cannot write {folder}: {_reason(e)}"
+    try:  # then each rank's own files, its failure gathered with the rest
+        for part, metadata in written.items() if error is None else ():
+            digests |= {f"{folder.name}/{part}/{name}": file_digest(folder / part / name)
+                        for name in _written_by(metadata, rank)}
+    except OSError as e:
+        error = f"cannot read back {folder}: {first_line(e)}"
     every = gather((digests, error))
     error = next((err for _, err in every if err), None)  # the same on every rank
     if error is None:  # then rank 0 writes the meta and tells every rank how that went
@@ -212,9 +219,21 @@ class BackgroundSaves:
         try:
             if pending is not None:
                 pending.result()
+        except Exception as e:  # a CheckpointWriteError; or the thread's collectives, --keep-last's deletions
+            error = e if isinstance(e, CheckpointWriteError) else CheckpointWriteError(
+                f"{type(e).__name__}: {first_line(e)}")
+            error.step = self.step  # the step it was for: the run is further on
+            raise error from None
+
+    def close(self) -> str | None:
+        """The end of the run, however it ends: wait for the save in flight; its failure as a line, or None."""
+        try:
+            self.wait()
+            return None
         except CheckpointWriteError as e:
-            e.step = self.step  # the step it was for: the run is further on
-            raise
+            return f"the checkpoint of step {e.step} written in the background failed: {e}"
+        finally:
+            self.thread.shutdown()
 
 
 def _written_by(written, rank: int) -> list[str]:

@@ -5,8 +5,8 @@
   weight); only its matmuls run in FP8, with dynamic scales (tensorwise or rowwise recipe). So the
   optimizer, the parameter groups and the FLOP count (GPT.estimate_flops counts weights) stay those of
   the bf16 model, and MFU is measured against the bf16 peak, as for a bf16 run.
-- fp8_disabled(model) swaps them back to plain nn.Linear on the same Parameters while validation,
-  CORE and sampling run (bf16 under autocast, exactly the bf16 model), then puts them back.
+- fp8_disabled(model) runs nn.Linear's forward in every Float8Linear (the same modules and Parameters: FSDP2 holds on
+  to them) while validation, CORE and sampling run (bf16 under autocast, the bf16 model's matmuls), then FP8 again.
 - plain_state_dict(model) is the bf16 model's state dict (same keys, plain tensors): an FP8 run resumes
   with or without --fp8 and loads in a bf16-only evaluation.
 

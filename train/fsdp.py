@@ -44,15 +44,21 @@ def policies(device: torch.device) -> tuple[MixedPrecisionPolicy, MixedPrecision
             MixedPrecisionPolicy(reduce_dtype=torch.float32))
 
 
-def device_mesh(device: torch.device):
-    """The ranks FSDP2 shards over: all of them on one node; on several (torchrun's LOCAL_WORLD_SIZE below its world
-    size) a 2-D mesh, the model sharded within each node and replicated across nodes (HSDP: the gathers stay on the
-    node's fast links, and only the gradients' all-reduce crosses nodes)."""
-    world = dist.get_world_size()
+def ranks_per_copy(world: int) -> int:
+    """How many of world ranks one copy of the model is sharded over: all of them on one node; on several (torchrun's
+    LOCAL_WORLD_SIZE below the world size) a node's (HSDP: the weight gathers stay on the node's fast links, only the
+    gradients' all-reduce crosses nodes)."""
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    if per_node >= world or world % per_node:
+    return per_node if per_node < world and world % per_node == 0 else world
+
+
+def device_mesh(device: torch.device):
+    """The ranks FSDP2 shards over (ranks_per_copy): a 1-D mesh, or (copies, ranks per copy) for HSDP."""
+    world = dist.get_world_size()
+    shards = ranks_per_copy(world)
+    if shards == world:
         return init_device_mesh(device.type, (world,))
-    return init_device_mesh(device.type, (world // per_node, per_node), mesh_dim_names=("replicate", "shard"))
+    return init_device_mesh(device.type, (world // shards, shards), mesh_dim_names=("replicate", "shard"))
 
 
 def shard_model(model: GPT, device: torch.device, compile: bool = False) -> GPT:

@@ -81,8 +81,11 @@ def memory_parts(plan: Plan, mode: str = "replicated", recompute_mlp: bool = Tru
       of the two): replicated, every Muon shape's gradients padded to chunk x world and reduce-scattered at once;
       fsdp, the Muon owner's whole matrices (about 4 k / world + 9 chunk matrices in fp32 for its largest shape).
     total: weights + grads + optimizer + max(activations + gathered, scratch)."""
+    from train.fsdp import ranks_per_copy
     from train.optim import SHARD_MIN_NUMEL
     world = plan.world_size if world_size is None else world_size
+    if mode == "fsdp":  # on several nodes a copy of the model is sharded over a node's ranks (HSDP)
+        world = ranks_per_copy(world)
     adamw, muon, block, root = _layout(tuple(sorted(plan.config.to_dict().items())))
     numel = math.prod
     muon_numel = sum(k * r * c for k, r, c in muon)

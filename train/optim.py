@@ -529,8 +529,9 @@ class FSDPMuonAdamW(MuonAdamW):
     reduce-scatters them), so nothing is reduced here.
 
     AdamW is elementwise: each rank updates its own rows, with moments sharded as the parameter (DTensors).
-    Muon orthogonalizes whole matrices, each once: matrix i of a group belongs to the rank _muon_share gives it
-    (the owners of DistMuonAdamW, so that the stacked state and the checkpoints are the same). Per group, one
+    Muon orthogonalizes whole matrices, each once (HSDP: once per copy of the model): matrix i of a group belongs to
+    the rank _muon_share gives it (the owners of DistMuonAdamW, so that the stacked state and the checkpoints are the
+    same). Per group, one
     all_to_all brings the owner every rank's rows of its matrices' gradients and weights (cautious weight decay
     reads the weights), the owner runs _muon_stack on them whole, and a second all_to_all sends every rank its rows
     of the updated weights.

@@ -390,6 +390,9 @@ def train(args, plan, tokenizer, dist_info) -> None:
                     loop(run)
             finally:
                 run.log.close()
+                failed = run.saver.close() if run.saver is not None else None  # before the lock goes
+                if failed:
+                    print0(f"warning: {failed}")
     finally:
         if lock is not None:
             lock.release()
@@ -491,6 +494,9 @@ def build_run(args, plan, tokenizer, dist_info, ckpt_dir) -> Run:
     print0(f"training {plan.num_iterations} steps from step {start_step} on {world} x {device.type}, "
            f"compile={'on' if use_compile else 'off'}, checkpoints in {ckpt_dir}")
     replicas = world // optimizer.world_size if dist_info.fsdp else 1  # HSDP: a copy of the model per node
+    if replicas > 1 and optimizer.world_size == 1:
+        print0("warning: FSDP2 with one rank per node shards nothing (each node holds a whole copy of the model): "
+               "--fsdp off communicates less")
     print0("data parallel: " + ("replicated (the optimizer state sharded over the ranks)" if not dist_info.fsdp else
                                 "FSDP2 (weights, gradients and optimizer state sharded over the ranks)" if replicas == 1
                                 else f"HSDP (FSDP2 over each node's {optimizer.world_size} "
