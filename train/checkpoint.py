@@ -14,6 +14,7 @@ The meta file is written last, once every rank's files are whole: a step counts 
 so a crash mid-save leaves the previous checkpoint as the latest.
 """
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -28,6 +29,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 
+from train import distributed
 from train.errors import UserError, first_line
 from train.paths import TEMP_MARK, atomic_write
 
@@ -132,11 +134,6 @@ warnings.filterwarnings("ignore", message="torch.distributed is disabled")
 warnings.filterwarnings("ignore", message="Detected an existing checkpoint")
 
 
-def _dcp(fn, state: dict, alone: bool, **where):
-    """DCP's save or load of state; alone: this process by itself, without collectives."""
-    return fn(state, no_dist=alone, **where)
-
-
 def _reason(e: BaseException) -> str:
     """The first line of what went wrong; of a DCP failure, the first failing rank's own exception."""
     if isinstance(e, dcp.api.CheckpointException) and e.failures:
@@ -157,8 +154,8 @@ def save_checkpoint(ckpt_dir: Path, step: int, state: dict, meta: dict, rank: in
     try:  # DCP's collectives: a failure on any rank is every rank's, in the same part
         for part, tensors in state.items():
             writer = dcp.FileSystemWriter(folder / part, overwrite=True)
-            written[part] = _dcp(dcp.save, {part: tensors}, alone=not torch.distributed.is_initialized(),
-                                 process_group=group, storage_writer=writer)
+            written[part] = dcp.save({part: tensors}, no_dist=not torch.distributed.is_initialized(),
+                                     process_group=group, storage_writer=writer)
     except (OSError, RuntimeError, dcp.api.CheckpointException) as e:
         _reraise_interrupt(e)
         error = f"cannot write {folder}: {_reason(e)}"
@@ -204,15 +201,9 @@ class BackgroundSaves:
         self.pending, self.step = self.thread.submit(self._save, ckpt_dir, step, staged, meta, rank, saved), step
 
     def _save(self, ckpt_dir: Path, step: int, staged: dict, meta: dict, rank: int, saved) -> None:
-        save_checkpoint(ckpt_dir, step, staged, meta, rank, self.world, self._gather, self.group)
+        gather = functools.partial(distributed.all_gather_objects, group=self.group)
+        save_checkpoint(ckpt_dir, step, staged, meta, rank, self.world, gather, self.group)
         saved(step)
-
-    def _gather(self, obj) -> list:
-        if self.group is None:
-            return [obj]
-        out = [None] * self.world
-        torch.distributed.all_gather_object(out, obj, group=self.group)
-        return out
 
     def wait(self) -> None:
         pending, self.pending = self.pending, None
@@ -345,10 +336,17 @@ def damage(ckpt_dir: Path, step: int, rank: int = 0, world: int = 1) -> str | No
     why = meta_damage(ckpt_dir, step)
     if why is not None:
         return why
+    return files_damage(ckpt_dir, step, rank, world)
+
+
+def files_damage(ckpt_dir: Path, step: int, rank: int = 0, world: int = 1, part: str | None = None) -> str | None:
+    """Why a file the step's meta lists (of one part, or all) differs from its digest, or None; rank of world checks
+    its share (every world-th). A meta from before the checksums lists none."""
     files = load_meta(ckpt_dir, step).get("files")
     if not isinstance(files, dict):
-        return None  # written before checksums: nothing to compare with
-    mine = sorted(files)[rank::world]
+        return None
+    inside = f"{step_folder(ckpt_dir, step).name}/{part}/" if part else ""
+    mine = sorted(n for n in files if n.startswith(inside))[rank::world]
     return next((why for name in mine if (why := _file_damage(Path(ckpt_dir), name, files[name]))), None)
 
 
@@ -397,14 +395,10 @@ def saved_tensors(ckpt_dir: Path, step: int, part: str) -> dict:
 
 
 def verify_files(ckpt_dir: Path, step: int, rank: int = 0, world: int = 1, part: str | None = None) -> None:
-    """The step's files listed in its meta (of one part, or all), rank's share of them (every world-th), have their
-    digests: else one line (each rank hashes only its share; the caller gathers the errors)."""
-    files = load_meta(ckpt_dir, step).get("files") or {}
-    inside = f"{step_folder(ckpt_dir, step).name}/{part}/" if part else ""
-    for name in sorted(n for n in files if n.startswith(inside))[rank::world]:
-        why = _file_damage(Path(ckpt_dir), name, files[name])
-        if why:
-            raise UserError(f"checkpoint step {step}: {why}")
+    """files_damage as one line (each rank hashes only its share; the caller gathers the errors)."""
+    why = files_damage(ckpt_dir, step, rank, world, part)
+    if why:
+        raise UserError(f"checkpoint step {step}: {why}")
 
 
 def load_state(ckpt_dir: Path, step: int, state: dict) -> None:
@@ -413,7 +407,7 @@ def load_state(ckpt_dir: Path, step: int, state: dict) -> None:
     for part, tensors in state.items():
         folder = step_folder(ckpt_dir, step) / part
         try:
-            _dcp(dcp.load, {part: tensors}, alone=True, storage_reader=_Reader(folder))
+            dcp.load({part: tensors}, no_dist=True, storage_reader=_Reader(folder))
         except (Exception, dcp.api.CheckpointException) as e:  # damaged, or not this model's
             _reraise_interrupt(e)
             raise UserError(f"checkpoint {folder} cannot be loaded: {_reason(e)}") from None

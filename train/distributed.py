@@ -90,13 +90,26 @@ def max_over_ranks(values: list[int], device: torch.device) -> list[int]:
     return t.tolist()
 
 
-def all_gather_objects(obj) -> list:
-    """Every rank's obj, in rank order (a one-element list when running alone)."""
+def all_gather_objects(obj, group=None) -> list:
+    """Every rank's obj (of group: default, all), in rank order (a one-element list when running alone)."""
     if not dist.is_initialized():
         return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
+    out = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
     return out
+
+
+def on_every_rank(fn, *args):
+    """fn(*args) on every rank; a UserError on any rank is raised on every rank, the same line, so that no rank goes
+    on alone into a collective the others never reach."""
+    try:
+        result, error = fn(*args), None
+    except UserError as e:
+        result, error = None, str(e)
+    error = next((e for e in all_gather_objects(error) if e), None)
+    if error is not None:
+        raise UserError(error)
+    return result
 
 
 def is_rank0() -> bool:

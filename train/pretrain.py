@@ -442,14 +442,7 @@ def start(args, plan, tokenizer, dist_info, ckpt_dir) -> Run:
     """Check everything first, on every rank (the checkpoint to resume, its model, optimizer, loader and loop
     state, the folder's other checkpoints, wandb, the first batch); once every rank has, change the folder (set
     aside, the metrics file continued)."""
-    try:
-        run = build_run(args, plan, tokenizer, dist_info, ckpt_dir)
-        error = None
-    except UserError as e:
-        error = str(e)
-    error = next((e for e in distributed.all_gather_objects(error) if e), None)  # the same on every rank
-    if error is not None:
-        raise UserError(error)
+    run = distributed.on_every_rank(build_run, args, plan, tokenizer, dist_info, ckpt_dir)
     if dist_info.is_master:  # sure to run now
         tidy_folder(ckpt_dir, run.in_the_way, run.start_step if run.resumed else None)
     if args.async_save:  # its process group: made by every rank together, now that each is sure to go on

@@ -120,15 +120,8 @@ def changed_flags(meta: dict, args) -> list[str]:
 def verify(ckpt_dir: Path, step: int, rank: int, world: int) -> None:
     """The files of a DCP checkpoint match their digests, each rank checking its share; every rank raises the same
     line (a collective: before any other rank-specific step, so that no rank waits in another collective)."""
-    error = None
     if checkpoint.is_dcp(ckpt_dir, step):  # format 2: each file is checked as it is read
-        try:
-            checkpoint.verify_files(ckpt_dir, step, rank, world)
-        except UserError as e:
-            error = str(e)
-    error = next((e for e in distributed.all_gather_objects(error) if e), None)
-    if error is not None:
-        raise UserError(error)
+        distributed.on_every_rank(checkpoint.verify_files, ckpt_dir, step, rank, world)
 
 
 def model_state(ckpt_dir: Path, step: int, device, fsdp: bool) -> dict | None:
